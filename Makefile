@@ -1,0 +1,60 @@
+# Edge Model Agent -- `make test` and `make demo` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/uv/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS := --extra cpu --extra openvino --extra tflite --extra build --extra systemd --extra dev
+DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config
+# Never let uv fetch an interpreter: use the system's.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(shell command -v $(PYTHON))
+
+.PHONY: test demo lint typecheck unit bench sysdeps venv clean
+
+test: venv lint typecheck unit
+
+sysdeps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	  else \
+	    echo "missing Debian packages:$$missing (run 'sudo make sysdeps')" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools/uv uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV) sysdeps
+	$(UV) sync --frozen $(EXTRAS)
+	touch $@
+
+venv: sysdeps $(VENV)/.synced
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff format --check agent tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q
+
+demo: venv
+	bash docs/demo.sh
+
+bench: venv
+	$(PY) bench/verify.py
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build demo-out

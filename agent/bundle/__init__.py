@@ -1,0 +1,24 @@
+"""Bundle format: manifest, aligned ustar archive, strict reading, safe unpack, verification."""
+
+from agent.bundle.blocks import FileDigests, digest_file
+from agent.bundle.limits import BundleLimits
+from agent.bundle.manifest import DEFAULT_BLOCK_SIZE, MANIFEST_NAME, Manifest, Variant
+from agent.bundle.reader import BundleIndex, read_index
+from agent.bundle.unpack import unpack_bundle
+from agent.bundle.verify import VerifiedBundle, check_bundle_file, verify_bundle
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "MANIFEST_NAME",
+    "BundleIndex",
+    "BundleLimits",
+    "FileDigests",
+    "Manifest",
+    "Variant",
+    "VerifiedBundle",
+    "check_bundle_file",
+    "digest_file",
+    "read_index",
+    "unpack_bundle",
+    "verify_bundle",
+]

@@ -1,0 +1,123 @@
+"""The one exception tree of Edge Model Agent.
+
+Every error the project raises on purpose derives from :class:`EdgeAgentError`; the command-line
+tools catch that type alone and print its message. Errors from lower libraries (``json``,
+``pydantic``, ``cryptography``, ``OSError``) are mapped to this tree where they enter our code.
+
+::
+
+    EdgeAgentError                      anything raised on purpose; ``code`` is machine-readable
+    ├── ConfigError                     a configuration file, option or argument is wrong
+    ├── StorageError                    the disk refused: full, read-only, missing, permissions
+    ├── ToolError                       an optional runtime or converter is missing or failed
+    └── BadContentError                 input from outside was refused; nothing was written
+        ├── FormatError                 not well-formed: JSON, base64, types, unknown fields
+        ├── SizeLimitError              beyond a configured cap or a signed bound (bombs, endless data)
+        ├── VerificationError           well-formed but not trusted
+        │   ├── UnsignedError           no signature at all
+        │   ├── UntrustedKeyError       signed, but by no key trusted for this role
+        │   ├── BadSignatureError       a trusted key's signature does not match the bytes
+        │   ├── ThresholdError          fewer valid signatures than the threshold asks for
+        │   ├── KeyNotAllowedError      valid release keys that may not sign this model name
+        │   ├── ExpiredError            metadata or key expired before the reference time (freeze)
+        │   ├── RollbackError           older than what is already trusted
+        │   └── DigestMismatchError     bytes differ from their signed size or hash
+        └── ArchiveError                the bundle archive is unsafe or disagrees with its manifest
+            ├── UnsafePathError         absolute, ``..``, odd characters, clashing names
+            ├── UnsafeMemberTypeError   symlink, hardlink, device, fifo, directory, sparse, ...
+            ├── DuplicateMemberError    the same name twice
+            └── MemberSizeError         a member's size differs from the size the manifest signs
+
+Each class carries a short ``code`` (``"bad-signature"``, ``"rollback"``, ...) that reported
+state and ``--json`` output use; the message is for a person.
+"""
+
+from __future__ import annotations
+
+
+class EdgeAgentError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(EdgeAgentError):
+    code = "config"
+
+
+class StorageError(EdgeAgentError):
+    code = "storage"
+
+
+class ToolError(EdgeAgentError):
+    code = "tool"
+
+
+class BadContentError(EdgeAgentError):
+    """Content from outside (a bundle, an envelope, a message) was refused."""
+
+    code = "bad-content"
+
+
+class FormatError(BadContentError):
+    code = "format"
+
+
+class SizeLimitError(BadContentError):
+    code = "size-limit"
+
+
+class VerificationError(BadContentError):
+    code = "verification"
+
+
+class UnsignedError(VerificationError):
+    code = "unsigned"
+
+
+class UntrustedKeyError(VerificationError):
+    code = "untrusted-key"
+
+
+class BadSignatureError(VerificationError):
+    code = "bad-signature"
+
+
+class ThresholdError(VerificationError):
+    code = "threshold"
+
+
+class KeyNotAllowedError(VerificationError):
+    code = "key-not-allowed"
+
+
+class ExpiredError(VerificationError):
+    code = "expired"
+
+
+class RollbackError(VerificationError):
+    code = "rollback"
+
+
+class DigestMismatchError(VerificationError):
+    code = "digest-mismatch"
+
+
+class ArchiveError(BadContentError):
+    code = "archive"
+
+
+class UnsafePathError(ArchiveError):
+    code = "unsafe-path"
+
+
+class UnsafeMemberTypeError(ArchiveError):
+    code = "unsafe-member-type"
+
+
+class DuplicateMemberError(ArchiveError):
+    code = "duplicate-member"
+
+
+class MemberSizeError(ArchiveError):
+    code = "member-size"

@@ -1,0 +1,143 @@
+"""Signed metadata: root, keyring and bundle descriptor (pydantic models, strict, no extras).
+
+Roles, after TUF:
+
+* **root** -- root keys with a threshold; signs itself and the keyring. A new root must be signed
+  by the threshold of the old root *and* of the new one (TUF spec 5.3.4 and 5.3.5).
+* **keyring** -- release keys, each with an expiry and the model names it may sign (glob
+  patterns), and how many release signatures a descriptor needs. Versioned; signed by root.
+* **bundle descriptor** -- what a release key vouches for: the bundle's SHA-256 and size, its
+  block size and the hash of its block-hash list, the manifest's digest, the model name, version
+  and release counter, and an expiry.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from agent.trust.keys import keyid_for
+
+ROOT_TYPE = "application/vnd.ema.root+json"
+KEYRING_TYPE = "application/vnd.ema.keyring+json"
+DESCRIPTOR_TYPE = "application/vnd.ema.bundle-descriptor+json"
+
+MAX_METADATA_BYTES = 1 << 20
+
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+ModelPattern = Annotated[str, Field(pattern=r"^[a-z0-9._*?\[\]-]{1,64}$")]
+BlockSize = Annotated[int, Field(ge=4096, le=1 << 20)]
+
+
+def _check_semver(value: str) -> str:
+    if len(value) > 64 or not _SEMVER.match(value):
+        raise ValueError(f"{value!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+    return value
+
+
+SemVer = Annotated[str, AfterValidator(_check_semver)]
+
+
+def _check_block_size(value: int) -> int:
+    if value & (value - 1):
+        raise ValueError("block size must be a power of two")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class PublicKey(_Strict):
+    keytype: Literal["ed25519"] = "ed25519"
+    public: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+    @property
+    def raw(self) -> bytes:
+        return bytes.fromhex(self.public)
+
+    @property
+    def keyid(self) -> str:
+        return keyid_for(self.raw)
+
+
+def _keys_match_ids(keys: dict[str, PublicKey]) -> None:
+    for keyid, key in keys.items():
+        if key.keyid != keyid:
+            raise ValueError(f"key id {keyid[:16]} does not match its public key")
+
+
+class RootMetadata(_Strict):
+    type: Literal["root"] = "root"
+    spec_version: Literal[1] = 1
+    version: Annotated[int, Field(ge=1)]
+    expires: AwareDatetime
+    keys: dict[Hex64, PublicKey] = Field(min_length=1, max_length=32)
+    threshold: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RootMetadata:
+        _keys_match_ids(self.keys)
+        if self.threshold > len(self.keys):
+            raise ValueError(f"threshold {self.threshold} exceeds the {len(self.keys)} root keys")
+        return self
+
+    def public_keys(self) -> dict[str, bytes]:
+        return {k: v.raw for k, v in self.keys.items()}
+
+
+class ReleaseKey(_Strict):
+    key: PublicKey
+    expires: AwareDatetime
+    models: list[ModelPattern] = Field(min_length=1, max_length=64)
+    label: Annotated[str, Field(max_length=128)] = ""
+
+    def may_sign(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+
+class KeyringMetadata(_Strict):
+    type: Literal["keyring"] = "keyring"
+    spec_version: Literal[1] = 1
+    version: Annotated[int, Field(ge=1)]
+    expires: AwareDatetime
+    release_keys: dict[Hex64, ReleaseKey] = Field(max_length=256)
+    threshold: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KeyringMetadata:
+        _keys_match_ids({k: v.key for k, v in self.release_keys.items()})
+        return self
+
+    def usable_keys(self, now: datetime) -> dict[str, bytes]:
+        return {k: v.key.raw for k, v in self.release_keys.items() if v.expires > now}
+
+
+class BundleDescriptor(_Strict):
+    type: Literal["bundle-descriptor"] = "bundle-descriptor"
+    spec_version: Literal[1] = 1
+    model: ModelName
+    version: SemVer
+    release: Annotated[int, Field(ge=1, le=2**53)]
+    bundle_sha256: Hex64
+    bundle_size: Annotated[int, Field(ge=1024)]
+    block_size: Annotated[BlockSize, AfterValidator(_check_block_size)]
+    block_list_sha256: Hex64
+    manifest_sha256: Hex64
+    created: AwareDatetime
+    expires: AwareDatetime
+
+    @property
+    def block_count(self) -> int:
+        return -(-self.bundle_size // self.block_size)

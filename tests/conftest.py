@@ -1,0 +1,71 @@
+"""Shared fixtures: a key directory, tiny models, built and signed bundles, a fixed clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from agent.fleet.build import BuildOptions, BuildResult, build_bundle
+from agent.fleet.keys import KeyStore, load_signer
+from agent.fleet.sign import sign_bundle
+from agent.trust.keys import Signer
+from agent.trust.verifier import TrustedState
+from tests.models import make_onnx
+
+# Keys and signatures are made at the real time; NOW is a little later, well inside every expiry.
+NOW = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1)
+
+
+@dataclass
+class Keys:
+    store: KeyStore
+    release: Signer
+
+    @property
+    def dir(self) -> Path:
+        return self.store.root
+
+    def state(self, now: datetime = NOW) -> TrustedState:
+        return self.store.state(now)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    store = KeyStore.init(tmp_path / "keys", now=datetime.now(timezone.utc), root_keys=3, threshold=2)
+    return Keys(store, load_signer(store.release_key_paths()[0]))
+
+
+@pytest.fixture
+def onnx_model(tmp_path: Path) -> Path:
+    return make_onnx(tmp_path / "tiny.onnx")
+
+
+BuildFn = Callable[..., BuildResult]
+
+
+@pytest.fixture
+def build(tmp_path: Path, onnx_model: Path) -> BuildFn:
+    """Build a bundle: ``build(version="1.0.0", models=[...], **BuildOptions fields)``."""
+    counter = iter(range(1000))
+
+    def _build(version: str = "1.0.0", models: list[Path] | None = None, name: str = "tiny", **kw: object) -> BuildResult:
+        out = tmp_path / f"{name}-{version}-{next(counter)}.emb"
+        return build_bundle(models or [onnx_model], out, BuildOptions(name=name, version=version, **kw))  # type: ignore[arg-type]
+
+    return _build
+
+
+@pytest.fixture
+def signed(build: BuildFn, keys: Keys) -> Callable[..., tuple[Path, bytes]]:
+    """Build and sign: returns (bundle path, envelope bytes)."""
+
+    def _signed(version: str = "1.0.0", signers: list[Signer] | None = None, **kw: object) -> tuple[Path, bytes]:
+        result = build(version, **kw)
+        out, envelope = sign_bundle(result.path, signers or [keys.release], now=datetime.now(timezone.utc))
+        return result.path, out.read_bytes()
+
+    return _signed

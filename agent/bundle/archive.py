@@ -289,4 +289,11 @@ def copy_range(src: BinaryIO, offset: int, size: int, *sinks: Callable[[bytes], 
         left -= len(chunk)
 
 
-__all__ = ["MemberInfo", "Source", "check_member_name", "copy_range", "iter_members", "write_archive"]
+__all__ = [
+    "MemberInfo",
+    "Source",
+    "check_member_name",
+    "copy_range",
+    "iter_members",
+    "write_archive",
+]

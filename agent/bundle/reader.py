@@ -99,7 +99,9 @@ def read_index(f: BinaryIO, limits: BundleLimits | None = None) -> BundleIndex:
 def _check_caps(manifest: Manifest, limits: BundleLimits) -> None:
     files = manifest.files()
     if len(files) + 1 > limits.max_members:
-        raise SizeLimitError(f"the manifest lists {len(files)} files; the limit is {limits.max_members}")
+        raise SizeLimitError(
+            f"the manifest lists {len(files)} files; the limit is {limits.max_members}"
+        )
     for entry in files.values():
         if entry.size > limits.max_member_bytes:
             raise SizeLimitError(

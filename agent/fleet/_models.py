@@ -8,6 +8,7 @@ precision (OpenVINO is told f32 explicitly: on CPUs with AMX it would otherwise 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +39,14 @@ _TFLITE_TYPES = {
     0: "FP32", 1: "FP16", 2: "INT32", 3: "UINT8", 4: "INT64", 5: "BYTES", 6: "BOOL", 7: "INT16",
     9: "INT8", 10: "FP64", 12: "UINT64", 15: "UINT32", 16: "UINT16",
 }  # fmt: skip
-_QUANT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"}
+_QUANT_OPS = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 
 
@@ -95,7 +103,9 @@ def _inspect_onnx(path: Path) -> ModelFile:
             location = next((e.value for e in init.external_data if e.key == "location"), "")
             ext = (path.parent / location).resolve()
             if not location or path.parent.resolve() not in ext.parents or not ext.is_file():
-                raise FormatError(f"{path}: external data {location!r} is not a file beside the model")
+                raise FormatError(
+                    f"{path}: external data {location!r} is not a file beside the model"
+                )
             if ext not in extra:
                 extra.append(ext)
 
@@ -155,9 +165,11 @@ def _inspect_tflite(path: Path) -> ModelFile:
             dtype = _TFLITE_TYPES.get(t.Type())
             if dtype is None:
                 raise FormatError(f"{path}: tensor {t.Name()!r} has an unsupported type")
-            shape = [int(d) for d in t.ShapeSignatureAsNumpy()] if t.ShapeSignatureLength() else [
-                int(d) for d in t.ShapeAsNumpy()
-            ]
+            shape = (
+                [int(d) for d in t.ShapeSignatureAsNumpy()]
+                if t.ShapeSignatureLength()
+                else [int(d) for d in t.ShapeAsNumpy()]
+            )
             return TensorSpec(name=t.Name().decode(), datatype=dtype, shape=shape)  # type: ignore[arg-type]
 
         inputs = tuple(spec(graph.Inputs(i)) for i in range(graph.InputsLength()))
@@ -244,10 +256,15 @@ def _tflite(model: ModelFile) -> Any:
 def quantize_int8(model: ModelFile, out: Path) -> Path:
     """ONNX Runtime dynamic quantization: int8 weights, activations quantized at run time."""
     quant = _need("onnxruntime.quantization", "cpu")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
     try:
         quant.quantize_dynamic(str(model.path), str(out), weight_type=quant.QuantType.QInt8)
     except Exception as exc:  # the quantizer raises many types
         raise ToolError(f"{model.path}: int8 quantization failed: {exc}") from None
+    finally:
+        root.setLevel(level)
     return out
 
 

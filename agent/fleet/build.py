@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from agent._fsutil import atomic_writer
 from agent.bundle.archive import Source, write_archive
@@ -42,6 +43,7 @@ from agent.fleet._models import (
     member_name,
     quantize_int8,
 )
+from agent.trust.metadata import BlockSize, ModelName, SemVer
 
 Feeds = dict[str, np.ndarray]
 
@@ -94,7 +96,9 @@ def _random_feeds(inputs: Sequence[TensorSpec], rng: np.random.Generator) -> Fee
     for spec in inputs:
         dtype = NUMPY_DTYPES.get(spec.datatype)
         if dtype is None:
-            raise ConfigError(f"cannot generate samples for {spec.datatype} input {spec.name!r}; use --samples DIR")
+            raise ConfigError(
+                f"cannot generate samples for {spec.datatype} input {spec.name!r}; use --samples DIR"
+            )
         shape = [d if d >= 0 else 1 for d in spec.shape]
         if dtype.startswith("float"):
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
@@ -131,7 +135,9 @@ def _errors(actual: Feeds, expected: Feeds) -> tuple[float, float]:
     for name, want in expected.items():
         got = actual.get(name)
         if got is None or got.shape != want.shape:
-            raise FormatError(f"output {name!r} has shape {None if got is None else got.shape}, expected {want.shape}")
+            raise FormatError(
+                f"output {name!r} has shape {None if got is None else got.shape}, expected {want.shape}"
+            )
         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
         worst = max(worst, float(diff.max(initial=0.0)))
         total += float(diff.sum())
@@ -171,9 +177,24 @@ class _Files:
         return [Source(n, self.entries[n].size, opener(p)) for n, p in self.paths.items()]
 
 
+def _check_options(options: BuildOptions) -> None:
+    """Refuse a bad name, version or block size before any model is read."""
+    for what, kind, value in (
+        ("name", ModelName, options.name),
+        ("version", SemVer, options.version),
+        ("block size", BlockSize, options.block_size),
+    ):
+        try:
+            TypeAdapter(kind).validate_python(value, strict=True)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"invalid {what} {value!r}: {msg}") from None
+
+
 def build_bundle(models: Sequence[Path], out: Path, options: BuildOptions) -> BuildResult:
     if not models:
         raise ConfigError("give at least one model file")
+    _check_options(options)
     if options.quantize not in (None, "int8"):
         raise ConfigError(f"unknown quantization {options.quantize!r}; only int8 is supported")
     release = options.release or release_from_version(options.version)
@@ -196,7 +217,7 @@ def build_bundle(models: Sequence[Path], out: Path, options: BuildOptions) -> Bu
 
         files = _Files(workdir / "members")
         samples, cases = _make_samples(reference, options, files)
-        variants = []
+        variants: list[Variant] = []
         used_ids: set[str] = set()
         for model in all_models:
             variant_id = _variant_id(model, used_ids)
@@ -272,8 +293,14 @@ def _make_samples(
         outputs = given_out if given_out is not None else runner(feeds)
         cases.append((feeds, outputs))
         name = f"case-{i:03d}"
-        ins = {t: files.add_bytes(f"samples/{name}/in{j}.npy", _npy(a)).path for j, (t, a) in enumerate(feeds.items())}
-        outs = {t: files.add_bytes(f"samples/{name}/out{j}.npy", _npy(a)).path for j, (t, a) in enumerate(outputs.items())}
+        ins = {
+            t: files.add_bytes(f"samples/{name}/in{j}.npy", _npy(a)).path
+            for j, (t, a) in enumerate(feeds.items())
+        }
+        outs = {
+            t: files.add_bytes(f"samples/{name}/out{j}.npy", _npy(a)).path
+            for j, (t, a) in enumerate(outputs.items())
+        }
         sample_cases.append(SampleCase(name=name, inputs=ins, outputs=outs))
     sample_files = [e for n, e in files.entries.items() if n.startswith("samples/")]
     return Samples(files=sample_files, cases=sample_cases), cases
@@ -281,13 +308,10 @@ def _make_samples(
 
 def _measure(model: ModelFile, cases: list[tuple[Feeds, Feeds]], *, reference_id: str) -> Accuracy:
     runner = Runner(model)
-    worst, means = 0.0, []
-    for feeds, expected in cases:
-        w, m = _errors(runner(feeds), expected)
-        worst, means = max(worst, w), [*means, m]
+    errors = [_errors(runner(feeds), expected) for feeds, expected in cases]
     return Accuracy(
         reference=reference_id,
-        max_abs_error=worst,
-        mean_abs_error=float(np.mean(means)),
+        max_abs_error=max(worst for worst, _ in errors),
+        mean_abs_error=float(np.mean([mean for _, mean in errors])),
         samples=len(cases),
     )

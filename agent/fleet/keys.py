@@ -38,7 +38,7 @@ from agent.trust.verifier import TrustedState
 
 ROOT_FILE = "root.json"
 KEYRING_FILE = "keyring.json"
-PASSPHRASE_ENV = "EDGE_FLEET_KEY_PASSPHRASE"
+PASSPHRASE_ENV = "EDGE_FLEET_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 
 
 def _passphrase() -> bytes | None:
@@ -104,7 +104,9 @@ class KeyStore:
         try:
             return (self.root / name).read_bytes()
         except FileNotFoundError:
-            raise ConfigError(f"{self.root / name} is missing: is {self.root} a key directory?") from None
+            raise ConfigError(
+                f"{self.root / name} is missing: is {self.root} a key directory?"
+            ) from None
 
     def state(self, now: datetime) -> TrustedState:
         return TrustedState.from_root(self.root_bytes()).update_keyring(self.keyring_bytes(), now)
@@ -266,7 +268,10 @@ class KeyStore:
         keyring = self.current_keyring()
         self._publish_keyring(
             keyring.model_copy(
-                update={"version": keyring.version + 1, "expires": now + timedelta(days=keyring_days)}
+                update={
+                    "version": keyring.version + 1,
+                    "expires": now + timedelta(days=keyring_days),
+                }
             ),
             new_signers,
         )

@@ -57,8 +57,7 @@ class Envelope:
             "payload": base64.b64encode(self.payload).decode(),
             "payloadType": self.payload_type,
             "signatures": [
-                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()}
-                for s in self.signatures
+                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in self.signatures
             ],
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"

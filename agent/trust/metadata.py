@@ -37,7 +37,6 @@ _SEMVER = re.compile(
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 ModelPattern = Annotated[str, Field(pattern=r"^[a-z0-9._*?\[\]-]{1,64}$")]
-BlockSize = Annotated[int, Field(ge=4096, le=1 << 20)]
 
 
 def _check_semver(value: str) -> str:
@@ -53,6 +52,9 @@ def _check_block_size(value: int) -> int:
     if value & (value - 1):
         raise ValueError("block size must be a power of two")
     return value
+
+
+BlockSize = Annotated[int, Field(ge=4096, le=1 << 20), AfterValidator(_check_block_size)]
 
 
 class _Strict(BaseModel):
@@ -132,7 +134,7 @@ class BundleDescriptor(_Strict):
     release: Annotated[int, Field(ge=1, le=2**53)]
     bundle_sha256: Hex64
     bundle_size: Annotated[int, Field(ge=1024)]
-    block_size: Annotated[BlockSize, AfterValidator(_check_block_size)]
+    block_size: BlockSize
     block_list_sha256: Hex64
     manifest_sha256: Hex64
     created: AwareDatetime

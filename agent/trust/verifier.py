@@ -43,7 +43,9 @@ def _aware(now: datetime) -> datetime:
 def _open(data: bytes, payload_type: str, what: str) -> Envelope:
     envelope = parse_envelope(data)
     if envelope.payload_type != payload_type:
-        raise FormatError(f"{what}: payload type is {envelope.payload_type!r}, not {payload_type!r}")
+        raise FormatError(
+            f"{what}: payload type is {envelope.payload_type!r}, not {payload_type!r}"
+        )
     return envelope
 
 
@@ -77,7 +79,9 @@ class TrustedState:
         envelope = _open(data, ROOT_TYPE, "root")
         # Verify, then parse: the keys come from the payload, so check the self-signature with
         # the parsed keys, but accept nothing from the payload before that check passes.
-        root = parse_model(RootMetadata, envelope.payload, what="root", max_bytes=MAX_METADATA_BYTES)
+        root = parse_model(
+            RootMetadata, envelope.payload, what="root", max_bytes=MAX_METADATA_BYTES
+        )
         require_threshold(
             count_signatures(envelope, root.public_keys()), root.threshold, what="root"
         )
@@ -102,7 +106,9 @@ class TrustedState:
         )
         # 5.3.6: the version is exactly one more.
         if new.version <= self.root.version:
-            raise RollbackError(f"root v{new.version} is not newer than trusted v{self.root.version}")
+            raise RollbackError(
+                f"root v{new.version} is not newer than trusted v{self.root.version}"
+            )
         if new.version != self.root.version + 1:
             raise VerificationError(
                 f"root v{new.version} skips versions; the next must be v{self.root.version + 1}"
@@ -119,7 +125,9 @@ class TrustedState:
     def check_root_fresh(self, now: datetime) -> None:
         # 5.3.10: freeze attack on root.
         if self.root.expires <= _aware(now):
-            raise ExpiredError(f"root v{self.root.version} expired at {self.root.expires:%Y-%m-%d %H:%M}Z")
+            raise ExpiredError(
+                f"root v{self.root.version} expired at {self.root.expires:%Y-%m-%d %H:%M}Z"
+            )
 
     # -- keyring ----------------------------------------------------------------------------
     def _check_keyring_signatures(self, envelope: Envelope) -> None:
@@ -148,7 +156,9 @@ class TrustedState:
                     f"keyring v{keyring.version} differs from the trusted keyring of the same version"
                 )
         if keyring.expires <= now:
-            raise ExpiredError(f"keyring v{keyring.version} expired at {keyring.expires:%Y-%m-%d %H:%M}Z")
+            raise ExpiredError(
+                f"keyring v{keyring.version} expired at {keyring.expires:%Y-%m-%d %H:%M}Z"
+            )
         return replace(self, keyring=keyring, keyring_bytes=data)
 
     # -- descriptors ------------------------------------------------------------------------
@@ -159,7 +169,9 @@ class TrustedState:
         if keyring is None:
             raise VerificationError("no trusted keyring: load one before verifying bundles")
         if keyring.expires <= now:
-            raise ExpiredError(f"keyring v{keyring.version} expired at {keyring.expires:%Y-%m-%d %H:%M}Z")
+            raise ExpiredError(
+                f"keyring v{keyring.version} expired at {keyring.expires:%Y-%m-%d %H:%M}Z"
+            )
         envelope = _open(data, DESCRIPTOR_TYPE, "bundle descriptor")
         every_key = {k: v.key.raw for k, v in keyring.release_keys.items()}
         count = count_signatures(envelope, keyring.usable_keys(now))
@@ -172,7 +184,10 @@ class TrustedState:
         require_threshold(count, keyring.threshold, what="bundle descriptor")
         # Signatures hold: now parse.
         descriptor = parse_model(
-            BundleDescriptor, envelope.payload, what="bundle descriptor", max_bytes=MAX_METADATA_BYTES
+            BundleDescriptor,
+            envelope.payload,
+            what="bundle descriptor",
+            max_bytes=MAX_METADATA_BYTES,
         )
         allowed = {k for k in count.valid if keyring.release_keys[k].may_sign(descriptor.model)}
         if len(allowed) < keyring.threshold:

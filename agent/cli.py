@@ -162,6 +162,8 @@ def _bundle_build(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         description=args.description,
         tolerance=Tolerance(atol=args.atol, rtol=args.rtol),
+        min_memory_mb=args.min_memory_mb,
+        architectures=tuple(args.arch),
     )
     result = build_bundle(args.models, args.output, options)
     m = result.manifest
@@ -381,6 +383,18 @@ def fleet_parser() -> argparse.ArgumentParser:
     b.add_argument("--description", default="")
     b.add_argument("--atol", type=float, default=1e-3, help="self-test absolute tolerance")
     b.add_argument("--rtol", type=float, default=1e-3, help="self-test relative tolerance")
+    b.add_argument(
+        "--min-memory-mb",
+        type=int,
+        help="memory each variant needs (default: estimated from its files)",
+    )
+    b.add_argument(
+        "--arch",
+        nargs="+",
+        default=[],
+        choices=["x86_64", "aarch64", "armv7l"],
+        help="CPU architectures the bundle is for (default: any)",
+    )
     b.add_argument("-o", "--output", type=Path, required=True)
     b.set_defaults(handler=_bundle_build)
     b = bundle.add_parser("sign", help="sign a bundle's descriptor with release key(s)")

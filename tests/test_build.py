@@ -150,3 +150,16 @@ def test_quantize_needs_onnx(build, tmp_path: Path) -> None:
     ov.save_model(ov.convert_model(str(make_onnx(tmp_path / "m.onnx"))), str(ov_dir / "m.xml"), compress_to_fp16=False)
     with pytest.raises(ConfigError, match="needs an ONNX model"):
         build(models=[ov_dir / "m.xml"], quantize="int8")
+
+
+def test_target_constraints(build, tmp_path: Path) -> None:
+    manifest = build(quantize="int8", openvino=True).manifest
+    assert manifest.variant("onnx-fp32").constraints.accelerators == []  # CPU, CUDA, TensorRT
+    assert manifest.variant("onnx-int8").constraints.accelerators == ["cpu"]
+    assert manifest.variant("openvino-fp32").constraints.accelerators == ["cpu", "intel-gpu", "intel-npu"]
+    assert all(v.constraints.min_memory_mb >= 16 for v in manifest.variants)
+    pinned = build(min_memory_mb=512, architectures=("aarch64",)).manifest.variants[0].constraints
+    assert (pinned.min_memory_mb, pinned.architectures) == (512, ["aarch64"])
+    big = make_onnx(tmp_path / "big.onnx", inputs=1024, outputs=4096)  # 16 MiB of weights
+    estimate = build(models=[big], samples="none").manifest.variants[0].constraints.min_memory_mb
+    assert estimate == -(-2 * big.stat().st_size // 2**20) and estimate > 32

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from agent.bundle.manifest import (
     DEFAULT_BLOCK_SIZE,
     MANIFEST_NAME,
     Accuracy,
+    Constraints,
     FileEntry,
     Manifest,
     SampleCase,
@@ -61,6 +63,8 @@ class BuildOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     description: str = ""
     tolerance: Tolerance = field(default_factory=lambda: Tolerance(atol=1e-3, rtol=1e-3))
+    min_memory_mb: int | None = None  # None: estimated from each variant's files
+    architectures: tuple[str, ...] = ()  # empty: any
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ def build_bundle(models: Sequence[Path], out: Path, options: BuildOptions) -> Bu
                     files=entries,
                     inputs=list(model.inputs),
                     outputs=list(model.outputs),
+                    constraints=_constraints(model, options),
                     tolerance=tolerance,
                     accuracy=accuracy,
                 )
@@ -263,6 +268,32 @@ def build_bundle(models: Sequence[Path], out: Path, options: BuildOptions) -> Bu
         with atomic_writer(Path(out)) as f:
             size = write_archive(f, sources, options.block_size)
     return BuildResult(path=Path(out), manifest=manifest, size=size, sha256=_sha256_file(Path(out)))
+
+
+# Where each kind of variant can run. ONNX fp32/fp16 runs on the CPU, CUDA and TensorRT; dynamic
+# int8 quantization produces integer ops that only the CPU provider runs well.
+_ACCELERATORS = {
+    ("onnx", "int8"): ["cpu"],
+    ("openvino-ir", None): ["cpu", "intel-gpu", "intel-npu"],
+    ("tflite", None): ["cpu"],
+}
+
+
+def _constraints(model: ModelFile, options: BuildOptions) -> Constraints:
+    accelerators = _ACCELERATORS.get(
+        (model.format, model.precision), _ACCELERATORS.get((model.format, None), [])
+    )
+    if options.min_memory_mb is not None:
+        memory = options.min_memory_mb
+    else:
+        # Weights are held once by the runtime and briefly twice while it loads them.
+        size = sum(p.stat().st_size for p in model.files)
+        memory = max(16, math.ceil(2 * size / 2**20))
+    return Constraints(
+        min_memory_mb=memory,
+        accelerators=accelerators,  # type: ignore[arg-type]
+        architectures=list(options.architectures),  # type: ignore[arg-type]
+    )
 
 
 def _variant_id(model: ModelFile, used: set[str]) -> str:

@@ -35,7 +35,9 @@ class Keys:
 
 @pytest.fixture
 def keys(tmp_path: Path) -> Keys:
-    store = KeyStore.init(tmp_path / "keys", now=datetime.now(timezone.utc), root_keys=3, threshold=2)
+    store = KeyStore.init(
+        tmp_path / "keys", now=datetime.now(timezone.utc), root_keys=3, threshold=2
+    )
     return Keys(store, load_signer(store.release_key_paths()[0]))
 
 
@@ -52,9 +54,13 @@ def build(tmp_path: Path, onnx_model: Path) -> BuildFn:
     """Build a bundle: ``build(version="1.0.0", models=[...], **BuildOptions fields)``."""
     counter = iter(range(1000))
 
-    def _build(version: str = "1.0.0", models: list[Path] | None = None, name: str = "tiny", **kw: object) -> BuildResult:
+    def _build(
+        version: str = "1.0.0", models: list[Path] | None = None, name: str = "tiny", **kw: object
+    ) -> BuildResult:
         out = tmp_path / f"{name}-{version}-{next(counter)}.emb"
-        return build_bundle(models or [onnx_model], out, BuildOptions(name=name, version=version, **kw))  # type: ignore[arg-type]
+        return build_bundle(
+            models or [onnx_model], out, BuildOptions(name=name, version=version, **kw)
+        )  # type: ignore[arg-type]
 
     return _build
 
@@ -63,9 +69,11 @@ def build(tmp_path: Path, onnx_model: Path) -> BuildFn:
 def signed(build: BuildFn, keys: Keys) -> Callable[..., tuple[Path, bytes]]:
     """Build and sign: returns (bundle path, envelope bytes)."""
 
-    def _signed(version: str = "1.0.0", signers: list[Signer] | None = None, **kw: object) -> tuple[Path, bytes]:
+    def _signed(
+        version: str = "1.0.0", signers: list[Signer] | None = None, **kw: object
+    ) -> tuple[Path, bytes]:
         result = build(version, **kw)
-        out, envelope = sign_bundle(result.path, signers or [keys.release], now=datetime.now(timezone.utc))
+        out, _ = sign_bundle(result.path, signers or [keys.release], now=datetime.now(timezone.utc))
         return result.path, out.read_bytes()
 
     return _signed

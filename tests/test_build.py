@@ -12,8 +12,8 @@ import pytest
 from agent.bundle.reader import read_index
 from agent.bundle.unpack import unpack_bundle
 from agent.errors import ConfigError, FormatError
-from agent.fleet.build import release_from_version
 from agent.fleet._models import Runner, inspect_model
+from agent.fleet.build import release_from_version
 from tests.models import make_onnx, reference
 
 
@@ -28,13 +28,19 @@ def test_auto_samples_record_the_reference_outputs(build, onnx_model: Path, tmp_
     manifest = _unpack(result.path, tmp_path / "out")
     assert [v.id for v in manifest.variants] == ["onnx-fp32"]
     variant = manifest.variants[0]
-    assert (variant.inputs[0].name, variant.inputs[0].datatype, variant.inputs[0].shape) == ("x", "FP32", [-1, 16])
+    assert (variant.inputs[0].name, variant.inputs[0].datatype, variant.inputs[0].shape) == (
+        "x",
+        "FP32",
+        [-1, 16],
+    )
     assert (variant.outputs[0].name, variant.outputs[0].shape) == ("y", [-1, 8])
-    assert manifest.samples is not None and len(manifest.samples.cases) == 3
+    assert manifest.samples is not None
+    assert len(manifest.samples.cases) == 3
     for case in manifest.samples.cases:
         x = np.load(tmp_path / "out" / case.inputs["x"], allow_pickle=False)
         y = np.load(tmp_path / "out" / case.outputs["y"], allow_pickle=False)
-        assert x.shape == (1, 16) and x.dtype == np.float32
+        assert x.shape == (1, 16)
+        assert x.dtype == np.float32
         np.testing.assert_allclose(y, reference(onnx_model, x), rtol=1e-5, atol=1e-5)
     # Different cases really are different inputs.
     first, second = (np.load(tmp_path / "out" / c.inputs["x"]) for c in manifest.samples.cases[:2])
@@ -48,7 +54,8 @@ def test_int8_variant_is_quantized_and_its_error_recorded(build, tmp_path: Path)
     assert int8.precision == "int8"
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / int8.entrypoint)).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear"}
-    assert int8.accuracy is not None and int8.accuracy.reference == "onnx-fp32"
+    assert int8.accuracy is not None
+    assert int8.accuracy.reference == "onnx-fp32"
     assert 0 < int8.accuracy.max_abs_error < 1.0
     assert int8.accuracy.mean_abs_error <= int8.accuracy.max_abs_error
     assert int8.tolerance.atol >= 2 * int8.accuracy.max_abs_error
@@ -70,7 +77,8 @@ def test_openvino_variant_is_converted_and_matches(build, onnx_model: Path, tmp_
     assert ov.format == "openvino-ir"
     assert sorted(f.path.rsplit("/", 1)[1] for f in ov.files) == ["model.bin", "model.xml"]
     assert ov.entrypoint.endswith("model.xml")
-    assert ov.accuracy is not None and ov.accuracy.max_abs_error < 1e-4
+    assert ov.accuracy is not None
+    assert ov.accuracy.max_abs_error < 1e-4
     x = np.random.default_rng(7).standard_normal((2, 16)).astype(np.float32)
     got = Runner(inspect_model(tmp_path / "out" / ov.entrypoint))({"x": x})["y"]
     np.testing.assert_allclose(got, reference(onnx_model, x), rtol=1e-5, atol=1e-5)
@@ -86,7 +94,9 @@ def test_samples_from_a_directory(build, onnx_model: Path, tmp_path: Path) -> No
     manifest = _unpack(build(samples=str(samples)).path, tmp_path / "out")
     assert manifest.samples is not None
     a, b = manifest.samples.cases
-    np.testing.assert_allclose(np.load(tmp_path / "out" / a.outputs["y"]), reference(onnx_model, x0), atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / a.outputs["y"]), reference(onnx_model, x0), atol=1e-5
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "out" / b.outputs["y"]), given_y)
 
 
@@ -118,7 +128,9 @@ def test_the_build_is_reproducible(build) -> None:
     assert hashlib.sha256(first.path.read_bytes()).hexdigest() == first.sha256
 
 
-@pytest.mark.parametrize(("name", "version"), [("Bad Name", "1.0.0"), ("tiny", "1.0"), ("tiny", "v1.0.0")])
+@pytest.mark.parametrize(
+    ("name", "version"), [("Bad Name", "1.0.0"), ("tiny", "1.0"), ("tiny", "v1.0.0")]
+)
 def test_bad_name_or_version(build, name: str, version: str) -> None:
     with pytest.raises(ConfigError, match="invalid"):
         build(version, name=name)
@@ -132,10 +144,12 @@ def test_block_size_must_be_a_power_of_two(build) -> None:
 def test_unreadable_models(build, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07not a model" * 10)
-    with pytest.raises(FormatError, match="garbage.onnx"):
+    with pytest.raises(FormatError, match=r"garbage\.onnx"):
         build(models=[garbage])
-    with pytest.raises(FormatError, match="unknown model format"):
-        build(models=[tmp_path / "x.pt"]) if (tmp_path / "x.pt").write_bytes(b"x") else None
+    unknown = tmp_path / "x.pt"
+    unknown.write_bytes(b"x")
+    with pytest.raises(FormatError, match=r"unknown model format \(expected"):
+        build(models=[unknown])
     xml = tmp_path / "lonely.xml"
     xml.write_text("<net/>")
     with pytest.raises(FormatError, match="weights"):
@@ -147,7 +161,11 @@ def test_quantize_needs_onnx(build, tmp_path: Path) -> None:
     ov_dir.mkdir()
     import openvino as ov
 
-    ov.save_model(ov.convert_model(str(make_onnx(tmp_path / "m.onnx"))), str(ov_dir / "m.xml"), compress_to_fp16=False)
+    ov.save_model(
+        ov.convert_model(str(make_onnx(tmp_path / "m.onnx"))),
+        str(ov_dir / "m.xml"),
+        compress_to_fp16=False,
+    )
     with pytest.raises(ConfigError, match="needs an ONNX model"):
         build(models=[ov_dir / "m.xml"], quantize="int8")
 
@@ -156,10 +174,15 @@ def test_target_constraints(build, tmp_path: Path) -> None:
     manifest = build(quantize="int8", openvino=True).manifest
     assert manifest.variant("onnx-fp32").constraints.accelerators == []  # CPU, CUDA, TensorRT
     assert manifest.variant("onnx-int8").constraints.accelerators == ["cpu"]
-    assert manifest.variant("openvino-fp32").constraints.accelerators == ["cpu", "intel-gpu", "intel-npu"]
+    assert manifest.variant("openvino-fp32").constraints.accelerators == [
+        "cpu",
+        "intel-gpu",
+        "intel-npu",
+    ]
     assert all(v.constraints.min_memory_mb >= 16 for v in manifest.variants)
     pinned = build(min_memory_mb=512, architectures=("aarch64",)).manifest.variants[0].constraints
     assert (pinned.min_memory_mb, pinned.architectures) == (512, ["aarch64"])
     big = make_onnx(tmp_path / "big.onnx", inputs=1024, outputs=4096)  # 16 MiB of weights
     estimate = build(models=[big], samples="none").manifest.variants[0].constraints.min_memory_mb
-    assert estimate == -(-2 * big.stat().st_size // 2**20) and estimate > 32
+    assert estimate == -(-2 * big.stat().st_size // 2**20)
+    assert estimate > 32

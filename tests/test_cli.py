@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import agent_main, fleet_main
 from agent.bundle.reader import read_index
+from agent.cli import agent_main, fleet_main
 from tests.models import make_onnx
 
 BIN = Path(sys.executable).parent
@@ -31,7 +31,10 @@ def fleet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Path]
     assert run(capsys, "keys", "init", keys)[0] == 0
     model = make_onnx(tmp_path / "m.onnx")
     bundle = tmp_path / "m-1.0.0.emb"
-    assert run(capsys, "bundle", "build", "--name", "m", "--version", "1.0.0", "-o", bundle, model)[0] == 0
+    assert (
+        run(capsys, "bundle", "build", "--name", "m", "--version", "1.0.0", "-o", bundle, model)[0]
+        == 0
+    )
     release = next((keys / "private").glob("release-*.pem"))
     assert run(capsys, "bundle", "sign", bundle, "--key", release)[0] == 0
     return {"keys": keys, "bundle": bundle, "release": release, "model": model}
@@ -44,23 +47,33 @@ def test_keys_init_writes_private_keys_owner_only(fleet: dict[str, Path]) -> Non
     for pem in private.glob("*.pem"):
         assert stat.S_IMODE(pem.stat().st_mode) == 0o600
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
-    assert (fleet["keys"] / "history" / "root.v1.json").read_bytes() == (fleet["keys"] / "root.json").read_bytes()
+    assert (fleet["keys"] / "history" / "root.v1.json").read_bytes() == (
+        fleet["keys"] / "root.json"
+    ).read_bytes()
 
 
 def test_keys_init_refuses_an_existing_directory(fleet: dict[str, Path], capsys) -> None:
     code, _, err = run(capsys, "keys", "init", fleet["keys"])
-    assert code == 2 and "already holds keys" in err
+    assert code == 2
+    assert "already holds keys" in err
 
 
 def test_keys_init_refuses_a_threshold_above_the_key_count(tmp_path: Path, capsys) -> None:
-    code, _, err = run(capsys, "keys", "init", tmp_path / "k", "--root-keys", "2", "--threshold", "3")
-    assert code == 2 and "threshold" in err
+    code, _, err = run(
+        capsys, "keys", "init", tmp_path / "k", "--root-keys", "2", "--threshold", "3"
+    )
+    assert code == 2
+    assert "threshold" in err
     assert not (tmp_path / "k" / "root.json").exists()
 
 
 @pytest.mark.parametrize("trust", ["dir", "root", "keyring"])
 def test_verify_accepts_dir_root_or_keyring(fleet: dict[str, Path], capsys, trust: str) -> None:
-    path = {"dir": fleet["keys"], "root": fleet["keys"] / "root.json", "keyring": fleet["keys"] / "keyring.json"}[trust]
+    path = {
+        "dir": fleet["keys"],
+        "root": fleet["keys"] / "root.json",
+        "keyring": fleet["keys"] / "keyring.json",
+    }[trust]
     code, out, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", path)
     assert (code, err) == (0, "")
     assert out.startswith(f"verified {fleet['bundle']}: m 1.0.0 (release 1000000)")
@@ -73,35 +86,62 @@ def test_tampered_bundle_is_rejected_with_one_line(fleet: dict[str, Path], capsy
     data[member.offset + 10] ^= 0xFF
     fleet["bundle"].write_bytes(bytes(data))
     code, out, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])
-    assert code == 1 and out == ""
+    assert code == 1
+    assert out == ""
     assert err.count("\n") == 1
     assert err.startswith("edge-fleet: rejected (digest-mismatch):")
     assert "variants/onnx-fp32/m.onnx" in err
 
 
 def test_verify_json(fleet: dict[str, Path], capsys) -> None:
-    code, out, _ = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--json")
+    code, out, _ = run(
+        capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--json"
+    )
     doc = json.loads(out)
-    assert code == 0 and doc["verified"] is True
+    assert code == 0
+    assert doc["verified"] is True
     assert doc["descriptor"]["model"] == "m"
-    assert doc["descriptor"]["bundle_sha256"] == __import__("hashlib").sha256(fleet["bundle"].read_bytes()).hexdigest()
+    assert (
+        doc["descriptor"]["bundle_sha256"]
+        == __import__("hashlib").sha256(fleet["bundle"].read_bytes()).hexdigest()
+    )
 
 
 def test_verify_rollback_and_freeze(fleet: dict[str, Path], capsys) -> None:
-    code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--min-release", "1000001")
-    assert code == 1 and "rejected (rollback)" in err
-    code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--at", "2099-01-01")
-    assert code == 1 and "rejected (expired)" in err
-    code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--at", "yesterday")
-    assert code == 2 and "ISO 8601" in err
+    code, _, err = run(
+        capsys,
+        "bundle",
+        "verify",
+        fleet["bundle"],
+        "--trust",
+        fleet["keys"],
+        "--min-release",
+        "1000001",
+    )
+    assert code == 1
+    assert "rejected (rollback)" in err
+    code, _, err = run(
+        capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--at", "2099-01-01"
+    )
+    assert code == 1
+    assert "rejected (expired)" in err
+    code, _, err = run(
+        capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"], "--at", "yesterday"
+    )
+    assert code == 2
+    assert "ISO 8601" in err
 
 
-def test_verify_without_an_envelope_or_trust(fleet: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_verify_without_an_envelope_or_trust(
+    fleet: dict[str, Path], tmp_path: Path, capsys
+) -> None:
     os.unlink(f"{fleet['bundle']}.dsse")
     code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])
-    assert code == 3 and "signature envelope" in err
+    assert code == 3
+    assert "signature envelope" in err
     code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", tmp_path / "nowhere")
-    assert code == 3 and "nowhere" in err
+    assert code == 3
+    assert "nowhere" in err
 
 
 def test_release_rotation_revokes_the_old_key(fleet: dict[str, Path], capsys) -> None:
@@ -109,11 +149,13 @@ def test_release_rotation_revokes_the_old_key(fleet: dict[str, Path], capsys) ->
     assert not fleet["release"].exists()
     assert (fleet["keys"] / "private" / "retired" / fleet["release"].name).exists()
     code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])
-    assert code == 1 and "rejected (untrusted-key)" in err
+    assert code == 1
+    assert "rejected (untrusted-key)" in err
     new = next((fleet["keys"] / "private").glob("release-*.pem"))
     assert run(capsys, "bundle", "sign", fleet["bundle"], "--key", new)[0] == 0
     code, out, _ = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])
-    assert code == 0 and new.name[8:24] in out
+    assert code == 0
+    assert new.name[8:24] in out
 
 
 def test_revoke(fleet: dict[str, Path], capsys) -> None:
@@ -122,25 +164,35 @@ def test_revoke(fleet: dict[str, Path], capsys) -> None:
     assert run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])[0] == 0
     assert run(capsys, "keys", "revoke", fleet["keys"], keyid)[0] == 0
     code, _, err = run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])
-    assert code == 1 and "untrusted-key" in err
+    assert code == 1
+    assert "untrusted-key" in err
     code, _, err = run(capsys, "keys", "revoke", fleet["keys"], "ffffffff")
-    assert code == 2 and "no release key" in err
+    assert code == 2
+    assert "no release key" in err
 
 
-def test_root_rotation_needs_the_offline_keys(fleet: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_root_rotation_needs_the_offline_keys(
+    fleet: dict[str, Path], tmp_path: Path, capsys
+) -> None:
     offline = tmp_path / "offline"
     offline.mkdir()
     roots = sorted((fleet["keys"] / "private").glob("root-*.pem"))
     for pem in roots[1:]:
         shutil.move(pem, offline / pem.name)
     code, _, err = run(capsys, "keys", "rotate", fleet["keys"], "--root")
-    assert code == 2 and "threshold is 2" in err
+    assert code == 2
+    assert "threshold is 2" in err
     shutil.move(offline / roots[1].name, roots[1])
-    code, out, _ = run(capsys, "keys", "rotate", fleet["keys"], "--root", "--root-keys", "4", "--threshold", "3")
-    assert code == 0 and "root v2" in out
+    code, out, _ = run(
+        capsys, "keys", "rotate", fleet["keys"], "--root", "--root-keys", "4", "--threshold", "3"
+    )
+    assert code == 0
+    assert "root v2" in out
     code, out, _ = run(capsys, "keys", "show", fleet["keys"], "--json")
     doc = json.loads(out)
-    assert doc["root"]["version"] == 2 and doc["root"]["threshold"] == 3 and len(doc["root"]["keys"]) == 4
+    assert doc["root"]["version"] == 2
+    assert doc["root"]["threshold"] == 3
+    assert len(doc["root"]["keys"]) == 4
     assert doc["keyring"]["version"] == 2
     # The release key survives a root rotation: the bundle still verifies against the new root.
     assert run(capsys, "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"])[0] == 0
@@ -150,10 +202,13 @@ def test_inspect(fleet: dict[str, Path], capsys) -> None:
     code, out, _ = run(capsys, "bundle", "inspect", fleet["bundle"], "--json")
     doc = json.loads(out)
     assert code == 0
-    assert doc["manifest"]["name"] == "m" and doc["envelope"]["verified"] is False
+    assert doc["manifest"]["name"] == "m"
+    assert doc["envelope"]["verified"] is False
     assert doc["envelope"]["descriptor"]["bundle_size"] == fleet["bundle"].stat().st_size
     code, out, _ = run(capsys, "bundle", "inspect", fleet["bundle"])
-    assert code == 0 and "variant    onnx-fp32" in out and "not verified here" in out
+    assert code == 0
+    assert "variant    onnx-fp32" in out
+    assert "not verified here" in out
 
 
 def test_inspect_refuses_a_hostile_archive(tmp_path: Path, capsys) -> None:
@@ -166,18 +221,31 @@ def test_inspect_refuses_a_hostile_archive(tmp_path: Path, capsys) -> None:
         info.linkname = "/etc/passwd"
         tar.addfile(info)
     code, _, err = run(capsys, "bundle", "inspect", bad)
-    assert code == 1 and "rejected (unsafe-member-type)" in err and "symlink" in err
+    assert code == 1
+    assert "rejected (unsafe-member-type)" in err
+    assert "symlink" in err
 
 
 def test_installed_entry_points(fleet: dict[str, Path]) -> None:
     """The console scripts, as a fleet manager runs them."""
     done = subprocess.run(
-        [BIN / "edge-fleet", "bundle", "verify", fleet["bundle"], "--trust", fleet["keys"] / "root.json"],
-        capture_output=True, text=True, check=False,
+        [
+            BIN / "edge-fleet",
+            "bundle",
+            "verify",
+            fleet["bundle"],
+            "--trust",
+            fleet["keys"] / "root.json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "verified" in done.stdout
-    version = subprocess.run([BIN / "edge-agent", "--version"], capture_output=True, text=True, check=True)
+    version = subprocess.run(
+        [BIN / "edge-agent", "--version"], capture_output=True, text=True, check=True
+    )
     assert version.stdout.startswith("edge-agent ")
 
 

@@ -72,7 +72,7 @@ class ModelFile:
 
 
 def member_name(path: Path, fallback: str) -> str:
-    return path.name if _SAFE_NAME.match(path.name) else fallback
+    return path.name if _SAFE_NAME.fullmatch(path.name) else fallback
 
 
 def inspect_model(path: Path) -> ModelFile:

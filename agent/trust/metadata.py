@@ -40,7 +40,7 @@ ModelPattern = Annotated[str, Field(pattern=r"^[a-z0-9._*?\[\]-]{1,64}$")]
 
 
 def _check_semver(value: str) -> str:
-    if len(value) > 64 or not _SEMVER.match(value):
+    if len(value) > 64 or not _SEMVER.fullmatch(value):
         raise ValueError(f"{value!r} is not a semantic version (MAJOR.MINOR.PATCH)")
     return value
 

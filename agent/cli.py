@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent._strictjson import loads
 from agent.errors import BadContentError, ConfigError, EdgeAgentError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -236,14 +237,17 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
     env_info: dict[str, Any] | None = None
     sidecar = envelope_path(args.bundle)
     if sidecar.exists():
-        env = parse_envelope(sidecar.read_bytes())
-        env_info = {
-            "path": str(sidecar),
-            "payload_type": env.payload_type,
-            "verified": False,
-            "keyids": [s.keyid for s in env.signatures],
-            "descriptor": json.loads(env.payload),
-        }
+        try:
+            env = parse_envelope(sidecar.read_bytes())
+            env_info = {
+                "path": str(sidecar),
+                "payload_type": env.payload_type,
+                "verified": False,
+                "keyids": [s.keyid for s in env.signatures],
+                "descriptor": loads(env.payload, what="descriptor", max_bytes=1 << 20),
+            }
+        except BadContentError as exc:
+            env_info = {"path": str(sidecar), "verified": False, "error": str(exc)}
     if args.json:
         print(
             json.dumps(
@@ -288,7 +292,9 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
                 f"{', '.join(c.architectures) or 'any arch'}; {c.min_memory_mb} MB"
             )
     print(f"self-test  {len(m.samples.cases) if m.samples else 0} sample(s)")
-    if env_info:
+    if env_info and "error" in env_info:
+        print(f"signature  {sidecar}: unreadable ({env_info['error']})")
+    elif env_info:
         print(
             f"signature  {sidecar}: {len(env_info['keyids'])} signature(s), not verified here "
             f"(use 'edge-fleet bundle verify')"

@@ -253,3 +253,23 @@ def test_no_command_prints_help(capsys) -> None:
     assert fleet_main([]) == 2
     assert agent_main([]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_inspect_with_an_unreadable_signature_file(fleet: dict[str, Path], capsys) -> None:
+    Path(f"{fleet['bundle']}.dsse").write_text(
+        '{"payload": "AAAA", "payloadType": "x", "signatures": []}'
+    )
+    code, out, _ = run(capsys, "bundle", "inspect", fleet["bundle"])
+    assert code == 0
+    assert "unreadable (descriptor is not valid JSON" in out
+    code, out, _ = run(capsys, "bundle", "inspect", fleet["bundle"], "--json")
+    assert code == 0
+    assert "not valid JSON" in json.loads(out)["envelope"]["error"]
+
+
+def test_a_corrupted_keyring_is_a_one_line_error(fleet: dict[str, Path], capsys) -> None:
+    (fleet["keys"] / "keyring.json").write_text("garbage")
+    code, out, err = run(capsys, "keys", "show", fleet["keys"])
+    assert code == 1
+    assert out == ""
+    assert err.startswith("edge-fleet: rejected (format): envelope is not valid JSON")

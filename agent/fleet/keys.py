@@ -22,12 +22,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent._fsutil import atomic_write_bytes
-from agent._strictjson import dump_model
+from agent._strictjson import dump_model, parse_model
 from agent.errors import ConfigError, FormatError, StorageError
 from agent.trust.envelope import parse_envelope, sign_envelope
 from agent.trust.keys import Signer
 from agent.trust.metadata import (
     KEYRING_TYPE,
+    MAX_METADATA_BYTES,
     ROOT_TYPE,
     KeyringMetadata,
     PublicKey,
@@ -116,7 +117,9 @@ class KeyStore:
 
     def current_keyring(self) -> KeyringMetadata:
         envelope = parse_envelope(self.keyring_bytes())
-        return KeyringMetadata.model_validate_json(envelope.payload)
+        return parse_model(
+            KeyringMetadata, envelope.payload, what="keyring", max_bytes=MAX_METADATA_BYTES
+        )
 
     def release_key_paths(self) -> list[Path]:
         keyring = self.current_keyring()

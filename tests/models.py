@@ -9,10 +9,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def make_onnx(path: Path, *, inputs: int = 16, outputs: int = 8, seed: int = 1, scale: float = 1.0) -> Path:
+def make_onnx(
+    path: Path, *, inputs: int = 16, outputs: int = 8, seed: int = 1, scale: float = 1.0
+) -> Path:
     """y = relu(x @ W + B), x: FP32[N, inputs], y: FP32[N, outputs]."""
     rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array((rng.standard_normal((inputs, outputs)) * scale).astype(np.float32), "W")
+    w = numpy_helper.from_array(
+        (rng.standard_normal((inputs, outputs)) * scale).astype(np.float32), "W"
+    )
     b = numpy_helper.from_array(rng.standard_normal((outputs,)).astype(np.float32), "B")
     graph = helper.make_graph(
         [
@@ -37,3 +41,137 @@ def reference(path: Path, x: np.ndarray) -> np.ndarray:
     model = onnx.load(str(path))
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     return np.maximum(x @ init["W"] + init["B"], 0)
+
+
+def _tflite_weights(inputs: int, outputs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """W (inputs, outputs) and B (outputs,), drawn exactly as :func:`make_onnx` draws them."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((inputs, outputs)).astype(np.float32)
+    b = rng.standard_normal((outputs,)).astype(np.float32)
+    return w, b
+
+
+def make_tflite(path: Path, *, inputs: int = 16, outputs: int = 8, seed: int = 1) -> Path:
+    """y = relu(x @ W + B), x: FP32[1, inputs], y: FP32[1, outputs], as one FULLY_CONNECTED op.
+
+    Built with the ``tflite`` flatbuffer bindings (no TensorFlow). W and B are the ones
+    :func:`make_onnx` makes for the same seed, so :func:`reference` on that ONNX model is also
+    this model's answer; :func:`reference_tflite` computes it from this file alone.
+    """
+    import flatbuffers
+    import tflite
+
+    w, b = _tflite_weights(inputs, outputs, seed)
+    builder = flatbuffers.Builder(1024)
+
+    def data_vector(data: bytes) -> int:
+        # Tensor data 16-byte aligned, as the TFLite converter writes it.
+        builder.StartVector(1, len(data), 16)
+        builder.head -= len(data)
+        builder.Bytes[builder.head : builder.head + len(data)] = data
+        return builder.EndVector()
+
+    def int_vector(start: object, values: list[int]) -> int:
+        start(builder, len(values))  # type: ignore[operator]
+        for v in reversed(values):
+            builder.PrependInt32(v)
+        return builder.EndVector()
+
+    # Buffers: 0 is the empty buffer every tensor without constant data points at.
+    buffer_data = [None, data_vector(np.ascontiguousarray(w.T).tobytes()), data_vector(b.tobytes())]
+    buffers = []
+    for data in buffer_data:
+        tflite.BufferStart(builder)
+        if data is not None:
+            tflite.BufferAddData(builder, data)
+        buffers.append(tflite.BufferEnd(builder))
+
+    # Tensors: 0 x, 1 W ([outputs, inputs], as FULLY_CONNECTED wants), 2 B, 3 y.
+    tensor_defs = [
+        ("x", [1, inputs], 0),
+        ("W", [outputs, inputs], 1),
+        ("B", [outputs], 2),
+        ("y", [1, outputs], 0),
+    ]
+    tensors = []
+    for name, shape, buffer in tensor_defs:
+        name_off = builder.CreateString(name)
+        shape_off = int_vector(tflite.TensorStartShapeVector, shape)
+        tflite.TensorStart(builder)
+        tflite.TensorAddShape(builder, shape_off)
+        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
+        tflite.TensorAddBuffer(builder, buffer)
+        tflite.TensorAddName(builder, name_off)
+        tensors.append(tflite.TensorEnd(builder))
+
+    tflite.FullyConnectedOptionsStart(builder)
+    tflite.FullyConnectedOptionsAddFusedActivationFunction(
+        builder, tflite.ActivationFunctionType.RELU
+    )
+    options = tflite.FullyConnectedOptionsEnd(builder)
+    op_inputs = int_vector(tflite.OperatorStartInputsVector, [0, 1, 2])
+    op_outputs = int_vector(tflite.OperatorStartOutputsVector, [3])
+    tflite.OperatorStart(builder)
+    tflite.OperatorAddOpcodeIndex(builder, 0)
+    tflite.OperatorAddInputs(builder, op_inputs)
+    tflite.OperatorAddOutputs(builder, op_outputs)
+    tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.FullyConnectedOptions)
+    tflite.OperatorAddBuiltinOptions(builder, options)
+    operator = tflite.OperatorEnd(builder)
+
+    def table_vector(start: object, offsets: list[int]) -> int:
+        start(builder, len(offsets))  # type: ignore[operator]
+        for off in reversed(offsets):
+            builder.PrependUOffsetTRelative(off)
+        return builder.EndVector()
+
+    tensors_off = table_vector(tflite.SubGraphStartTensorsVector, tensors)
+    sg_inputs = int_vector(tflite.SubGraphStartInputsVector, [0])
+    sg_outputs = int_vector(tflite.SubGraphStartOutputsVector, [3])
+    operators_off = table_vector(tflite.SubGraphStartOperatorsVector, [operator])
+    sg_name = builder.CreateString("main")
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors_off)
+    tflite.SubGraphAddInputs(builder, sg_inputs)
+    tflite.SubGraphAddOutputs(builder, sg_outputs)
+    tflite.SubGraphAddOperators(builder, operators_off)
+    tflite.SubGraphAddName(builder, sg_name)
+    subgraph = tflite.SubGraphEnd(builder)
+
+    fc = tflite.BuiltinOperator.FULLY_CONNECTED  # 9: below 127, so both code fields hold it
+    tflite.OperatorCodeStart(builder)
+    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, fc)
+    tflite.OperatorCodeAddBuiltinCode(builder, fc)
+    tflite.OperatorCodeAddVersion(builder, 1)
+    opcode = tflite.OperatorCodeEnd(builder)
+
+    opcodes_off = table_vector(tflite.ModelStartOperatorCodesVector, [opcode])
+    subgraphs_off = table_vector(tflite.ModelStartSubgraphsVector, [subgraph])
+    buffers_off = table_vector(tflite.ModelStartBuffersVector, buffers)
+    description = builder.CreateString("tiny")
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, 3)
+    tflite.ModelAddOperatorCodes(builder, opcodes_off)
+    tflite.ModelAddSubgraphs(builder, subgraphs_off)
+    tflite.ModelAddDescription(builder, description)
+    tflite.ModelAddBuffers(builder, buffers_off)
+    model = tflite.ModelEnd(builder)
+    builder.Finish(model, file_identifier=b"TFL3")
+    Path(path).write_bytes(bytes(builder.Output()))
+    return Path(path)
+
+
+def reference_tflite(path: Path, x: np.ndarray) -> np.ndarray:
+    """The numpy answer for a model made by :func:`make_tflite`, read back from the file."""
+    import tflite
+
+    model = tflite.Model.GetRootAsModel(Path(path).read_bytes(), 0)
+    graph = model.Subgraphs(0)
+    consts = {}
+    for i in range(graph.TensorsLength()):
+        t = graph.Tensors(i)
+        data = model.Buffers(t.Buffer()).DataAsNumpy()
+        if t.Buffer() and not isinstance(data, int):
+            shape = tuple(int(d) for d in t.ShapeAsNumpy())
+            consts[t.Name().decode()] = np.frombuffer(data.tobytes(), "<f4").reshape(shape)
+    return np.maximum(x @ consts["W"].T + consts["B"], 0)

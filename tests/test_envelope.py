@@ -50,28 +50,9 @@ from agent.trust.metadata import (
 )
 from agent.trust.verifier import TrustedState, VerifiedDescriptor
 from tests.conftest import NOW
+from tests.documents import DAY, descriptor_doc
 
-DAY = timedelta(days=1)
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def descriptor_doc(**over: object) -> dict[str, object]:
-    doc: dict[str, object] = {
-        "type": "bundle-descriptor",
-        "spec_version": 1,
-        "model": "tiny",
-        "version": "1.0.0",
-        "release": 1,
-        "bundle_sha256": "ab" * 32,
-        "bundle_size": 8192,
-        "block_size": 4096,
-        "block_list_sha256": "cd" * 32,
-        "manifest_sha256": "ef" * 32,
-        "created": (NOW - timedelta(hours=1)).isoformat(),
-        "expires": (NOW + 30 * DAY).isoformat(),
-    }
-    doc.update(over)
-    return doc
 
 
 @dataclass(frozen=True)

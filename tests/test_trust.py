@@ -42,33 +42,12 @@ from agent.trust.metadata import (
 )
 from agent.trust.verifier import TrustedState
 from tests.conftest import NOW, Keys
-
-DAY = timedelta(days=1)
+from tests.documents import DAY, descriptor_doc
 
 
 # -- helpers -------------------------------------------------------------------------------------
 def iso(moment: datetime) -> str:
     return moment.isoformat()
-
-
-def descriptor_doc(**over: object) -> dict[str, object]:
-    """A well-formed bundle descriptor (as JSON data) that expires 30 days after NOW."""
-    doc: dict[str, object] = {
-        "type": "bundle-descriptor",
-        "spec_version": 1,
-        "model": "tiny",
-        "version": "1.0.0",
-        "release": 1,
-        "bundle_sha256": "ab" * 32,
-        "bundle_size": 8192,
-        "block_size": 4096,
-        "block_list_sha256": "cd" * 32,
-        "manifest_sha256": "ef" * 32,
-        "created": iso(NOW - timedelta(hours=1)),
-        "expires": iso(NOW + 30 * DAY),
-    }
-    doc.update(over)
-    return doc
 
 
 def sign_payload(payload: bytes, signers: Iterable[Signer], payload_type: str) -> bytes:

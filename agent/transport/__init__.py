@@ -1,0 +1,1 @@
+"""MQTT transport: the topic scheme, message schemas, the session, and block transfer."""

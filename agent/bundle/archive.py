@@ -248,7 +248,10 @@ def iter_members(
         if pax:
             name = pax.get("path", name)
             if "size" in pax:
-                if not pax["size"].isdigit():
+                # ASCII digits only ("²".isdigit() is true, int() refuses it), and few enough
+                # that int() accepts them (it refuses strings over 4300 digits).
+                digits = pax["size"]
+                if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
                     raise ArchiveError(f"pax size of {name!r} is not a number")
                 size = int(pax["size"])
         pax = None

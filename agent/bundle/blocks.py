@@ -1,24 +1,25 @@
-"""Whole-file SHA-256 and per-block SHA-256 digests in one pass over the file.
+"""Whole-file SHA-256 and per-block SHA-256 digests in one read of the file.
 
 The block-hash list (the raw 32-byte digests of each block, concatenated) is what a device checks
-each downloaded block against; its own SHA-256 is signed in the bundle descriptor. The two hashes
-run on two threads (hashlib releases the GIL on large buffers), so hashing both costs about as
-much wall time as hashing once. Regular files are memory-mapped, so no thread copies the bytes;
-the files verified are the agent's own (its state directory), which nothing truncates meanwhile.
+each downloaded block against; its own SHA-256 is signed in the bundle descriptor.
+
+The calling thread reads chunks into a small ring of reused buffers and hashes the blocks; one
+worker hashes the whole file, in order, a chunk or two behind (hashlib releases the GIL on large
+buffers), so hashing twice costs about the wall time of hashing once. Plain reads, not mmap: a
+file that shrinks or a flash card that fails mid-read then gives an OSError, never a SIGBUS that
+kills the daemon.
 """
 
 from __future__ import annotations
 
 import hashlib
-import mmap
-import os
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
 CHUNK_BYTES = 4 << 20
+RING = 3  # buffers: one being read, two being hashed
 
 
 @dataclass(frozen=True)
@@ -37,31 +38,15 @@ class FileDigests:
         return hashlib.sha256(self.block_list).hexdigest()
 
 
-def _chunks_mapped(f: BinaryIO, length: int, chunk_bytes: int) -> Iterator[memoryview]:
-    with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ) as mapped:
-        if hasattr(mapped, "madvise"):
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-        view = memoryview(mapped)
-        try:
-            for start in range(0, length, chunk_bytes):
-                chunk = view[start : start + chunk_bytes]
-                try:
-                    yield chunk
-                finally:
-                    chunk.release()
-        finally:
-            view.release()
-
-
-def _chunks_read(f: BinaryIO, limit: int | None, chunk_bytes: int) -> Iterator[memoryview]:
-    f.seek(0)
-    size = 0
-    while limit is None or size < limit:
-        data = f.read(chunk_bytes if limit is None else min(chunk_bytes, limit - size))
-        if not data:
-            return
-        size += len(data)
-        yield memoryview(data)
+def _fill(f: BinaryIO, view: memoryview) -> int:
+    """Read until ``view`` is full or the file ends; return the bytes read."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
 
 
 def digest_file(f: BinaryIO, block_size: int, *, limit: int | None = None) -> FileDigests:
@@ -70,30 +55,34 @@ def digest_file(f: BinaryIO, block_size: int, *, limit: int | None = None) -> Fi
     ``limit`` stops after that many bytes (the caller compares sizes).
     """
     chunk_bytes = max(block_size, CHUNK_BYTES - CHUNK_BYTES % block_size)
-    try:
-        length = os.fstat(f.fileno()).st_size
-        if limit is not None:
-            length = min(length, limit)
-        chunks = _chunks_mapped(f, length, chunk_bytes) if length else iter(())
-    except (AttributeError, OSError, ValueError):  # not a regular file: read it
-        chunks = _chunks_read(f, limit, chunk_bytes)
+    ring = [memoryview(bytearray(chunk_bytes)) for _ in range(RING)]
     whole = hashlib.sha256()
     blocks: list[bytes] = []
     size = 0
     pending: deque[Future[None]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as pool:
+    f.seek(0)
+    # One worker, so the whole-file updates run in the order they were submitted.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-file") as pool:
         try:
-            for chunk in chunks:
-                pending.append(pool.submit(whole.update, chunk))
-                for start in range(0, len(chunk), block_size):
-                    blocks.append(hashlib.sha256(chunk[start : start + block_size]).digest())
-                size += len(chunk)
-                # The worker must be done with this chunk before the generator releases it.
-                while pending:
+            for turn in range(1 << 62):
+                if len(pending) == RING:  # the buffer about to be reused must be hashed
                     pending.popleft().result()
-        finally:
+                want = chunk_bytes if limit is None else min(chunk_bytes, limit - size)
+                n = _fill(f, ring[turn % RING][:want]) if want > 0 else 0
+                if not n:
+                    break
+                view = ring[turn % RING][:n]
+                pending.append(pool.submit(whole.update, view))
+                for start in range(0, n, block_size):
+                    blocks.append(hashlib.sha256(view[start : start + block_size]).digest())
+                size += n
+                if n < want:
+                    break
             while pending:
                 pending.popleft().result()
+        finally:
+            for done in pending:  # after an error: let the worker finish before buffers go
+                done.exception()
     return FileDigests(
         size=size, sha256=whole.hexdigest(), block_size=block_size, blocks=tuple(blocks)
     )

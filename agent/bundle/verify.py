@@ -54,7 +54,8 @@ def check_bundle_file(
             f"the descriptor signs {descriptor.bundle_size} bytes; the limit is {limits.max_bundle_bytes}"
         )
     try:
-        with open(path, "rb") as f:
+        # Unbuffered: the hashing reads whole chunks, and a buffer would only add a copy.
+        with open(path, "rb", buffering=0) as f:
             size = file_size(f)
             if size != descriptor.bundle_size:
                 raise DigestMismatchError(

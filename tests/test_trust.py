@@ -826,3 +826,50 @@ def test_root_threshold_above_key_count(keys: Keys) -> None:
     }
     data = sign_payload(canonical(doc), signers, ROOT_TYPE)
     raises_exactly(FormatError, TrustedState.from_root, data, match="threshold")
+
+
+def test_revocation_survives_a_root_rotation_that_drops_the_keyring(keys: Keys) -> None:
+    """Keyring v3 trusts R, v4 revokes it; a new root drops v4. v3 must not come back."""
+    a, b, c = root_signers(keys.store)
+    revoked = Signer.generate()
+    v2 = make_keyring([a, b], version=2, release={revoked.keyid: release_key(revoked)})
+    v3 = make_keyring([a, c], version=3, release={keys.release.keyid: release_key(keys.release)})
+    state = keys.state().update_keyring(v2, NOW).update_keyring(v3, NOW)
+    d = Signer.generate()
+    # Root v2 keeps a and b and swaps c for d: keyring v3 (signed a, c) has one valid signature
+    # left and is dropped, while the older v2 (signed a, b) would still carry two.
+    root2 = make_root([a, b, d], version=2, keys=[a, b, d], threshold=2)
+    state = state.update_root(root2)
+    assert state.keyring is None
+    assert state.keyring_floor == 3
+    raises_exactly(RollbackError, state.update_keyring, v2, NOW, match="not newer than v3")
+    v4 = make_keyring([a, b, d], version=4, release={keys.release.keyid: release_key(keys.release)})
+    assert state.update_keyring(v4, NOW).keyring.version == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "public",
+    [
+        "01" + "00" * 31,  # the identity point: (R = identity, S = 0) verifies any message
+        "00" * 32,
+        "ec" + "ff" * 30 + "7f",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "01" + "00" * 30 + "80",  # the identity again, with the sign bit set
+        "ee" + "ff" * 30 + "7f",  # p + 1: a non-canonical encoding of the identity
+    ],
+)
+def test_small_order_and_non_canonical_keys_are_refused(public: str) -> None:
+    from agent.trust.keys import is_weak_public_key, verify_ed25519
+
+    raw = bytes.fromhex(public)
+    assert is_weak_public_key(raw)
+    forged = bytes.fromhex("01" + "00" * 31) + bytes(32)
+    assert not verify_ed25519(raw, forged, b"any message")
+    with pytest.raises(ValueError, match="small order or non-canonical"):
+        PublicKey(public=public)
+
+
+def test_a_real_key_is_not_weak() -> None:
+    from agent.trust.keys import is_weak_public_key
+
+    assert not any(is_weak_public_key(Signer.generate().public_raw) for _ in range(50))

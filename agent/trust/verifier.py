@@ -66,6 +66,9 @@ class TrustedState:
     root_bytes: bytes
     keyring: KeyringMetadata | None = None
     keyring_bytes: bytes | None = None
+    # The version of the last keyring trusted. It outlives a keyring dropped by a root rotation,
+    # so an older keyring (one that still trusted a since-revoked key) cannot come back.
+    keyring_floor: int = 0
     release_floor: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     # -- bootstrap ------------------------------------------------------------------------------
@@ -146,6 +149,11 @@ class TrustedState:
             KeyringMetadata, envelope.payload, what="keyring", max_bytes=MAX_METADATA_BYTES
         )
         current = self.keyring
+        if current is None and keyring.version <= self.keyring_floor:
+            raise RollbackError(
+                f"keyring v{keyring.version} is not newer than v{self.keyring_floor}, "
+                "the last one trusted"
+            )
         if current is not None:
             if keyring.version < current.version:
                 raise RollbackError(
@@ -159,7 +167,7 @@ class TrustedState:
             raise ExpiredError(
                 f"keyring v{keyring.version} expired at {keyring.expires:%Y-%m-%d %H:%M}Z"
             )
-        return replace(self, keyring=keyring, keyring_bytes=data)
+        return replace(self, keyring=keyring, keyring_bytes=data, keyring_floor=keyring.version)
 
     # -- descriptors ------------------------------------------------------------------------
     def verify_descriptor(self, data: bytes, now: datetime) -> VerifiedDescriptor:

@@ -816,3 +816,51 @@ def test_small_bundle_for_the_property_tests_is_valid() -> None:
     index = read_index(io.BytesIO(SMALL_BUNDLE))
     assert index.manifest == MANIFEST
     assert len(SMALL_HEADERS) >= 4  # manifest, DATA, the pax filler, MODEL
+
+
+# -- found in review -----------------------------------------------------------------------------
+def test_pax_header_with_too_many_records_is_refused(tmp_path: Path) -> None:
+    # Thousands of tiny records would make a careless parser quadratic; the count is capped.
+    records = b"12 comment=\n" * 20000
+    pax = header("././@PaxHeader", len(records), tarfile.XHDTYPE) + records
+    pax += bytes(-len(records) % BLOCK)
+    data = (
+        member_blob(MANIFEST_NAME, MANIFEST_BYTES)
+        + pax
+        + member_blob(MODEL, MODEL_BYTES)
+        + member_blob(DATA, DATA_BYTES)
+        + bytes(2 * BLOCK)
+    )
+    assert_refused(tmp_path, data, ArchiveError, match="more than 16 pax records")
+
+
+def test_signed_manifest_digest_is_checked_before_the_manifest_is_parsed(tmp_path: Path) -> None:
+    garbage = b'{"not": "a manifest"'  # would be a FormatError if it were parsed
+    data = archive(*valid_members(), manifest=garbage)
+    assert_refused(tmp_path, data, DigestMismatchError, manifest=garbage, manifest_sha256="0" * 64)
+    with pytest.raises(DigestMismatchError):
+        read_index(io.BytesIO(data), manifest_sha256="0" * 64)
+
+
+def test_every_file_is_flushed_before_its_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut after unpack must not leave an empty manifest.json behind."""
+    synced: dict[str, int] = {}
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isfile(path):
+            synced[os.path.basename(path)] = os.fstat(fd).st_size
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    bundle = tmp_path / "b.emb"
+    bundle.write_bytes(archive(*valid_members()))
+    unpack_bundle(bundle, tmp_path / "out", manifest_sha256=sha256(MANIFEST_BYTES))
+    assert synced == {
+        MANIFEST_NAME: len(MANIFEST_BYTES),
+        "model.onnx": len(MODEL_BYTES),
+        "weights.bin": len(DATA_BYTES),
+    }

@@ -47,6 +47,7 @@ _TYPE_NAMES = {
 _PAX_IGNORED = {"comment", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname"}
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/")
 MAX_NAME_BYTES = 100
+MAX_PAX_RECORDS = 16
 
 
 def _pad(size: int) -> int:
@@ -176,9 +177,15 @@ def _check_header(hdr: bytes, pos: int) -> None:
 def _parse_pax(data: bytes) -> dict[str, str]:
     records: dict[str, str] = {}
     pos = 0
+    count = 0
     while pos < len(data):
-        if data[pos:].strip(b"\0") == b"":
+        if data[pos] == 0:  # NUL padding ends the records; it must run to the end
+            if data.count(0, pos) != len(data) - pos:
+                raise ArchiveError("malformed pax record")
             break
+        count += 1
+        if count > MAX_PAX_RECORDS:
+            raise ArchiveError(f"more than {MAX_PAX_RECORDS} pax records")
         space = data.find(b" ", pos, pos + 20)
         if space < 0:
             raise ArchiveError("malformed pax record")

@@ -13,6 +13,7 @@ from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.errors import (
     ArchiveError,
+    DigestMismatchError,
     DuplicateMemberError,
     MemberSizeError,
     SizeLimitError,
@@ -35,8 +36,13 @@ def file_size(f: BinaryIO) -> int:
         return f.seek(0, os.SEEK_END)
 
 
-def read_index(f: BinaryIO, limits: BundleLimits | None = None) -> BundleIndex:
+def read_index(
+    f: BinaryIO, limits: BundleLimits | None = None, *, manifest_sha256: str | None = None
+) -> BundleIndex:
     """Walk the archive's headers and check them against the manifest; read no member data.
+
+    With ``manifest_sha256`` (the signed digest), the manifest's bytes are compared with it
+    before they are parsed: verify, then parse.
 
     Refuses: a file over the bundle cap; a first member other than ``manifest.json``; unsafe
     names or member types; duplicates; members the manifest does not list, or whose size differs
@@ -66,6 +72,11 @@ def read_index(f: BinaryIO, limits: BundleLimits | None = None) -> BundleIndex:
     manifest_bytes = f.read(first.size)
     if len(manifest_bytes) != first.size:
         raise ArchiveError(f"the bundle is truncated inside {MANIFEST_NAME}")
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if manifest_sha256 is not None and digest != manifest_sha256:
+        raise DigestMismatchError(
+            f"{MANIFEST_NAME} has SHA-256 {digest[:16]}..., the signed one is {manifest_sha256[:16]}..."
+        )
     manifest = Manifest.from_bytes(manifest_bytes, max_bytes=limits.max_manifest_bytes)
     expected = manifest.files()
     _check_caps(manifest, limits)
@@ -90,7 +101,7 @@ def read_index(f: BinaryIO, limits: BundleLimits | None = None) -> BundleIndex:
     return BundleIndex(
         manifest=manifest,
         manifest_bytes=manifest_bytes,
-        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        manifest_sha256=digest,
         members=found,
         file_size=size,
     )

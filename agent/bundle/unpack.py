@@ -37,12 +37,7 @@ def unpack_bundle(
         raise StorageError(f"{dest} already exists")
     try:
         with open(bundle, "rb") as f:
-            index = read_index(f, limits)
-            if index.manifest_sha256 != manifest_sha256:
-                raise DigestMismatchError(
-                    f"{MANIFEST_NAME} has SHA-256 {index.manifest_sha256[:16]}..., "
-                    f"the signed one is {manifest_sha256[:16]}..."
-                )
+            index = read_index(f, limits, manifest_sha256=manifest_sha256)
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".unpack", dir=dest.parent))
             try:
                 expected = index.manifest.files()
@@ -65,6 +60,7 @@ def unpack_bundle(
                         )
                 with os.fdopen(os.open(tmp / MANIFEST_NAME, _CREATE, 0o644), "wb") as out:
                     out.write(index.manifest_bytes)
+                    out.flush()
                     os.fsync(out.fileno())
                 for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
                     fsync_dir(d)

@@ -273,3 +273,28 @@ def test_a_corrupted_keyring_is_a_one_line_error(fleet: dict[str, Path], capsys)
     assert code == 1
     assert out == ""
     assert err.startswith("edge-fleet: rejected (format): envelope is not valid JSON")
+
+
+def test_cosigning_keeps_the_terms_signed_first(fleet: dict[str, Path], capsys) -> None:
+    """A second signer adds to the same descriptor, but never to one with a later expiry."""
+    import base64
+
+    from agent.trust.keys import Signer
+
+    sidecar = Path(f"{fleet['bundle']}.dsse")
+    second = fleet["keys"].parent / "second.pem"
+    second.write_bytes(Signer.generate().to_pem())
+    assert run(capsys, "bundle", "sign", fleet["bundle"], "--key", second)[0] == 0
+    doc = json.loads(sidecar.read_text())
+    assert len(doc["signatures"]) == 2
+    # Someone edits the envelope to push the expiry out; a co-signer must not vouch for that.
+    payload = json.loads(base64.b64decode(doc["payload"]))
+    payload["expires"] = "2999-12-31T00:00:00Z"
+    doc["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    sidecar.write_text(json.dumps(doc))
+    third = fleet["keys"].parent / "third.pem"
+    third.write_bytes(Signer.generate().to_pem())
+    code, _, err = run(capsys, "bundle", "sign", fleet["bundle"], "--key", third)
+    assert code == 2
+    assert "later than --days allows" in err
+    assert json.loads(sidecar.read_text()) == doc  # left as it was

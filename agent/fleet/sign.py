@@ -8,17 +8,29 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent._fsutil import atomic_write_bytes
-from agent._strictjson import dump_model
+from agent._strictjson import dump_model, parse_model
 from agent.bundle.archive import copy_range
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.reader import read_index
 from agent.bundle.verify import VerifiedBundle, verify_bundle
-from agent.errors import ConfigError, DigestMismatchError, RollbackError, StorageError
+from agent.errors import (
+    BadContentError,
+    ConfigError,
+    DigestMismatchError,
+    RollbackError,
+    StorageError,
+)
 from agent.fleet.keys import KEYRING_FILE, ROOT_FILE
 from agent.trust.envelope import Envelope, parse_envelope, sign_envelope
 from agent.trust.keys import Signer
-from agent.trust.metadata import DESCRIPTOR_TYPE, KEYRING_TYPE, ROOT_TYPE, BundleDescriptor
+from agent.trust.metadata import (
+    DESCRIPTOR_TYPE,
+    KEYRING_TYPE,
+    MAX_METADATA_BYTES,
+    ROOT_TYPE,
+    BundleDescriptor,
+)
 from agent.trust.verifier import TrustedState
 
 ENVELOPE_SUFFIX = ".dsse"
@@ -95,20 +107,34 @@ def sign_bundle(
 
 
 def _existing(path: Path, fresh: BundleDescriptor) -> Envelope | None:
-    """The envelope at ``path`` if it describes exactly these bytes (for adding signatures)."""
+    """The envelope at ``path`` if it describes these bytes on these terms (to add a signature).
+
+    A co-signer vouches for the whole payload, so every field must be what this signer would have
+    signed, except ``created``; ``expires`` may be earlier, never later. Anything else at ``path``
+    is refused rather than overwritten or countersigned.
+    """
     if not path.exists():
         return None
     try:
-        envelope = parse_envelope(path.read_bytes())
-        old = BundleDescriptor.model_validate_json(envelope.payload)
-    except (ValueError, OSError):
-        return None
-    same = (old.bundle_sha256, old.block_list_sha256, old.manifest_sha256) == (
-        fresh.bundle_sha256,
-        fresh.block_list_sha256,
-        fresh.manifest_sha256,
-    )
-    return envelope if same and envelope.payload_type == DESCRIPTOR_TYPE else None
+        envelope = parse_envelope(_read(path, "signature envelope"))
+        old = parse_model(
+            BundleDescriptor, envelope.payload, what="descriptor", max_bytes=MAX_METADATA_BYTES
+        )
+    except BadContentError as exc:
+        raise ConfigError(
+            f"{path} exists and is not a descriptor envelope ({exc}); move it"
+        ) from None
+    if envelope.payload_type != DESCRIPTOR_TYPE:
+        raise ConfigError(f"{path} exists and is not a descriptor envelope; move it")
+    same_terms = old.model_copy(update={"created": fresh.created, "expires": fresh.expires})
+    if same_terms != fresh:
+        return None  # another bundle, or another build of it: sign afresh
+    if old.expires > fresh.expires:
+        raise ConfigError(
+            f"{path} asks for a signature until {old.expires:%Y-%m-%d}, later than --days allows "
+            f"({fresh.expires:%Y-%m-%d}); check it, or sign afresh with -o"
+        )
+    return envelope
 
 
 def _read(path: Path, what: str) -> bytes:

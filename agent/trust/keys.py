@@ -12,6 +12,29 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import FormatError
 
+_P = 2**255 - 19
+# Encodings (sign bit cleared) of the points of small order, as libsodium lists them. With such
+# a key, a signature of the identity point and S = 0 verifies for every message.
+_SMALL_ORDER = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "00" * 32,
+        "01" + "00" * 31,
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ec" + "ff" * 30 + "7f",
+    )
+)
+
+
+def is_weak_public_key(public_raw: bytes) -> bool:
+    """True for a non-canonical encoding or a point of small order: never a real signer's key."""
+    if len(public_raw) != 32:
+        return True
+    y = int.from_bytes(public_raw, "little") & ((1 << 255) - 1)
+    cleared = y.to_bytes(32, "little")
+    return y >= _P or cleared in _SMALL_ORDER
+
 
 def keyid_for(public_raw: bytes) -> str:
     """A key's id: the SHA-256 of its 32 raw public bytes, in hex."""
@@ -25,7 +48,7 @@ def _public(public_raw: bytes) -> Ed25519PublicKey:
 
 def verify_ed25519(public_raw: bytes, signature: bytes, message: bytes) -> bool:
     """True when ``signature`` is ``public_raw``'s Ed25519 signature of ``message``."""
-    if len(public_raw) != 32 or len(signature) != 64:
+    if len(signature) != 64 or is_weak_public_key(public_raw):
         return False
     try:
         _public(public_raw).verify(signature, message)

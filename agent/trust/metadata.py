@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from agent.trust.keys import keyid_for
+from agent.trust.keys import is_weak_public_key, keyid_for
 
 ROOT_TYPE = "application/vnd.ema.root+json"
 KEYRING_TYPE = "application/vnd.ema.keyring+json"
@@ -64,6 +64,12 @@ class _Strict(BaseModel):
 class PublicKey(_Strict):
     keytype: Literal["ed25519"] = "ed25519"
     public: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+    @model_validator(mode="after")
+    def _strong(self) -> PublicKey:
+        if is_weak_public_key(self.raw):
+            raise ValueError("not a usable Ed25519 public key (small order or non-canonical)")
+        return self
 
     @property
     def raw(self) -> bytes:

@@ -25,16 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent._strictjson import dump_model
 from agent.bundle.archive import Source, write_archive
-from agent.bundle.blocks import digest_file
 from agent.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorSpec, Variant
 from agent.bundle.verify import verify_bundle
+from agent.fleet.sign import describe_bundle
 from agent.trust.envelope import sign_envelope
 from agent.trust.keys import Signer, verify_ed25519
 from agent.trust.metadata import (
     DESCRIPTOR_TYPE,
     KEYRING_TYPE,
     ROOT_TYPE,
-    BundleDescriptor,
     KeyringMetadata,
     PublicKey,
     ReleaseKey,
@@ -111,20 +110,7 @@ def trust(bundle: Path, manifest: Manifest, now: datetime) -> tuple[TrustedState
     state = state.update_keyring(
         sign_envelope(KEYRING_TYPE, dump_model(keyring), [root_key]).to_bytes(), now
     )
-    with open(bundle, "rb") as f:
-        digests = digest_file(f, manifest.block_size)
-    descriptor = BundleDescriptor(
-        model=manifest.name,
-        version=manifest.version,
-        release=manifest.release,
-        bundle_sha256=digests.sha256,
-        bundle_size=digests.size,
-        block_size=manifest.block_size,
-        block_list_sha256=digests.block_list_sha256,
-        manifest_sha256=hashlib.sha256(manifest.to_bytes()).hexdigest(),
-        created=now,
-        expires=later,
-    )
+    descriptor = describe_bundle(bundle, now=now, days=30)
     return state, sign_envelope(DESCRIPTOR_TYPE, dump_model(descriptor), [release]).to_bytes()
 
 

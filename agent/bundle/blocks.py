@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 CHUNK_BYTES = 4 << 20
 RING = 3  # buffers: one being read, two being hashed
+TAIL_SHARE = 6  # percent of each chunk's blocks the worker hashes besides the whole-file digest
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ def _fill(f: BinaryIO, view: memoryview) -> int:
     return got
 
 
+def _hash_blocks(view: memoryview, block_size: int) -> list[bytes]:
+    return [
+        hashlib.sha256(view[start : start + block_size]).digest()
+        for start in range(0, len(view), block_size)
+    ]
+
+
 def digest_file(f: BinaryIO, block_size: int, *, limit: int | None = None) -> FileDigests:
     """Hash ``f`` from its start: the whole file and each ``block_size`` block.
 
@@ -59,29 +67,42 @@ def digest_file(f: BinaryIO, block_size: int, *, limit: int | None = None) -> Fi
     whole = hashlib.sha256()
     blocks: list[bytes] = []
     size = 0
-    pending: deque[Future[None]] = deque()
+    pending: deque[tuple[Future[list[bytes]], list[bytes]]] = deque()
     f.seek(0)
+
+    def settle() -> None:
+        tail, head = pending.popleft()
+        blocks.extend(head)
+        blocks.extend(tail.result())
+
+    def whole_and_tail(view: memoryview, split: int) -> list[bytes]:
+        whole.update(view)
+        return _hash_blocks(view[split:], block_size)
+
     # One worker, so the whole-file updates run in the order they were submitted.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-file") as pool:
         try:
             for turn in range(1 << 62):
                 if len(pending) == RING:  # the buffer about to be reused must be hashed
-                    pending.popleft().result()
+                    settle()
                 want = chunk_bytes if limit is None else min(chunk_bytes, limit - size)
                 n = _fill(f, ring[turn % RING][:want]) if want > 0 else 0
                 if not n:
                     break
                 view = ring[turn % RING][:n]
-                pending.append(pool.submit(whole.update, view))
-                for start in range(0, n, block_size):
-                    blocks.append(hashlib.sha256(view[start : start + block_size]).digest())
+                # The worker hashes the whole chunk and its last blocks; this thread, which also
+                # reads, hashes the rest, so both threads carry about the same load.
+                count = -(-n // block_size)
+                split = min(n, (count - count * TAIL_SHARE // 100) * block_size)
+                future = pool.submit(whole_and_tail, view, split)
+                pending.append((future, _hash_blocks(view[:split], block_size)))
                 size += n
                 if n < want:
                     break
             while pending:
-                pending.popleft().result()
+                settle()
         finally:
-            for done in pending:  # after an error: let the worker finish before buffers go
+            for done, _ in pending:  # after an error: let the worker finish before buffers go
                 done.exception()
     return FileDigests(
         size=size, sha256=whole.hexdigest(), block_size=block_size, blocks=tuple(blocks)

@@ -20,7 +20,8 @@ tools catch that type alone and print its message. Errors from lower libraries (
         │   ├── ThresholdError          fewer valid signatures than the threshold asks for
         │   ├── KeyNotAllowedError      valid release keys that may not sign this model name
         │   ├── ExpiredError            metadata or key expired before the reference time (freeze)
-        │   ├── RollbackError           older than what is already trusted
+        │   ├── RollbackError           older than what is already trusted (or replayed)
+        │   ├── WrongTargetError        a deployment addressed to another device or group
         │   └── DigestMismatchError     bytes differ from their signed size or hash
         └── ArchiveError                the bundle archive is unsafe or disagrees with its manifest
             ├── UnsafePathError         absolute, ``..``, odd characters, clashing names
@@ -97,6 +98,10 @@ class ExpiredError(VerificationError):
 
 class RollbackError(VerificationError):
     code = "rollback"
+
+
+class WrongTargetError(VerificationError):
+    code = "wrong-target"
 
 
 class DigestMismatchError(VerificationError):

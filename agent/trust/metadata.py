@@ -9,6 +9,9 @@ Roles, after TUF:
 * **bundle descriptor** -- what a release key vouches for: the bundle's SHA-256 and size, its
   block size and the hash of its block-hash list, the manifest's digest, the model name, version
   and release counter, and an expiry.
+* **deployment** -- what a device or a group should run: for each model, the bundle's signed
+  descriptor. Signed by release keys allowed to sign every model in it; bound to its target; a
+  sequence number that only grows, so an older retained document cannot be replayed; an expiry.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +28,7 @@ from agent.trust.keys import is_weak_public_key, keyid_for
 ROOT_TYPE = "application/vnd.ema.root+json"
 KEYRING_TYPE = "application/vnd.ema.keyring+json"
 DESCRIPTOR_TYPE = "application/vnd.ema.bundle-descriptor+json"
+DEPLOYMENT_TYPE = "application/vnd.ema.deployment+json"
 
 MAX_METADATA_BYTES = 1 << 20
 
@@ -149,3 +153,28 @@ class BundleDescriptor(_Strict):
     @property
     def block_count(self) -> int:
         return -(-self.bundle_size // self.block_size)
+
+
+TargetId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class DeploymentTarget(_Strict):
+    kind: Literal["device", "group"]
+    id: TargetId
+
+
+class ModelDeployment(_Strict):
+    # The bundle descriptor's DSSE envelope, embedded as its JSON object; verified on its own.
+    descriptor: dict[str, Any]
+    variant: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")] | None = None
+
+
+class DeploymentDocument(_Strict):
+    type: Literal["deployment"] = "deployment"
+    spec_version: Literal[1] = 1
+    deployment_id: TargetId
+    target: DeploymentTarget
+    sequence: Annotated[int, Field(ge=1, le=2**53)]
+    issued: AwareDatetime
+    expires: AwareDatetime
+    models: dict[ModelName, ModelDeployment] = Field(max_length=16)

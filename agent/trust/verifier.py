@@ -9,7 +9,8 @@ immutable; every update returns a new one or raises a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
@@ -21,14 +22,18 @@ from agent.errors import (
     KeyNotAllowedError,
     RollbackError,
     VerificationError,
+    WrongTargetError,
 )
 from agent.trust.envelope import Envelope, count_signatures, parse_envelope, require_threshold
 from agent.trust.metadata import (
+    DEPLOYMENT_TYPE,
     DESCRIPTOR_TYPE,
     KEYRING_TYPE,
     MAX_METADATA_BYTES,
     ROOT_TYPE,
     BundleDescriptor,
+    DeploymentDocument,
+    DeploymentTarget,
     KeyringMetadata,
     RootMetadata,
 )
@@ -56,6 +61,26 @@ class VerifiedDescriptor:
     descriptor: BundleDescriptor
     signers: frozenset[str]
     envelope_sha256: str
+
+
+@dataclass(frozen=True)
+class SequencePoint:
+    """The deployment last accepted from one topic: its sequence and envelope digest."""
+
+    sequence: int
+    envelope_sha256: str
+
+
+@dataclass(frozen=True)
+class VerifiedDeployment:
+    document: DeploymentDocument
+    signers: frozenset[str]
+    envelope_sha256: str
+    bundles: Mapping[str, VerifiedDescriptor]  # model name -> its verified descriptor
+
+    @property
+    def point(self) -> SequencePoint:
+        return SequencePoint(self.document.sequence, self.envelope_sha256)
 
 
 @dataclass(frozen=True)
@@ -169,18 +194,20 @@ class TrustedState:
             )
         return replace(self, keyring=keyring, keyring_bytes=data, keyring_floor=keyring.version)
 
-    # -- descriptors ------------------------------------------------------------------------
-    def verify_descriptor(self, data: bytes, now: datetime) -> VerifiedDescriptor:
-        """Check a signed bundle descriptor against the keyring, the clock and the release floor."""
+    # -- documents signed by release keys ---------------------------------------------------
+    def _release_signed(
+        self, data: bytes, payload_type: str, now: datetime, what: str
+    ) -> tuple[Envelope, frozenset[str], KeyringMetadata]:
+        """Open an envelope and check its release-key signatures (threshold, key expiry)."""
         self.check_root_fresh(now)
         keyring = self.keyring
         if keyring is None:
-            raise VerificationError("no trusted keyring: load one before verifying bundles")
+            raise VerificationError("no trusted keyring: load one before verifying releases")
         if keyring.expires <= now:
             raise ExpiredError(
                 f"keyring v{keyring.version} expired at {keyring.expires:%Y-%m-%d %H:%M}Z"
             )
-        envelope = _open(data, DESCRIPTOR_TYPE, "bundle descriptor")
+        envelope = _open(data, payload_type, what)
         every_key = {k: v.key.raw for k, v in keyring.release_keys.items()}
         count = count_signatures(envelope, keyring.usable_keys(now))
         if len(count.valid) < keyring.threshold:
@@ -189,7 +216,28 @@ class TrustedState:
             if len(with_expired.valid) >= keyring.threshold:
                 expired = sorted(with_expired.valid - count.valid)
                 raise ExpiredError(f"release key {expired[0][:16]} has expired")
-        require_threshold(count, keyring.threshold, what="bundle descriptor")
+        require_threshold(count, keyring.threshold, what=what)
+        return envelope, count.valid, keyring
+
+    @staticmethod
+    def _allowed(
+        keyring: KeyringMetadata, signers: frozenset[str], models: list[str]
+    ) -> frozenset[str]:
+        """The signers that may sign every one of ``models``; KeyNotAllowedError if too few."""
+        allowed = frozenset(
+            k for k in signers if all(keyring.release_keys[k].may_sign(m) for m in models)
+        )
+        if len(allowed) < keyring.threshold:
+            ids = ", ".join(sorted(k[:16] for k in signers - allowed))
+            names = ", ".join(repr(m) for m in models)
+            raise KeyNotAllowedError(f"key(s) {ids} may not sign model {names}")
+        return allowed
+
+    def verify_descriptor(self, data: bytes, now: datetime) -> VerifiedDescriptor:
+        """Check a signed bundle descriptor against the keyring, the clock and the release floor."""
+        envelope, signers, keyring = self._release_signed(
+            data, DESCRIPTOR_TYPE, now, "bundle descriptor"
+        )
         # Signatures hold: now parse.
         descriptor = parse_model(
             BundleDescriptor,
@@ -197,10 +245,7 @@ class TrustedState:
             what="bundle descriptor",
             max_bytes=MAX_METADATA_BYTES,
         )
-        allowed = {k for k in count.valid if keyring.release_keys[k].may_sign(descriptor.model)}
-        if len(allowed) < keyring.threshold:
-            ids = ", ".join(sorted(k[:16] for k in count.valid - allowed))
-            raise KeyNotAllowedError(f"key(s) {ids} may not sign model {descriptor.model!r}")
+        allowed = self._allowed(keyring, signers, [descriptor.model])
         if descriptor.expires <= now:
             raise ExpiredError(
                 f"descriptor of {descriptor.model} {descriptor.version} expired at "
@@ -214,8 +259,62 @@ class TrustedState:
             )
         return VerifiedDescriptor(
             descriptor=descriptor,
-            signers=frozenset(allowed),
+            signers=allowed,
             envelope_sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    def verify_deployment(
+        self,
+        data: bytes,
+        now: datetime,
+        *,
+        targets: Collection[DeploymentTarget],
+        last: SequencePoint | None = None,
+    ) -> VerifiedDeployment:
+        """Check a deployment document and every bundle descriptor it carries.
+
+        ``targets`` are the addresses this device answers to (itself and its groups); ``last`` is
+        the sequence point of the document last accepted from the same topic. The same document
+        again (a retained message redelivered) passes; another one must carry a higher sequence.
+        """
+        envelope, signers, keyring = self._release_signed(data, DEPLOYMENT_TYPE, now, "deployment")
+        document = parse_model(
+            DeploymentDocument, envelope.payload, what="deployment", max_bytes=MAX_METADATA_BYTES
+        )
+        allowed = self._allowed(keyring, signers, sorted(document.models))
+        if document.target not in targets:
+            raise WrongTargetError(
+                f"deployment {document.deployment_id} is for {document.target.kind} "
+                f"{document.target.id!r}"
+            )
+        if document.expires <= now:
+            raise ExpiredError(
+                f"deployment {document.deployment_id} expired at {document.expires:%Y-%m-%d %H:%M}Z"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if last is not None and (
+            document.sequence < last.sequence
+            or (document.sequence == last.sequence and digest != last.envelope_sha256)
+        ):
+            raise RollbackError(
+                f"deployment {document.deployment_id} has sequence {document.sequence}; "
+                f"sequence {last.sequence} was already accepted"
+            )
+        bundles = {}
+        for name, entry in document.models.items():
+            inner = json.dumps(entry.descriptor).encode()
+            verified = self.verify_descriptor(inner, now)
+            if verified.descriptor.model != name:
+                raise VerificationError(
+                    f"deployment entry {name!r} carries the descriptor of "
+                    f"{verified.descriptor.model!r}"
+                )
+            bundles[name] = verified
+        return VerifiedDeployment(
+            document=document,
+            signers=allowed,
+            envelope_sha256=digest,
+            bundles=MappingProxyType(bundles),
         )
 
     def with_release(self, model: str, release: int) -> TrustedState:

@@ -110,8 +110,9 @@ def _existing(path: Path, fresh: BundleDescriptor) -> Envelope | None:
     """The envelope at ``path`` if it describes these bytes on these terms (to add a signature).
 
     A co-signer vouches for the whole payload, so every field must be what this signer would have
-    signed, except ``created``; ``expires`` may be earlier, never later. Anything else at ``path``
-    is refused rather than overwritten or countersigned.
+    signed, except ``created``; ``expires`` may be earlier, never later. An envelope for other
+    bytes (an earlier build) is replaced; a file that is not a descriptor envelope, or one that
+    asks for a later expiry, is refused and left as it is.
     """
     if not path.exists():
         return None

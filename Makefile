@@ -13,7 +13,7 @@ DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))
 
-.PHONY: test demo lint typecheck unit bench sysdeps venv clean
+.PHONY: test demo docs lint typecheck unit bench sysdeps venv clean
 
 test: venv lint typecheck unit
 
@@ -52,6 +52,9 @@ unit: venv
 
 demo: venv
 	bash docs/demo.sh
+
+docs: venv
+	$(PY) -m agent.transport.protocol_doc > docs/protocol.md
 
 bench: venv
 	$(PY) bench/verify.py

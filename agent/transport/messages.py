@@ -1,0 +1,224 @@
+"""Message schemas for every topic (pydantic, strict), and the binary framing of block replies.
+
+Documents on the wire are UTF-8 JSON objects, except two:
+
+* ``devices/{id}/desired``, ``groups/{g}/desired`` carry a signed deployment (a DSSE envelope,
+  see :mod:`agent.trust.metadata`), checked by the trust core before anything is read from it;
+* ``devices/{id}/blocks`` carries :func:`encode_block_reply` frames: a short JSON header and the
+  raw bytes, so the same frame works on MQTT 3.1.1 (no user properties) and 5.0.
+
+``docs/protocol.md`` is generated from these models (``make docs``); a test fails when it is stale.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from agent._strictjson import dump_model, parse_model
+from agent.errors import FormatError, SizeLimitError
+
+MAX_MESSAGE_BYTES = 256 * 1024
+MAX_WINDOW = 64  # blocks one request may ask for
+BLOCK_LIST_PAGE = 2048  # digests per block-list page: 64 KiB of SHA-256s
+
+Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Text = Annotated[str, Field(max_length=1024)]
+
+
+class Phase(str, Enum):
+    """Where a model's deployment stands. ``active``, ``failed`` and ``rolled-back`` are final."""
+
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    LOADING = "loading"
+    WARMING = "warming"
+    SELF_TESTING = "self-testing"
+    PROBATION = "probation"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+
+
+M = TypeVar("M", bound="_Message")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def to_bytes(self) -> bytes:
+        return dump_model(self)
+
+    @classmethod
+    def from_bytes(cls: type[M], data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+        return parse_model(cls, data, what=cls.__name__, max_bytes=max_bytes)
+
+
+class ErrorInfo(_Message):
+    """A machine-readable ``code`` (the ``code`` of agent.errors) and a message for a person."""
+
+    code: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
+    message: Text
+
+
+class Online(_Message):
+    """``devices/{id}/online``, retained. The will message is ``{"state": "offline"}``."""
+
+    state: Literal["online", "offline"]
+    agent_version: Annotated[str, Field(max_length=64)] | None = None
+    since: AwareDatetime | None = None
+
+
+class HardwareProfile(_Message):
+    arch: Annotated[str, Field(max_length=32)]
+    cpu_count: Annotated[int, Field(ge=1)]
+    memory_mb: Annotated[int, Field(ge=0)]
+    accelerators: list[Annotated[str, Field(max_length=32)]] = Field(default=[], max_length=16)
+    details: dict[Annotated[str, Field(max_length=64)], Text] = Field(default={}, max_length=32)
+
+
+class ModelStatus(_Message):
+    """One model slot: what it serves now, and where its deployment stands."""
+
+    phase: Phase
+    version: Annotated[str, Field(max_length=64)] | None = None
+    release: Annotated[int, Field(ge=1)] | None = None
+    variant: Annotated[str, Field(max_length=32)] | None = None
+    runtime: Annotated[str, Field(max_length=64)] | None = None
+    bundle_sha256: Sha256 | None = None
+    progress: Annotated[float, Field(ge=0, le=100)] | None = None  # percent, while downloading
+    error: ErrorInfo | None = None
+
+
+class Reported(_Message):
+    """``devices/{id}/reported``, retained: what runs, what failed and why."""
+
+    type: Literal["reported"] = "reported"
+    device_id: Id
+    agent_version: Annotated[str, Field(max_length=64)]
+    at: AwareDatetime
+    hardware: HardwareProfile | None = None
+    deployment_id: Id | None = None
+    sequence: Annotated[int, Field(ge=1)] | None = None
+    models: dict[ModelName, ModelStatus] = Field(default={}, max_length=16)
+    error: ErrorInfo | None = None  # about the deployment document itself (bad signature, ...)
+
+
+class Event(_Message):
+    """``devices/{id}/events``: each phase change and each refusal, in order (``seq``)."""
+
+    type: Literal["event"] = "event"
+    device_id: Id
+    seq: Annotated[int, Field(ge=0)]
+    at: AwareDatetime
+    kind: Literal["phase", "rejected", "info"]
+    model: ModelName | None = None
+    deployment_id: Id | None = None
+    phase: Phase | None = None
+    topic: Annotated[str, Field(max_length=256)] | None = None
+    error: ErrorInfo | None = None
+
+
+class Telemetry(_Message):
+    """``devices/{id}/telemetry``: named gauges and counters at one instant."""
+
+    type: Literal["telemetry"] = "telemetry"
+    device_id: Id
+    at: AwareDatetime
+    metrics: dict[Annotated[str, Field(max_length=128)], float] = Field(max_length=256)
+
+
+class BlockRequest(_Message):
+    """``bundles/{sha256}/request``: a device asks for blocks, or pages of the block-hash list.
+
+    The server answers on ``devices/{device_id}/blocks``; the broker's ACL makes sure a device
+    can only publish as itself, so the reply goes to the asker.
+    """
+
+    type: Literal["block-request"] = "block-request"
+    device_id: Id
+    bundle_sha256: Sha256
+    kind: Literal["blocks", "block-list"]
+    indexes: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_WINDOW)
+
+
+class BlockReplyHeader(_Message):
+    bundle_sha256: Sha256
+    kind: Literal["block", "block-list", "error"]
+    index: Annotated[int, Field(ge=0)]
+    total: Annotated[int, Field(ge=0)]  # blocks in the bundle, or pages in the block list
+    error: ErrorInfo | None = None
+
+
+class TrustUpdate(_Message):
+    """``trust``, retained: root versions after the one shipped (in order) and the keyring.
+
+    Each entry is the DSSE envelope exactly as ``edge-fleet keys`` wrote it (its JSON object).
+    """
+
+    type: Literal["trust-update"] = "trust-update"
+    roots: list[dict[str, object]] = Field(default=[], max_length=64)
+    keyring: dict[str, object]
+
+
+# -- block replies ------------------------------------------------------------------------------
+_MAGIC = b"EMB1"
+_HEAD = struct.Struct(">4sH")  # magic, header length
+
+
+def encode_block_reply(header: BlockReplyHeader, data: bytes = b"") -> bytes:
+    head = header.to_bytes()
+    return _HEAD.pack(_MAGIC, len(head)) + head + data
+
+
+def decode_block_reply(
+    payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES + 4096
+) -> tuple[BlockReplyHeader, bytes]:
+    """Split a block reply into its header and bytes; FormatError for anything malformed."""
+    if len(payload) > max_bytes:
+        raise SizeLimitError(f"block reply of {len(payload)} bytes; the limit is {max_bytes}")
+    if len(payload) < _HEAD.size:
+        raise FormatError("block reply is too short")
+    magic, length = _HEAD.unpack_from(payload)
+    if magic != _MAGIC:
+        raise FormatError("block reply has the wrong magic")
+    if _HEAD.size + length > len(payload):
+        raise FormatError("block reply header runs past the message")
+    head = payload[_HEAD.size : _HEAD.size + length]
+    return BlockReplyHeader.from_bytes(head, max_bytes=4096), payload[_HEAD.size + length :]
+
+
+MESSAGES: dict[str, type[_Message]] = {
+    "online": Online,
+    "reported": Reported,
+    "events": Event,
+    "telemetry": Telemetry,
+    "block request": BlockRequest,
+    "block reply header": BlockReplyHeader,
+    "trust": TrustUpdate,
+}
+
+__all__ = [
+    "BLOCK_LIST_PAGE",
+    "MAX_WINDOW",
+    "MESSAGES",
+    "BlockReplyHeader",
+    "BlockRequest",
+    "ErrorInfo",
+    "Event",
+    "HardwareProfile",
+    "ModelStatus",
+    "Online",
+    "Phase",
+    "Reported",
+    "Telemetry",
+    "TrustUpdate",
+    "decode_block_reply",
+    "encode_block_reply",
+]

@@ -818,7 +818,7 @@ def test_small_bundle_for_the_property_tests_is_valid() -> None:
     assert len(SMALL_HEADERS) >= 4  # manifest, DATA, the pax filler, MODEL
 
 
-# -- found in review -----------------------------------------------------------------------------
+# -- parser cost, verify-then-parse, durability ------------------------------------------------
 def test_pax_header_with_too_many_records_is_refused(tmp_path: Path) -> None:
     # Thousands of tiny records would make a careless parser quadratic; the count is capped.
     records = b"12 comment=\n" * 20000

@@ -20,14 +20,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from agent._strictjson import dump_model, parse_model
 from agent.errors import FormatError, SizeLimitError
+from agent.trust.metadata import Hex64, ModelName, TargetId
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_WINDOW = 64  # blocks one request may ask for
 BLOCK_LIST_PAGE = 2048  # digests per block-list page: 64 KiB of SHA-256s
 
-Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Text = Annotated[str, Field(max_length=1024)]
 
 
@@ -91,7 +89,7 @@ class ModelStatus(_Message):
     release: Annotated[int, Field(ge=1)] | None = None
     variant: Annotated[str, Field(max_length=32)] | None = None
     runtime: Annotated[str, Field(max_length=64)] | None = None
-    bundle_sha256: Sha256 | None = None
+    bundle_sha256: Hex64 | None = None
     progress: Annotated[float, Field(ge=0, le=100)] | None = None  # percent, while downloading
     error: ErrorInfo | None = None
 
@@ -100,11 +98,11 @@ class Reported(_Message):
     """``devices/{id}/reported``, retained: what runs, what failed and why."""
 
     type: Literal["reported"] = "reported"
-    device_id: Id
+    device_id: TargetId
     agent_version: Annotated[str, Field(max_length=64)]
     at: AwareDatetime
     hardware: HardwareProfile | None = None
-    deployment_id: Id | None = None
+    deployment_id: TargetId | None = None
     sequence: Annotated[int, Field(ge=1)] | None = None
     models: dict[ModelName, ModelStatus] = Field(default={}, max_length=16)
     error: ErrorInfo | None = None  # about the deployment document itself (bad signature, ...)
@@ -114,12 +112,12 @@ class Event(_Message):
     """``devices/{id}/events``: each phase change and each refusal, in order (``seq``)."""
 
     type: Literal["event"] = "event"
-    device_id: Id
+    device_id: TargetId
     seq: Annotated[int, Field(ge=0)]
     at: AwareDatetime
     kind: Literal["phase", "rejected", "info"]
     model: ModelName | None = None
-    deployment_id: Id | None = None
+    deployment_id: TargetId | None = None
     phase: Phase | None = None
     topic: Annotated[str, Field(max_length=256)] | None = None
     error: ErrorInfo | None = None
@@ -129,7 +127,7 @@ class Telemetry(_Message):
     """``devices/{id}/telemetry``: named gauges and counters at one instant."""
 
     type: Literal["telemetry"] = "telemetry"
-    device_id: Id
+    device_id: TargetId
     at: AwareDatetime
     metrics: dict[Annotated[str, Field(max_length=128)], float] = Field(max_length=256)
 
@@ -142,14 +140,14 @@ class BlockRequest(_Message):
     """
 
     type: Literal["block-request"] = "block-request"
-    device_id: Id
-    bundle_sha256: Sha256
+    device_id: TargetId
+    bundle_sha256: Hex64
     kind: Literal["blocks", "block-list"]
     indexes: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_WINDOW)
 
 
 class BlockReplyHeader(_Message):
-    bundle_sha256: Sha256
+    bundle_sha256: Hex64
     kind: Literal["block", "block-list", "error"]
     index: Annotated[int, Field(ge=0)]
     total: Annotated[int, Field(ge=0)]  # blocks in the bundle, or pages in the block list

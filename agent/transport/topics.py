@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.errors import ConfigError, FormatError
+from agent.trust.metadata import ID_PATTERN
 
 DEFAULT_PREFIX = "ema/v1"
 SHARE_GROUP = "ema-bundle-servers"
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ID = re.compile(ID_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,7}")
 

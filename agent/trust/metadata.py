@@ -155,7 +155,9 @@ class BundleDescriptor(_Strict):
         return -(-self.bundle_size // self.block_size)
 
 
-TargetId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+# A device, group or deployment id: one MQTT topic level, so no '/', '+' or '#'.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+TargetId = Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]
 
 
 class DeploymentTarget(_Strict):

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from agent.bundle.archive import MemberInfo, iter_members
+from agent.bundle.archive import MemberInfo, copy_range, iter_members
 from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.errors import (
@@ -105,6 +105,16 @@ def read_index(
         members=found,
         file_size=size,
     )
+
+
+def check_members(f: BinaryIO, index: BundleIndex) -> None:
+    """Hash every member and compare it with the SHA-256 its manifest entry lists."""
+    files = index.manifest.files()
+    for name, member in index.members.items():
+        digest = hashlib.sha256()
+        copy_range(f, member.offset, member.size, digest.update)
+        if digest.hexdigest() != files[name].sha256:
+            raise DigestMismatchError(f"member {name!r} differs from its manifest entry")
 
 
 def _check_caps(manifest: Manifest, limits: BundleLimits) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from agent.bundle.archive import copy_range
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
-from agent.bundle.reader import BundleIndex, file_size, read_index
+from agent.bundle.reader import BundleIndex, check_members, file_size, read_index
 from agent.errors import BadContentError, DigestMismatchError, SizeLimitError, StorageError
 from agent.trust.metadata import BundleDescriptor
 from agent.trust.verifier import TrustedState
@@ -31,11 +29,7 @@ def _diagnose(path: Path, descriptor: BundleDescriptor, limits: BundleLimits) ->
             index = read_index(f, limits)
             if index.manifest_sha256 != descriptor.manifest_sha256:
                 return "manifest.json differs from the signed manifest"
-            for name, member in index.members.items():
-                digest = hashlib.sha256()
-                copy_range(f, member.offset, member.size, digest.update)
-                if digest.hexdigest() != index.manifest.files()[name].sha256:
-                    return f"member {name!r} differs from its manifest entry"
+            check_members(f, index)
     except BadContentError as exc:
         return str(exc)
     except OSError:

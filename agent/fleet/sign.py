@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent._fsutil import atomic_write_bytes
 from agent._strictjson import dump_model, parse_model
-from agent.bundle.archive import copy_range
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
-from agent.bundle.reader import read_index
+from agent.bundle.reader import check_members, read_index
 from agent.bundle.verify import VerifiedBundle, verify_bundle
 from agent.errors import (
     BadContentError,
     ConfigError,
-    DigestMismatchError,
     RollbackError,
     StorageError,
 )
@@ -50,12 +47,7 @@ def describe_bundle(
     try:
         with open(bundle, "rb") as f:
             index = read_index(f, limits)
-            files = index.manifest.files()
-            for name, member in index.members.items():
-                digest = hashlib.sha256()
-                copy_range(f, member.offset, member.size, digest.update)
-                if digest.hexdigest() != files[name].sha256:
-                    raise DigestMismatchError(f"member {name!r} does not match its manifest entry")
+            check_members(f, index)
             digests = digest_file(f, index.manifest.block_size)
     except OSError as exc:
         raise StorageError(f"cannot read {bundle}: {exc.strerror or exc}") from None

@@ -1,0 +1,355 @@
+"""One MQTT connection that keeps itself up (paho-mqtt 2.x, callback API version 2).
+
+:class:`Session` owns a paho client and one network thread of its own (``mqtt-<client id>``).
+That thread connects, runs paho's loop, and on any loss of the connection waits a jittered
+exponential backoff before it connects again (equal jitter: between half and all of
+``min(max, initial * 2**attempt)``, so a fleet that lost its broker does not come back in step).
+
+Threads:
+
+* **paho callbacks** (``on_connect``, ``on_disconnect``, ``on_message``, ``on_subscribe``) run on
+  the session's network thread, inside ``client.loop()``. They never block: they only put
+  :class:`Incoming` and :class:`Connection` items on the ``inbox`` queue, which the daemon's own
+  loop (or the bundle server's) drains. A callback that blocked would stall keepalives and every
+  other message.
+* :meth:`Session.publish` and :meth:`Session.subscribe` may be called from any thread; paho
+  guards its outgoing queue with its own locks and wakes the network thread.
+
+What the broker keeps for us: a persistent session (MQTT 5 ``clean_start=False`` with a session
+expiry; MQTT 3.1.1 ``clean_session=False``), so QoS 1 messages sent while the device was away are
+delivered when it returns; subscriptions are made again on every connect anyway (idempotent; the
+broker may have expired the session). The will message (retained) says ``offline`` on
+``devices/{id}/online`` when the connection drops without a DISCONNECT; on connect the session
+publishes the retained ``online`` message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent.errors import ConfigError
+
+log = logging.getLogger("agent.transport")
+
+
+class MqttSettings(BaseModel):
+    """How to reach the broker (the ``[mqtt]`` table of agent.toml; also the fleet CLI's flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "localhost"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    protocol: Literal["5", "3.1.1"] = "5"
+    tls: bool = True
+    ca_file: Path | None = None  # None: the system's CA store
+    cert_file: Path | None = None  # the client certificate (its CN is the identity)
+    key_file: Path | None = None
+    client_id: str | None = None  # default: the device id (or the fleet tool's own)
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600  # MQTT 5 only
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give cert_file and key_file together")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must not be below backoff_initial_s")
+        return self
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message as it came off the wire."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The session connected (``up``, with ``session_present``) or lost its connection."""
+
+    up: bool
+    session_present: bool = False
+    reason: str = ""
+
+
+InboxItem = Incoming | Connection
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Equal jitter: a delay between half and all of ``min(maximum, initial * 2**attempt)``."""
+    ceiling = min(maximum, initial * (2 ** min(attempt, 30)))
+    return float(ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(
+            cafile=None if settings.ca_file is None else str(settings.ca_file)
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.cert_file is not None and settings.key_file is not None:
+            context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS files: {exc}") from None
+    return context
+
+
+class Session:
+    """A paho client on its own network thread, reconnecting with jittered backoff.
+
+    Everything that arrives goes to ``inbox``; :meth:`publish` may be called from any thread.
+    ``online`` (retained) is published on ``will.topic`` at every connect when ``online_payload``
+    is given; the will (retained) carries ``will.payload``.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        inbox: queue.SimpleQueue[InboxItem],
+        *,
+        subscriptions: Sequence[str] = (),
+        will: Will | None = None,
+        online_payload: bytes | None = None,
+        persistent: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = settings.client_id or client_id
+        self.inbox = inbox
+        self._subscriptions: list[str] = list(subscriptions)
+        self._will = will
+        self._online = online_payload
+        self._persistent = persistent
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.connected = threading.Event()
+        self.attempts = 0  # connection attempts since the last success (for tests and status)
+        self.connects = 0  # successful connects so far
+        self.refused: dict[int, str] = {}  # message id -> reason the broker gave (MQTT 5)
+        self.v5 = settings.protocol == "5"
+        self._client = self._make_client()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            clean_session=None if self.v5 else not self._persistent,
+            reconnect_on_failure=False,  # our own thread reconnects, with jitter
+        )
+        client.connect_timeout = s.connect_timeout_s
+        # Replies and retained documents are never lost to a full paho queue: bounded by the
+        # request window on the device and by the bundle server's own backlog.
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(20)
+        if s.tls:
+            client.tls_set_context(_tls_context(s))
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        return client
+
+    # -- paho callbacks: all on the network thread; none blocks --------------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        with self._lock:
+            topics = list(self._subscriptions)
+        if topics:
+            client.subscribe([(t, 1) for t in topics])
+        if self._online is not None and self._will is not None:
+            client.publish(self._will.topic, self._online, qos=1, retain=True)
+        self.attempts = 0
+        self.connects += 1
+        self.connected.set()
+        log.info(
+            "connected to %s:%d (MQTT %s, session %s)",
+            self.settings.host,
+            self.settings.port,
+            self.settings.protocol,
+            "resumed" if flags.session_present else "new",
+        )
+        self.inbox.put(Connection(up=True, session_present=flags.session_present))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_up = self.connected.is_set()
+        self.connected.clear()
+        if was_up:
+            if self._stop.is_set():
+                log.info("disconnected from the broker")
+            else:
+                log.warning("connection to the broker lost: %s", reason_code)
+            self.inbox.put(Connection(up=False, reason=str(reason_code)))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Incoming(message.topic, bytes(message.payload), bool(message.retain)))
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:  # MQTT 5 only: e.g. 0x87, the ACL denied it
+            with self._lock:
+                self.refused[mid] = str(reason_code)
+            log.error("broker refused a message (mid %d): %s", mid, reason_code)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("broker refused a subscription: %s", ", ".join(map(str, refused)))
+
+    # -- the network thread -------------------------------------------------------------------
+    def _connect_once(self) -> bool:
+        s = self.settings
+        properties = None
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if self.v5:
+            clean_start = not self._persistent
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = s.session_expiry_s if self._persistent else 0
+        try:
+            self._client.connect(
+                s.host,
+                s.port,
+                keepalive=s.keepalive_s,
+                clean_start=clean_start,
+                properties=properties,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cannot connect to %s:%d: %s", s.host, s.port, exc)
+            return False
+        return True
+
+    def _run(self) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            if self._connect_once():
+                rc = mqtt.MQTT_ERR_SUCCESS
+                while not self._stop.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
+                    rc = self._client.loop(timeout=0.5)
+                if self._stop.is_set():
+                    break
+            delay = backoff_delay(self.attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
+            self.attempts += 1
+            log.info("reconnecting in %.1f s", delay)
+            self._stop.wait(delay)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the session was started already")
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-{self.client_id}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, *, offline_payload: bytes | None = None, timeout: float = 5.0) -> None:
+        """Say ``offline_payload`` on the will topic (if connected), disconnect, join the thread.
+
+        A clean DISCONNECT suppresses the will, hence the explicit offline message.
+        """
+        if self._thread is None:
+            return
+        if offline_payload is not None and self._will is not None and self.connected.is_set():
+            info = self._client.publish(self._will.topic, offline_payload, qos=1, retain=True)
+            # Not connected any more: then the will says offline instead.
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=min(timeout, 2.0))
+        self._stop.set()
+        self._thread.join(timeout)
+        self._client.disconnect()
+        self._client.loop(timeout=0.1)  # flush the DISCONNECT
+        self.connected.clear()
+        self._thread = None
+
+    # -- any thread ---------------------------------------------------------------------------
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1
+    ) -> mqtt.MQTTMessageInfo:
+        """Queue a message; it goes out now if connected, else after the next connect.
+
+        QoS 1 messages queued while disconnected are sent on reconnect by paho.
+        """
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic: str) -> None:
+        with self._lock:
+            if topic in self._subscriptions:
+                return
+            self._subscriptions.append(topic)
+        if self.connected.is_set():
+            self._client.subscribe(topic, 1)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            if topic not in self._subscriptions:
+                return
+            self._subscriptions.remove(topic)
+        if self.connected.is_set():
+            self._client.unsubscribe(topic)
+
+    def pending(self) -> int:
+        """Outgoing messages paho holds (queued or in flight)."""
+        return len(self._client._out_messages)

@@ -9,7 +9,11 @@ tools catch that type alone and print its message. Errors from lower libraries (
     EdgeAgentError                      anything raised on purpose; ``code`` is machine-readable
     ├── ConfigError                     a configuration file, option or argument is wrong
     ├── StorageError                    the disk refused: full, read-only, missing, permissions
+    │   └── DiskFullError               not enough free space for what must be written
     ├── ToolError                       an optional runtime or converter is missing or failed
+    ├── TransferError                   a bundle could not be fetched over MQTT
+    │   ├── TransferTimeoutError        no progress within the configured time
+    │   └── BundleUnavailableError      no bundle server has the bundle
     └── BadContentError                 input from outside was refused; nothing was written
         ├── FormatError                 not well-formed: JSON, base64, types, unknown fields
         ├── SizeLimitError              beyond a configured cap or a signed bound (bombs, endless data)
@@ -50,8 +54,24 @@ class StorageError(EdgeAgentError):
     code = "storage"
 
 
+class DiskFullError(StorageError):
+    code = "disk-full"
+
+
 class ToolError(EdgeAgentError):
     code = "tool"
+
+
+class TransferError(EdgeAgentError):
+    code = "transfer"
+
+
+class TransferTimeoutError(TransferError):
+    code = "transfer-timeout"
+
+
+class BundleUnavailableError(TransferError):
+    code = "bundle-unavailable"
 
 
 class BadContentError(EdgeAgentError):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 CHUNK_BYTES = 4 << 20
@@ -107,3 +109,25 @@ def digest_file(f: BinaryIO, block_size: int, *, limit: int | None = None) -> Fi
     return FileDigests(
         size=size, sha256=whole.hexdigest(), block_size=block_size, blocks=tuple(blocks)
     )
+
+
+@dataclass(frozen=True)
+class LocalBlock:
+    path: Path
+    offset: int
+    length: int
+
+
+BlockSource = Mapping[bytes, LocalBlock]  # digest -> where the same bytes lie on the box
+
+
+def blocks_of(path: Path, block_list: bytes, block_size: int, size: int) -> dict[bytes, LocalBlock]:
+    """Index a complete bundle's blocks by digest (for :class:`Transfer`'s ``reuse``)."""
+    found: dict[bytes, LocalBlock] = {}
+    for i in range(len(block_list) // 32):
+        offset = i * block_size
+        found.setdefault(
+            block_list[i * 32 : (i + 1) * 32],
+            LocalBlock(path, offset, min(block_size, size - offset)),
+        )
+    return found

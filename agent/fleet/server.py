@@ -1,0 +1,373 @@
+"""The bundle server behind ``edge-fleet serve``: answers devices' block requests over MQTT.
+
+A device asks on ``bundles/{sha256}/request`` for pages of a bundle's block-hash list or for
+blocks; the server answers each page or block with one frame on ``devices/{id}/blocks``. The
+server keeps nothing per device but a token bucket: all state of a transfer lives on the device.
+
+Several servers share the load through the MQTT 5 shared subscription
+``$share/ema-bundle-servers/...``; on a 3.1.1 broker one server subscribes to the plain filter.
+Each serves the bundles of its own ``--bundles`` directory, found by SHA-256 (the directory is
+rescanned, at most every few seconds, when a request names a bundle it does not know, so
+``edge-fleet deploy`` can add bundles while it runs).
+
+Per-device rate limit: a token bucket of bytes per second (``rate`` with a ``burst``). A request
+beyond it waits in a small per-device backlog until the bucket allows it; beyond the backlog it
+is answered with a ``rate-limited`` error and the device asks again after its timeout. The limit
+is per server process.
+
+What the server does not trust: the ``device_id`` in a request. The broker's ACL lets a device
+publish requests for any bundle but cannot check the body, so a device could have blocks sent
+to another device's topic; the receiver drops blocks it did not ask for, and the bucket of the
+named device caps the volume.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from agent.bundle.blocks import digest_file
+from agent.bundle.limits import BundleLimits
+from agent.bundle.reader import read_index
+from agent.errors import BadContentError, EdgeAgentError, StorageError
+from agent.transport.messages import (
+    BLOCK_LIST_PAGE,
+    BlockReplyHeader,
+    BlockRequest,
+    ErrorInfo,
+    encode_block_reply,
+)
+from agent.transport.session import Connection, InboxItem, Incoming, MqttSettings, Session
+from agent.transport.topics import Topics
+
+log = logging.getLogger("agent.fleet.server")
+
+RESCAN_INTERVAL_S = 2.0
+BACKLOG_PER_DEVICE = 4  # requests waiting for a device's bucket before new ones are refused
+MAX_REQUEST_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ServedBundle:
+    path: Path
+    sha256: str
+    size: int
+    block_size: int
+    block_list: bytes  # the raw 32-byte digests, concatenated
+
+    @property
+    def block_count(self) -> int:
+        return len(self.block_list) // 32
+
+    @property
+    def page_count(self) -> int:
+        return -(-self.block_count // BLOCK_LIST_PAGE)
+
+    def block_length(self, index: int) -> int:
+        return min(self.block_size, self.size - index * self.block_size)
+
+
+def index_bundle(path: Path, limits: BundleLimits | None = None) -> ServedBundle:
+    """Read a bundle's block size from its manifest and hash it block by block."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            index = read_index(f, limits)
+            digests = digest_file(f, index.manifest.block_size)
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return ServedBundle(
+        path=path,
+        sha256=digests.sha256,
+        size=digests.size,
+        block_size=digests.block_size,
+        block_list=digests.block_list,
+    )
+
+
+class BundleCatalog:
+    """The bundles in one directory, by SHA-256. Files that are not bundles are skipped."""
+
+    def __init__(self, directory: Path, limits: BundleLimits | None = None) -> None:
+        self.directory = Path(directory)
+        self.limits = limits or BundleLimits()
+        self._by_sha: dict[str, ServedBundle] = {}
+        self._seen: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) indexed
+        self._last_scan = float("-inf")
+        self._lock = threading.Lock()
+
+    def scan(self) -> list[ServedBundle]:
+        """Index files that are new or changed since the last scan; return the new bundles."""
+        added = []
+        with self._lock:
+            self._last_scan = time.monotonic()
+            try:
+                entries = sorted(p for p in self.directory.iterdir() if p.is_file())
+            except OSError as exc:
+                raise StorageError(f"cannot list {self.directory}: {exc.strerror}") from None
+            for path in entries:
+                if path.name.startswith(".") or path.suffix in (".dsse", ".tmp", ".json"):
+                    continue
+                st = path.stat()
+                key = (st.st_size, st.st_mtime_ns)
+                if self._seen.get(path) == key:
+                    continue
+                self._seen[path] = key
+                try:
+                    bundle = index_bundle(path, self.limits)
+                except EdgeAgentError as exc:
+                    log.warning("skipping %s: not a usable bundle (%s)", path.name, exc)
+                    continue
+                self._by_sha[bundle.sha256] = bundle
+                added.append(bundle)
+                log.info("serving %s as %s", path.name, bundle.sha256[:16])
+        return added
+
+    def get(self, sha256: str) -> ServedBundle | None:
+        with self._lock:
+            found = self._by_sha.get(sha256)
+            stale = time.monotonic() - self._last_scan >= RESCAN_INTERVAL_S
+        if found is None and stale:
+            self.scan()
+            with self._lock:
+                found = self._by_sha.get(sha256)
+        return found
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_sha)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+    waiting: int = 0
+
+
+@dataclass(order=True)
+class _Deferred:
+    ready: float
+    seq: int
+    request: BlockRequest = field(compare=False)
+    cost: int = field(compare=False)
+
+
+@dataclass
+class ServerStats:
+    requests: int = 0
+    blocks: int = 0
+    pages: int = 0
+    bytes: int = 0
+    refused: int = 0
+    deferred: int = 0
+
+
+class BlockServer:
+    """Answers block requests. Not thread-safe: one thread calls :meth:`handle` and :meth:`tick`."""
+
+    def __init__(
+        self,
+        catalog: BundleCatalog,
+        topics: Topics,
+        publish: Callable[[str, bytes], object],
+        *,
+        rate_bytes_s: float = 32 << 20,
+        burst_bytes: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.catalog = catalog
+        self.topics = topics
+        self._publish = publish
+        self.rate = float(rate_bytes_s)
+        self.burst = float(burst_bytes if burst_bytes is not None else max(rate_bytes_s, 4 << 20))
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._deferred: list[_Deferred] = []
+        self._seq = 0
+        self._fds: dict[Path, int] = {}
+        self.stats = ServerStats()
+
+    # -- input ------------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One message from the request filter. Bad input is logged and dropped."""
+        self.stats.requests += 1
+        try:
+            ref = self.topics.parse(topic)
+            request = BlockRequest.from_bytes(payload, max_bytes=MAX_REQUEST_BYTES)
+        except BadContentError as exc:
+            self.stats.refused += 1
+            log.warning("dropped a request on %s: %s", topic, exc)
+            return
+        if ref.kind != "bundle" or ref.id != request.bundle_sha256:
+            self.stats.refused += 1
+            log.warning("dropped a request for %s on %s", request.bundle_sha256[:16], topic)
+            return
+        bundle = self.catalog.get(request.bundle_sha256)
+        if bundle is None:
+            self._error(request, "unknown-bundle", "this server does not have the bundle")
+            return
+        cost = self._cost(bundle, request)
+        if cost is None:
+            self._error(
+                request, "bad-index", f"index out of range (0..{self._total(bundle, request) - 1})"
+            )
+            return
+        now = self._clock()
+        bucket = self._refill(request.device_id, now)
+        if bucket.waiting == 0 and bucket.tokens >= min(cost, self.burst):
+            bucket.tokens -= cost
+            self._answer(bundle, request)
+            return
+        if bucket.waiting >= BACKLOG_PER_DEVICE:
+            self._error(request, "rate-limited", "too many requests; ask again later")
+            return
+        # Wait until the bucket, after the requests already waiting, covers this one.
+        bucket.waiting += 1
+        bucket.tokens -= cost
+        ready = now + max(0.0, -bucket.tokens) / self.rate if self.rate > 0 else now
+        self._seq += 1
+        heapq.heappush(self._deferred, _Deferred(ready, self._seq, request, cost))
+        self.stats.deferred += 1
+
+    def tick(self) -> float | None:
+        """Answer deferred requests that are due; return seconds until the next one, if any."""
+        now = self._clock()
+        while self._deferred and self._deferred[0].ready <= now:
+            item = heapq.heappop(self._deferred)
+            bucket = self._buckets.get(item.request.device_id)
+            if bucket is not None:
+                bucket.waiting -= 1
+            bundle = self.catalog.get(item.request.bundle_sha256)
+            if bundle is not None:
+                self._answer(bundle, item.request)
+        return self._deferred[0].ready - now if self._deferred else None
+
+    # -- internals ----------------------------------------------------------------------------
+    def _refill(self, device_id: str, now: float) -> _Bucket:
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = self._buckets[device_id] = _Bucket(self.burst, now)
+        elif self.rate > 0:
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        if len(self._buckets) > 100_000:  # forget idle devices (full buckets)
+            self._buckets = {
+                k: b for k, b in self._buckets.items() if b.tokens < self.burst or b.waiting
+            }
+        return bucket
+
+    @staticmethod
+    def _total(bundle: ServedBundle, request: BlockRequest) -> int:
+        return bundle.block_count if request.kind == "blocks" else bundle.page_count
+
+    def _cost(self, bundle: ServedBundle, request: BlockRequest) -> int | None:
+        total = self._total(bundle, request)
+        if any(i >= total for i in request.indexes):
+            return None
+        if request.kind == "block-list":
+            return 32 * BLOCK_LIST_PAGE * len(request.indexes)
+        return sum(bundle.block_length(i) for i in request.indexes)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def _answer(self, bundle: ServedBundle, request: BlockRequest) -> None:
+        topic = self.topics.device(request.device_id).blocks
+        total = self._total(bundle, request)
+        for index in dict.fromkeys(request.indexes):  # each index once, in the order asked
+            kind: Literal["block", "block-list"]
+            if request.kind == "block-list":
+                start = index * BLOCK_LIST_PAGE * 32
+                data = bundle.block_list[start : start + BLOCK_LIST_PAGE * 32]
+                kind = "block-list"
+                self.stats.pages += 1
+            else:
+                try:
+                    data = os.pread(
+                        self._fd(bundle.path), bundle.block_length(index), index * bundle.block_size
+                    )
+                except OSError as exc:
+                    log.error("cannot read %s: %s", bundle.path, exc)
+                    self._error(request, "server-storage", "the server cannot read the bundle")
+                    return
+                kind = "block"
+                self.stats.blocks += 1
+            header = BlockReplyHeader(
+                bundle_sha256=bundle.sha256, kind=kind, index=index, total=total
+            )
+            self.stats.bytes += len(data)
+            self._publish(topic, encode_block_reply(header, data))
+
+    def _error(self, request: BlockRequest, code: str, message: str) -> None:
+        self.stats.refused += 1
+        header = BlockReplyHeader(
+            bundle_sha256=request.bundle_sha256,
+            kind="error",
+            index=request.indexes[0],
+            total=0,
+            error=ErrorInfo(code=code, message=message),
+        )
+        self._publish(self.topics.device(request.device_id).blocks, encode_block_reply(header))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def serve(
+    bundles: Path,
+    settings: MqttSettings,
+    *,
+    topics: Topics,
+    client_id: str,
+    rate_bytes_s: float,
+    stop: threading.Event,
+    on_status: Callable[[BlockServer], None] | None = None,
+) -> BlockServer:
+    """Run a bundle server until ``stop`` is set. Returns the server (for its stats)."""
+    catalog = BundleCatalog(bundles)
+    catalog.scan()
+    inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+    shared = settings.protocol == "5"
+    session = Session(
+        settings,
+        client_id,
+        inbox,
+        subscriptions=[topics.bundle_requests_filter(shared=shared)],
+        persistent=False,
+    )
+    server = BlockServer(
+        catalog, topics, lambda t, p: session.publish(t, p), rate_bytes_s=rate_bytes_s
+    )
+    session.start()
+    last_status = 0.0
+    try:
+        while not stop.is_set():
+            wait = server.tick()
+            try:
+                item = inbox.get(timeout=min(0.5, wait) if wait is not None else 0.5)
+            except queue.Empty:
+                item = None
+            if isinstance(item, Incoming):
+                server.handle(item.topic, item.payload)
+            elif isinstance(item, Connection) and item.up:
+                log.info("serving %d bundle(s) from %s", len(catalog), bundles)
+            if on_status is not None and time.monotonic() - last_status >= 1.0:
+                last_status = time.monotonic()
+                on_status(server)
+    finally:
+        session.stop()
+        server.close()
+    return server

@@ -1,0 +1,519 @@
+"""Device side of the block transfer: pull one bundle, resumably, against a signed descriptor.
+
+The device chooses what to ask for. A :class:`Transfer` first fetches the pages of the block-hash
+list and checks their concatenation against ``block_list_sha256`` from the signed descriptor;
+then it asks for blocks, never more than ``window`` outstanding, and checks each block against
+the list before it is written at its offset in ``bundle.part``. Blocks already present in earlier
+bundles on the box (same SHA-256, same length) are copied locally, not fetched.
+
+On disk, in the transfer's own directory (``downloads/{sha256}/``)::
+
+    blocklist      the verified block-hash list (written once, atomically)
+    bundle.part    the bundle, sparse until complete
+    bitmap         one bit per block that is written and verified (atomic rewrite)
+
+The bitmap is rewritten after every ``window`` new blocks and whenever the transfer pauses, so an
+agent killed at any instant fetches at most one window again. It only ever marks blocks whose
+bytes are already in ``bundle.part``; and the finished file is hashed whole before it is handed
+on, so a bitmap that outlived its data (a power cut between the two) costs a refetch of the bad
+blocks, never a bad bundle.
+
+Not thread-safe: the daemon's loop calls every method. Time comes in as ``now`` (monotonic
+seconds) so tests can drive timeouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent._fsutil import atomic_write_bytes, fsync_dir
+from agent.bundle.blocks import BlockSource
+from agent.errors import (
+    BundleUnavailableError,
+    DigestMismatchError,
+    DiskFullError,
+    EdgeAgentError,
+    StorageError,
+    TransferTimeoutError,
+)
+from agent.transport.messages import (
+    BLOCK_LIST_PAGE,
+    MAX_WINDOW,
+    BlockReplyHeader,
+    BlockRequest,
+)
+from agent.transport.topics import Topics
+from agent.trust.metadata import BundleDescriptor
+
+log = logging.getLogger("agent.transport.transfer")
+
+DIGEST = 32
+
+
+class TransferSettings(BaseModel):
+    """The ``[transfer]`` table of agent.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Blocks asked for and not yet received. Stock mosquitto queues 1000 QoS 1 messages per
+    # client and keeps 20 in flight; 16 blocks stay well inside both.
+    window: Annotated[int, Field(ge=1, le=MAX_WINDOW)] = 16
+    request_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # ask again for a block after this
+    stall_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # fail after this long without progress
+    max_bad_blocks: Annotated[int, Field(ge=1)] = 16  # blocks failing their hash, per transfer
+    reserve_mb: Annotated[int, Field(ge=0)] = 64  # free disk to leave beyond the bundle
+
+
+State = Literal["block-list", "blocks", "done", "failed"]
+
+
+class Transfer:
+    """One bundle being pulled. Call :meth:`start`, then feed replies and ticks."""
+
+    def __init__(
+        self,
+        descriptor: BundleDescriptor,
+        directory: Path,
+        *,
+        device_id: str,
+        topics: Topics,
+        publish: Callable[[str, bytes], object],
+        settings: TransferSettings | None = None,
+        reuse: BlockSource | None = None,
+    ) -> None:
+        self.descriptor = descriptor
+        self.dir = Path(directory)
+        self.device_id = device_id
+        self.settings = settings or TransferSettings()
+        self._publish = publish
+        self._request_topic = topics.bundle_request(descriptor.bundle_sha256)
+        self._reuse = reuse or {}
+        self.count = descriptor.block_count
+        self.pages = -(-self.count // BLOCK_LIST_PAGE)
+        self.state: State = "block-list"
+        self.error: EdgeAgentError | None = None
+        self._block_list: bytes = b""
+        self._page_data: dict[int, bytes] = {}
+        self._have = bytearray(-(-self.count // 8))
+        self.have_count = 0
+        self._unsaved = 0
+        self._todo: list[int] = []  # indexes still to ask for, in order
+        self._outstanding: OrderedDict[int, float] = OrderedDict()  # index -> when asked
+        self._last_progress = 0.0
+        self._fd: int | None = None
+        self.bad_blocks = 0
+        self.fetched_bytes = 0  # block bytes received and written (not the reused ones)
+        self.reused_blocks = 0
+        self.duplicates = 0
+        self.last_error_reply: str | None = None
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def part_path(self) -> Path:
+        return self.dir / "bundle.part"
+
+    @property
+    def bitmap_path(self) -> Path:
+        return self.dir / "bitmap"
+
+    @property
+    def block_list_path(self) -> Path:
+        return self.dir / "blocklist"
+
+    @property
+    def block_list(self) -> bytes:
+        return self._block_list
+
+    @property
+    def progress(self) -> float:
+        """Percent of the bundle's blocks on disk and verified."""
+        if self.state == "done":
+            return 100.0
+        return round(100.0 * self.have_count / self.count, 1) if self.count else 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed")
+
+    # -- start and resume ---------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        """Load what an earlier run left, check free disk, ask for what is missing."""
+        self._last_progress = now
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._load_block_list()
+            if self.state == "blocks":
+                self._open_part()
+                self._load_bitmap()
+                self._reuse_local()
+                self._plan()
+        except EdgeAgentError as exc:
+            self.fail(exc)
+            return
+        self._pump(now)
+
+    def _load_block_list(self) -> None:
+        try:
+            data = self.block_list_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.block_list_path}: {exc.strerror}") from None
+        if hashlib.sha256(data).hexdigest() == self.descriptor.block_list_sha256:
+            self._block_list = data
+            self.state = "blocks"
+        else:  # damaged: fetch it again
+            log.warning(
+                "the stored block list of %s is damaged", self.descriptor.bundle_sha256[:16]
+            )
+
+    def _open_part(self) -> None:
+        size = self.descriptor.bundle_size
+        try:
+            if not self.part_path.exists():
+                self._check_disk(size)
+            self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT, 0o600)
+            if os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.part_path}: {exc.strerror}") from None
+
+    def _check_disk(self, size: int) -> None:
+        """Free disk for the whole bundle, the unpacked copy, and the reserve: before block one."""
+        free = shutil.disk_usage(self.dir).free
+        need = 2 * size + self.settings.reserve_mb * (1 << 20)
+        if free < need:
+            raise DiskFullError(
+                f"{free >> 20} MiB free in {self.dir}; the bundle needs {need >> 20} MiB "
+                f"(twice its {size >> 20} MiB, plus a {self.settings.reserve_mb} MiB reserve)"
+            )
+
+    def _load_bitmap(self) -> None:
+        try:
+            data = self.bitmap_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.bitmap_path}: {exc.strerror}") from None
+        if len(data) != len(self._have):
+            log.warning("ignoring a bitmap of the wrong length in %s", self.dir)
+            return
+        self._have[:] = data
+        self.have_count = sum(bin(b).count("1") for b in data)
+
+    def _reuse_local(self) -> None:
+        """Copy blocks that earlier bundles on the box hold already (checked again on read)."""
+        if not self._reuse:
+            return
+        assert self._fd is not None
+        for i in range(self.count):
+            if self._has(i):
+                continue
+            where = self._reuse.get(self._digest(i))
+            if where is None or where.length != self._length(i):
+                continue
+            try:
+                with open(where.path, "rb") as f:
+                    f.seek(where.offset)
+                    data = f.read(where.length)
+            except OSError:
+                continue
+            if hashlib.sha256(data).digest() != self._digest(i):
+                continue
+            self._write(i, data)
+            self.reused_blocks += 1
+        self._save_bitmap()
+
+    def _plan(self) -> None:
+        self._todo = [i for i in range(self.count) if not self._has(i)]
+        self._todo.reverse()  # pop() from the end gives the lowest index first
+        if not self._todo:
+            self._complete()
+
+    # -- requests -----------------------------------------------------------------------------
+    def _pump(self, now: float) -> None:
+        """Top up the window (block-list pages first), in requests of several indexes."""
+        if self.state == "block-list":
+            missing = [p for p in range(self.pages) if p not in self._page_data]
+            ask = [p for p in missing if p not in self._outstanding][: self.settings.window]
+            if ask and len(self._outstanding) == 0:
+                self._request("block-list", ask, now)
+            return
+        if self.state != "blocks":
+            return
+        room = self.settings.window - len(self._outstanding)
+        # Ask in batches of at least half a window: fewer, larger requests.
+        if room < max(1, self.settings.window // 2) and self._outstanding:
+            return
+        batch: list[int] = []
+        while self._todo and len(batch) < room:
+            i = self._todo.pop()
+            if not self._has(i) and i not in self._outstanding:
+                batch.append(i)
+        if batch:
+            self._request("blocks", batch, now)
+
+    def _request(
+        self, kind: Literal["blocks", "block-list"], indexes: list[int], now: float
+    ) -> None:
+        for i in indexes:
+            self._outstanding[i] = now
+        request = BlockRequest(
+            device_id=self.device_id,
+            bundle_sha256=self.descriptor.bundle_sha256,
+            kind=kind,
+            indexes=indexes,
+        )
+        self._publish(self._request_topic, request.to_bytes())
+
+    def resend(self, now: float) -> None:
+        """The connection came back: ask again for everything outstanding."""
+        if self.finished:
+            return
+        self._save_bitmap()
+        pending = list(self._outstanding)
+        self._outstanding.clear()
+        if self.state == "blocks":
+            self._todo.extend(sorted(pending, reverse=True))
+        self._last_progress = max(self._last_progress, now)
+        self._pump(now)
+
+    def tick(self, now: float) -> None:
+        """Ask again for what timed out; fail when nothing has arrived for too long."""
+        if self.finished:
+            return
+        if now - self._last_progress >= self.settings.stall_timeout_s:
+            self._save_bitmap()
+            if self.last_error_reply is not None:
+                self.fail(
+                    BundleUnavailableError(
+                        f"no bundle server answered for {self.settings.stall_timeout_s:.0f} s "
+                        f"(last reply: {self.last_error_reply})"
+                    )
+                )
+            else:
+                self.fail(
+                    TransferTimeoutError(
+                        f"no block arrived for {self.settings.stall_timeout_s:.0f} s "
+                        f"({self.progress:.1f}% of {self.descriptor.bundle_sha256[:16]} done)"
+                    )
+                )
+            return
+        expired = [
+            i for i, t in self._outstanding.items() if now - t >= self.settings.request_timeout_s
+        ]
+        if expired:
+            log.info(
+                "asking again for %d block(s) of %s",
+                len(expired),
+                self.descriptor.bundle_sha256[:16],
+            )
+            for i in expired:
+                del self._outstanding[i]
+            if self.state == "blocks":
+                self._todo.extend(sorted(expired, reverse=True))
+        self._pump(now)
+
+    # -- replies ------------------------------------------------------------------------------
+    def on_reply(self, header: BlockReplyHeader, data: bytes, now: float) -> None:
+        """One frame from ``devices/{id}/blocks`` for this bundle (the caller routed it)."""
+        if self.finished:
+            return
+        if header.kind == "error":
+            self.last_error_reply = (
+                f"{header.error.code}: {header.error.message}" if header.error else "error"
+            )
+            log.warning("bundle server: %s", self.last_error_reply)
+            return
+        if header.kind == "block-list":
+            self._on_page(header, data, now)
+        else:
+            self._on_block(header, data, now)
+        self._pump(now)
+
+    def _on_page(self, header: BlockReplyHeader, data: bytes, now: float) -> None:
+        p = header.index
+        if self.state != "block-list" or p not in self._outstanding or header.total != self.pages:
+            self.duplicates += 1
+            return
+        expected = min(BLOCK_LIST_PAGE, self.count - p * BLOCK_LIST_PAGE) * DIGEST
+        del self._outstanding[p]
+        if len(data) != expected:
+            self._bad(f"block-list page {p} is {len(data)} bytes, not {expected}")
+            return
+        self._page_data[p] = data
+        self._last_progress = now
+        if len(self._page_data) < self.pages:
+            return
+        whole = b"".join(self._page_data[i] for i in range(self.pages))
+        self._page_data.clear()
+        if hashlib.sha256(whole).hexdigest() != self.descriptor.block_list_sha256:
+            self._bad("the block list does not match the signed descriptor")
+            return
+        try:
+            atomic_write_bytes(self.block_list_path, whole, 0o600)
+            self._block_list = whole
+            self.state = "blocks"
+            self._open_part()
+            self._load_bitmap()
+            self._reuse_local()
+            self._plan()
+        except EdgeAgentError as exc:
+            self.fail(exc)
+
+    def _on_block(self, header: BlockReplyHeader, data: bytes, now: float) -> None:
+        i = header.index
+        if self.state != "blocks" or i >= self.count or self._has(i):
+            self.duplicates += 1
+            return
+        if i not in self._outstanding:
+            self.duplicates += 1  # never asked for (or asked and given up): ignore
+            return
+        del self._outstanding[i]
+        if len(data) != self._length(i) or hashlib.sha256(data).digest() != self._digest(i):
+            self._todo.append(i)  # ask again, next
+            self._bad(f"block {i} does not match its signed hash")
+            return
+        try:
+            self._write(i, data)
+        except EdgeAgentError as exc:
+            self.fail(exc)
+            return
+        self.fetched_bytes += len(data)
+        self._last_progress = now
+        self._unsaved += 1
+        if self._unsaved >= self.settings.window:
+            self._save_bitmap()
+        if self.have_count == self.count:
+            self._complete()
+
+    def _bad(self, what: str) -> None:
+        self.bad_blocks += 1
+        log.warning("%s (from the bundle server); asking again", what)
+        if self.bad_blocks > self.settings.max_bad_blocks:
+            self.fail(
+                DigestMismatchError(
+                    f"{self.bad_blocks} blocks failed their signed hash; the last: {what}"
+                )
+            )
+
+    # -- disk -----------------------------------------------------------------------------
+    def _digest(self, i: int) -> bytes:
+        return self._block_list[i * DIGEST : (i + 1) * DIGEST]
+
+    def _length(self, i: int) -> int:
+        bs = self.descriptor.block_size
+        return min(bs, self.descriptor.bundle_size - i * bs)
+
+    def _has(self, i: int) -> bool:
+        return bool(self._have[i >> 3] & (1 << (i & 7)))
+
+    def _write(self, i: int, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            os.pwrite(self._fd, data, i * self.descriptor.block_size)
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise DiskFullError(f"the disk filled up while writing {self.part_path}") from None
+            raise StorageError(f"cannot write {self.part_path}: {exc.strerror}") from None
+        self._have[i >> 3] |= 1 << (i & 7)
+        self.have_count += 1
+
+    def _save_bitmap(self) -> None:
+        if self._fd is None or (not self._unsaved and self.bitmap_path.exists()):
+            return
+        try:
+            os.fdatasync(self._fd)  # the bitmap never marks bytes that are not on disk
+            atomic_write_bytes(self.bitmap_path, bytes(self._have), 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot save {self.bitmap_path}: {exc.strerror}") from None
+        self._unsaved = 0
+
+    def _complete(self) -> None:
+        """Every block is in and was checked on arrival; the caller verifies the whole file."""
+        try:
+            self._save_bitmap()
+        except EdgeAgentError as exc:
+            self.fail(exc)
+            return
+        self.close()
+        self.state = "done"
+
+    def repair(self, now: float) -> int:
+        """The finished file failed its whole-file check: find the blocks that differ on disk
+        (a bitmap that outlived its data after a power cut), fetch them again. Returns how many.
+        """
+        if self.state != "done":
+            return 0
+        try:
+            with open(self.part_path, "rb") as f:
+                bad = [
+                    i
+                    for i in range(self.count)
+                    if hashlib.sha256(f.read(self._length(i))).digest() != self._digest(i)
+                ]
+        except OSError as exc:
+            self.fail(StorageError(f"cannot read {self.part_path}: {exc.strerror}"))
+            return 0
+        if not bad:
+            return 0
+        log.warning(
+            "%d block(s) in %s differ from the list; fetching them again", len(bad), self.dir
+        )
+        for i in bad:
+            self._have[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+            self.have_count -= 1
+        self.state = "blocks"
+        try:
+            self._open_part()
+        except EdgeAgentError as exc:
+            self.fail(exc)
+            return 0
+        self._unsaved += 1
+        self._save_bitmap()
+        self._todo = sorted(bad, reverse=True)
+        self._last_progress = now
+        self._pump(now)
+        return len(bad)
+
+    def fail(self, exc: EdgeAgentError) -> None:
+        log.error("transfer of %s failed: %s", self.descriptor.bundle_sha256[:16], exc)
+        self.error = exc
+        self.state = "failed"
+        self._outstanding.clear()
+        self.close()
+
+    def pause(self) -> None:
+        """Stop for now (the agent stops, or the deployment changed): save the bitmap, close."""
+        try:
+            self._save_bitmap()
+        except EdgeAgentError as exc:
+            log.warning("%s", exc)
+        self._outstanding.clear()
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Remove everything this transfer wrote (after the bundle was stored, or to cancel)."""
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.parent.exists():
+            fsync_dir(self.dir.parent)
+
+
+def pending_indexes(transfer: Transfer) -> Iterable[int]:
+    """Indexes asked for and not yet received (for tests and status)."""
+    return list(transfer._outstanding)

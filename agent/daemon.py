@@ -1,0 +1,613 @@
+"""The device agent: desired state in, bundles pulled, reported state out.
+
+One loop on one thread (:meth:`DeviceAgent.run`) owns all state. The MQTT session's network
+thread only puts what arrives on the inbox queue; the loop takes it from there, so nothing here
+needs a lock.
+
+What the loop does with each topic:
+
+* ``devices/{id}/desired`` and ``groups/{g}/desired``: verify the deployment (trust core:
+  release-key signatures, target, expiry, a sequence above the last one accepted from that topic);
+  keep it, on disk too. The effective document is the device's own if it has one, else the first
+  of its groups' (in the order of ``groups`` in agent.toml) that has one.
+* ``trust``: newer roots (each signed by the old and the new threshold) and a keyring.
+* ``devices/{id}/blocks``: frames for the bundle being fetched.
+
+Anything refused changes no state: the reason goes to ``Reported.error`` (machine-readable code
+and a message) and to a ``rejected`` event.
+
+Each model named by the effective document has its own slot that moves through the phases
+(``pending``, ``downloading``, ``verifying``, ``loading``, ..., ``active`` or ``failed``) on its
+own; one bundle is downloaded at a time. A model the document no longer names is removed once
+every model it does name is active. Loading here means unpacking into the state directory and
+recording the slot; serving the model is the runtime layer's job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from agent import __version__
+from agent.bundle.unpack import unpack_bundle
+from agent.bundle.verify import check_bundle_file
+from agent.config import AgentConfig
+from agent.errors import (
+    BadContentError,
+    DigestMismatchError,
+    EdgeAgentError,
+    FormatError,
+    SizeLimitError,
+    StorageError,
+)
+from agent.state.store import InstalledModel, StateStore
+from agent.transport.messages import (
+    MAX_MESSAGE_BYTES,
+    ErrorInfo,
+    Event,
+    HardwareProfile,
+    ModelStatus,
+    Online,
+    Phase,
+    Reported,
+    TrustUpdate,
+    decode_block_reply,
+)
+from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
+from agent.transport.transfer import Transfer
+from agent.trust.metadata import MAX_METADATA_BYTES, DeploymentTarget
+from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment, VerifiedDescriptor
+
+log = logging.getLogger("agent")
+
+FINAL = (Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK)
+REJECT_EVENT_INTERVAL_S = 1.0  # at most one `rejected` event per topic and second
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _error(exc: EdgeAgentError) -> ErrorInfo:
+    return ErrorInfo(code=exc.code, message=str(exc)[:1024])
+
+
+def hardware_profile() -> HardwareProfile:
+    try:
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError):
+        memory_mb = 0
+    return HardwareProfile(
+        arch=platform.machine()[:32] or "unknown",
+        cpu_count=os.cpu_count() or 1,
+        memory_mb=memory_mb,
+    )
+
+
+@dataclass
+class Slot:
+    """One model: what it runs, what it is asked to run, and where that stands."""
+
+    name: str
+    installed: InstalledModel | None = None
+    phase: Phase = Phase.PENDING
+    target: VerifiedDescriptor | None = None
+    variant: str | None = None
+    deployment_id: str | None = None
+    transfer: Transfer | None = None
+    error: ErrorInfo | None = None
+
+    def status(self) -> ModelStatus:
+        i = self.installed
+        return ModelStatus(
+            phase=self.phase,
+            version=i.version if i else None,
+            release=i.release if i else None,
+            variant=i.variant if i else None,
+            bundle_sha256=i.bundle_sha256 if i else None,
+            progress=self.transfer.progress
+            if self.phase == Phase.DOWNLOADING and self.transfer
+            else None,
+            error=self.error,
+        )
+
+
+@dataclass
+class _Outbox:
+    reported_dirty: bool = True
+    last_reported: float = float("-inf")
+    last_progress: dict[str, float] = field(default_factory=dict)
+    event_seq: int = 0
+    last_reject: dict[str, float] = field(default_factory=dict)
+
+
+class DeviceAgent:
+    """The device side of the protocol. Build, then :meth:`run` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.topics = config.topics
+        self.me = self.topics.device(config.device_id)
+        self._now = clock
+        self._mono = monotonic
+        self.store = StateStore(config.state_dir)
+        self.trusted = self._load_trust()
+        self.points: dict[str, SequencePoint] = self.store.sequence_points()
+        self.targets = [DeploymentTarget(kind="device", id=config.device_id)] + [
+            DeploymentTarget(kind="group", id=g) for g in config.groups
+        ]
+        self.documents: dict[str, VerifiedDeployment] = {}
+        self.slots: dict[str, Slot] = {}
+        self.deployment: VerifiedDeployment | None = None
+        self.doc_error: ErrorInfo | None = None
+        self.hardware = hardware_profile()
+        self.inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+        self._out = _Outbox()
+        self.session = Session(
+            config.mqtt,
+            config.device_id,
+            self.inbox,
+            subscriptions=[
+                self.me.desired,
+                *(self.topics.group_desired(g) for g in config.groups),
+                self.topics.trust,
+                self.me.blocks,
+            ],
+            will=Will(self.me.online, Online(state="offline").to_bytes()),
+            online_payload=Online(
+                state="online", agent_version=__version__, since=self._now().replace(microsecond=0)
+            ).to_bytes(),
+        )
+        self._restore()
+
+    # -- start-up -----------------------------------------------------------------------------
+    def _load_trust(self) -> TrustedState:
+        cfg = self.config.trust
+        try:
+            shipped = cfg.root.read_bytes()
+            shipped_keyring = cfg.keyring.read_bytes() if cfg.keyring else None
+        except OSError as exc:
+            raise StorageError(f"cannot read the trusted root: {exc}") from None
+        state = self.store.load_trust(shipped, shipped_keyring)
+        now = self._now()
+        for source, data in (("stored", self.store.stored_keyring()), ("shipped", shipped_keyring)):
+            if data is None:
+                continue
+            try:
+                state = state.update_keyring(data, now)
+            except BadContentError as exc:
+                log.warning("not using the %s keyring: %s", source, exc)
+        return state
+
+    def _restore(self) -> None:
+        for name, installed in self.store.load_installed().items():
+            self.slots[name] = Slot(name, installed=installed, phase=Phase.ACTIVE)
+        now = self._now()
+        for source, data in self.store.load_desired().items():
+            try:
+                verified = self.trusted.verify_deployment(
+                    data, now, targets=self.targets, last=self.points.get(source)
+                )
+            except BadContentError as exc:
+                log.warning("not resuming the stored %s deployment: %s", source, exc)
+                continue
+            self.documents[source] = verified
+        self._reconcile()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self.session.start()
+        try:
+            while not stop.is_set():
+                try:
+                    item: InboxItem | None = self.inbox.get(timeout=0.2)
+                except queue.Empty:
+                    item = None
+                while item is not None:
+                    self.handle(item)
+                    try:
+                        item = self.inbox.get_nowait()
+                    except queue.Empty:
+                        item = None
+                self.tick()
+        finally:
+            for slot in self.slots.values():
+                if slot.transfer is not None and not slot.transfer.finished:
+                    slot.transfer.pause()
+            self.session.stop(offline_payload=Online(state="offline").to_bytes())
+
+    def handle(self, item: InboxItem) -> None:
+        if isinstance(item, Connection):
+            if item.up:
+                self._out.reported_dirty = True
+                for slot in self.slots.values():
+                    if slot.transfer is not None:
+                        slot.transfer.resend(self._mono())
+            return
+        try:
+            ref = self.topics.parse(item.topic)
+        except FormatError:
+            log.warning("ignoring a message on %s", item.topic)
+            return
+        if ref.channel == "desired":
+            source = "device" if ref.kind == "device" else f"group-{ref.id}"
+            self._on_desired(source, item)
+        elif ref.kind == "trust":
+            self._on_trust(item)
+        elif ref.kind == "device" and ref.channel == "blocks" and ref.id == self.config.device_id:
+            self._on_blocks(item)
+
+    def tick(self) -> None:
+        now = self._mono()
+        for slot in list(self.slots.values()):
+            if slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
+                try:
+                    slot.transfer.tick(now)
+                except EdgeAgentError as exc:
+                    slot.transfer.fail(exc)
+                self._after_transfer(slot)
+        self._start_next()
+        self._publish_reported()
+
+    # -- desired ------------------------------------------------------------------------------
+    def _on_desired(self, source: str, item: Incoming) -> None:
+        if not item.payload:
+            log.info("the %s deployment was removed from the broker; keeping what runs", source)
+            return
+        try:
+            if len(item.payload) > MAX_METADATA_BYTES:
+                raise SizeLimitError(
+                    f"deployment of {len(item.payload)} bytes; the limit is {MAX_METADATA_BYTES}"
+                )
+            verified = self.trusted.verify_deployment(
+                item.payload, self._now(), targets=self.targets, last=self.points.get(source)
+            )
+        except BadContentError as exc:
+            self._reject(item.topic, exc)
+            return
+        if self.points.get(source) == verified.point:
+            return  # the same document again (a retained message on reconnect)
+        log.info(
+            "accepted deployment %s (sequence %d) from %s",
+            verified.document.deployment_id,
+            verified.document.sequence,
+            item.topic,
+        )
+        self.store.save_desired(source, item.payload)
+        self.points[source] = verified.point
+        self.store.save_trust(self.trusted, self.points)
+        self.documents[source] = verified
+        self.doc_error = None
+        self._out.reported_dirty = True
+        self._reconcile()
+
+    def _effective(self) -> VerifiedDeployment | None:
+        if "device" in self.documents:
+            return self.documents["device"]
+        for group in self.config.groups:
+            found = self.documents.get(f"group-{group}")
+            if found is not None:
+                return found
+        return None
+
+    def _reconcile(self) -> None:
+        doc = self._effective()
+        if doc is None:
+            return
+        self.deployment = doc
+        for name, verified in doc.bundles.items():
+            slot = self.slots.setdefault(name, Slot(name))
+            want = verified.descriptor.bundle_sha256
+            variant = doc.document.models[name].variant
+            if slot.installed is not None and slot.installed.bundle_sha256 == want:
+                if slot.target is not None:
+                    self._cancel(slot)
+                if slot.phase != Phase.ACTIVE or slot.deployment_id != doc.document.deployment_id:
+                    slot.deployment_id = doc.document.deployment_id
+                    slot.error = None
+                    self._phase(slot, Phase.ACTIVE)
+                continue
+            if slot.target is not None and slot.target.descriptor.bundle_sha256 == want:
+                slot.deployment_id = doc.document.deployment_id
+                continue  # already on its way (or failed: a new document is needed)
+            self._cancel(slot)
+            slot.target, slot.variant = verified, variant
+            slot.deployment_id = doc.document.deployment_id
+            slot.error = None
+            self._phase(slot, Phase.PENDING, force=True)
+        self._start_next()
+
+    def _cancel(self, slot: Slot) -> None:
+        if slot.transfer is not None:
+            slot.transfer.pause()  # its download stays for a later resume; GC removes it
+            slot.transfer = None
+        slot.target = None
+
+    # -- transfers ----------------------------------------------------------------------------
+    def _start_next(self) -> None:
+        if any(s.phase == Phase.DOWNLOADING for s in self.slots.values()):
+            return
+        for slot in self.slots.values():
+            if slot.phase == Phase.PENDING and slot.target is not None:
+                self._start_transfer(slot)
+                return
+        self._drop_unwanted()
+
+    def _start_transfer(self, slot: Slot) -> None:
+        assert slot.target is not None
+        d = slot.target.descriptor
+        stored = self.store.bundle_path(d.bundle_sha256)
+        if stored.exists():  # fetched before (an earlier deployment, then rolled forward again)
+            self._phase(slot, Phase.VERIFYING)
+            self._install(slot, stored)
+            return
+        transfer = Transfer(
+            d,
+            self.store.download_dir(d.bundle_sha256),
+            device_id=self.config.device_id,
+            topics=self.topics,
+            publish=lambda t, p: self.session.publish(t, p),
+            settings=self.config.transfer,
+            reuse=self.store.local_blocks(d.block_size),
+        )
+        slot.transfer = transfer
+        self._phase(slot, Phase.DOWNLOADING)
+        transfer.start(self._mono())
+        self._after_transfer(slot)
+
+    def _on_blocks(self, item: Incoming) -> None:
+        try:
+            header, data = decode_block_reply(item.payload)
+        except BadContentError as exc:
+            self._reject(item.topic, exc, report=False)
+            return
+        for slot in self.slots.values():
+            t = slot.transfer
+            if t is not None and t.descriptor.bundle_sha256 == header.bundle_sha256:
+                try:
+                    t.on_reply(header, data, self._mono())
+                except EdgeAgentError as exc:
+                    t.fail(exc)
+                self._after_transfer(slot)
+                return
+        log.debug("ignoring a block of %s (not being fetched)", header.bundle_sha256[:16])
+
+    def _after_transfer(self, slot: Slot) -> None:
+        t = slot.transfer
+        if t is None:
+            return
+        if t.state == "failed":
+            assert t.error is not None
+            slot.error = _error(t.error)
+            slot.transfer = None
+            self._phase(slot, Phase.FAILED)
+            return
+        if t.state != "done":
+            last = self._out.last_progress.get(slot.name, -1.0)
+            if t.progress - last >= 1.0:
+                self._out.last_progress[slot.name] = t.progress
+                self._out.reported_dirty = True
+            return
+        self._phase(slot, Phase.VERIFYING)
+        assert slot.target is not None
+        d = slot.target.descriptor
+        try:
+            check_bundle_file(t.part_path, d, self.config.limits)
+        except DigestMismatchError as exc:
+            if t.repair(self._mono()):
+                self._phase(slot, Phase.DOWNLOADING)
+                return
+            self._fail(slot, exc)
+            return
+        except EdgeAgentError as exc:
+            self._fail(slot, exc)
+            return
+        try:
+            stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
+        except EdgeAgentError as exc:
+            self._fail(slot, exc)
+            return
+        t.discard()
+        slot.transfer = None
+        self._install(slot, stored)
+
+    def _install(self, slot: Slot, bundle: Path) -> None:
+        """Unpack the verified bundle and make it the slot's model."""
+        assert slot.target is not None
+        d = slot.target.descriptor
+        self._phase(slot, Phase.LOADING)
+        dest = self.store.model_dir(slot.name, d.bundle_sha256)
+        try:
+            if dest.exists():  # left by a run that stopped before recording it
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            manifest = unpack_bundle(
+                bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
+            )
+            variants = [v.id for v in manifest.variants]
+            variant = slot.variant or variants[0]
+            if variant not in variants:
+                raise FormatError(
+                    f"the deployment asks for variant {variant!r}; the bundle has {variants}"
+                )
+            previous = slot.installed.bundle_sha256 if slot.installed else None
+            installed = InstalledModel(
+                model=slot.name,
+                bundle_sha256=d.bundle_sha256,
+                version=d.version,
+                release=d.release,
+                variant=variant,
+                deployment_id=slot.deployment_id,
+                path=dest,
+                previous_sha256=previous,
+            )
+            self.store.save_installed(installed)
+            self.trusted = self.trusted.with_release(slot.name, d.release)
+            self.store.save_trust(self.trusted, self.points)
+        except (EdgeAgentError, OSError) as exc:
+            err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
+            shutil.rmtree(dest, ignore_errors=True)
+            self._fail(slot, err)
+            return
+        slot.installed = installed
+        slot.target = None
+        slot.error = None
+        log.info("%s %s (%s) is active", slot.name, d.version, d.bundle_sha256[:16])
+        self._phase(slot, Phase.ACTIVE)
+        self._collect_garbage()
+
+    def _fail(self, slot: Slot, exc: EdgeAgentError) -> None:
+        log.error("deployment of %s failed: %s", slot.name, exc)
+        slot.error = _error(exc)
+        slot.transfer = None
+        self._phase(slot, Phase.FAILED)
+
+    def _drop_unwanted(self) -> None:
+        """Unload models the document no longer names, once every named one is active."""
+        doc = self.deployment
+        if doc is None:
+            return
+        wanted = doc.document.models
+        if any(self.slots[n].phase != Phase.ACTIVE for n in wanted if n in self.slots):
+            return
+        for name in [n for n in self.slots if n not in wanted]:
+            log.info("removing %s: the deployment no longer names it", name)
+            self._cancel(self.slots[name])
+            self.store.remove_installed(name)
+            del self.slots[name]
+            self._event("info", model=name, phase=None)
+            self._out.reported_dirty = True
+            self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        keep: set[str] = set()
+        for slot in self.slots.values():
+            if slot.installed is not None:
+                keep.add(slot.installed.bundle_sha256)
+                if slot.installed.previous_sha256:
+                    keep.add(slot.installed.previous_sha256)
+            if slot.target is not None:
+                keep.add(slot.target.descriptor.bundle_sha256)
+        try:
+            self.store.collect_garbage(keep)
+        except OSError as exc:
+            log.warning("garbage collection: %s", exc)
+
+    # -- trust ----------------------------------------------------------------------------
+    def _on_trust(self, item: Incoming) -> None:
+        if not item.payload:
+            return
+        try:
+            update = TrustUpdate.from_bytes(item.payload, max_bytes=MAX_METADATA_BYTES)
+            state = self.trusted
+            for root in update.roots:
+                data = json.dumps(root).encode()
+                if data == state.root_bytes:
+                    continue
+                try:
+                    state = state.update_root(data)
+                except BadContentError as exc:
+                    if exc.code == "rollback":
+                        continue  # a version the device already has
+                    raise
+            state = state.update_keyring(json.dumps(update.keyring).encode(), self._now())
+        except BadContentError as exc:
+            self._reject(item.topic, exc)
+            return
+        if state == self.trusted:
+            return
+        log.info(
+            "trust updated: root v%d, keyring v%d",
+            state.root.version,
+            state.keyring.version if state.keyring else 0,
+        )
+        self.trusted = state
+        self.store.save_trust(state, self.points)
+        self._out.reported_dirty = True
+
+    # -- reporting ------------------------------------------------------------------------
+    def _reject(self, topic: str, exc: BadContentError, *, report: bool = True) -> None:
+        log.warning("rejected a message on %s (%s): %s", topic, exc.code, exc)
+        info = _error(exc)
+        if report:
+            self.doc_error = info
+            self._out.reported_dirty = True
+        now = self._mono()
+        if now - self._out.last_reject.get(topic, float("-inf")) >= REJECT_EVENT_INTERVAL_S:
+            self._out.last_reject[topic] = now
+            self._event("rejected", topic=topic, error=info)
+
+    def _phase(self, slot: Slot, phase: Phase, *, force: bool = False) -> None:
+        if slot.phase == phase and not force:
+            return
+        slot.phase = phase
+        self._out.reported_dirty = True
+        self._out.last_reported = float("-inf")  # phase changes go out at once
+        self._event("phase", model=slot.name, phase=phase, error=slot.error)
+
+    def _event(
+        self,
+        kind: Literal["phase", "rejected", "info"],
+        *,
+        model: str | None = None,
+        phase: Phase | None = None,
+        topic: str | None = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        event = Event(
+            device_id=self.config.device_id,
+            seq=self._out.event_seq,
+            at=self._now(),
+            kind=kind,
+            model=model,
+            deployment_id=self.slots[model].deployment_id if model in self.slots else None,
+            phase=phase,
+            topic=topic[:256] if topic else None,
+            error=error,
+        )
+        self._out.event_seq += 1
+        self.session.publish(self.me.events, event.to_bytes())
+
+    def reported(self) -> Reported:
+        doc = self.deployment
+        return Reported(
+            device_id=self.config.device_id,
+            agent_version=__version__,
+            at=self._now(),
+            hardware=self.hardware,
+            deployment_id=doc.document.deployment_id if doc else None,
+            sequence=doc.document.sequence if doc else None,
+            models={name: slot.status() for name, slot in sorted(self.slots.items())},
+            error=self.doc_error,
+        )
+
+    def _publish_reported(self) -> None:
+        now = self._mono()
+        if not self._out.reported_dirty:
+            return
+        if now - self._out.last_reported < self.config.report_interval_s:
+            return
+        payload = self.reported().to_bytes()
+        if len(payload) > MAX_MESSAGE_BYTES:  # cannot happen with the models' caps
+            log.error("reported state of %d bytes is too large", len(payload))
+            return
+        self.session.publish(self.me.reported, payload, retain=True)
+        self._out.reported_dirty = False
+        self._out.last_reported = now

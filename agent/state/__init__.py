@@ -1,0 +1,1 @@
+"""On-disk state: trust, accepted deployments, downloads, bundles, installed models."""

@@ -1,0 +1,240 @@
+"""The agent's on-disk state under the StateDirectory (default ``/var/lib/edge-agent``).
+
+::
+
+    trust/root.json            the newest root accepted (DSSE envelope, as received)
+    trust/keyring.json         the keyring accepted last
+    trust/floors.json          keyring floor, release floor per model, deployment sequence points
+    desired/{source}.dsse      the deployment last accepted from each desired topic
+    downloads/{sha256}/        transfers in progress (see agent.transport.transfer)
+    bundles/{sha256}.emb       verified bundles (and {sha256}.blocks: their block-hash lists)
+    models/{name}.json         what each model slot runs: its bundle and where it is unpacked
+    models/{name}/{sha256}/    unpacked bundles
+
+Every write is atomic (agent._fsutil): a ``kill -9`` leaves the old file or the new one. What is
+loaded back is checked again by the trust core before it is used: the disk is not trusted more
+than the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent._fsutil import atomic_write_bytes, fsync_dir
+from agent._strictjson import dump_model, parse_model
+from agent.bundle.blocks import LocalBlock, blocks_of
+from agent.errors import BadContentError, StorageError
+from agent.trust.metadata import Hex64, ModelName
+from agent.trust.verifier import SequencePoint, TrustedState
+
+log = logging.getLogger("agent.state")
+
+_SOURCE = r"^(device|group-[A-Za-z0-9][A-Za-z0-9._-]{0,63})$"
+
+
+class _Point(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sequence: int
+    envelope_sha256: Hex64
+
+
+class Floors(BaseModel):
+    """What must never go backwards, whatever the network offers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    keyring_floor: Annotated[int, Field(ge=0)] = 0
+    release_floor: dict[ModelName, int] = {}
+    sequence: dict[Annotated[str, Field(pattern=_SOURCE)], _Point] = {}
+
+
+class InstalledModel(BaseModel):
+    """``models/{name}.json``: the bundle a slot runs, and the one before it (kept for rollback)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: ModelName
+    bundle_sha256: Hex64
+    version: str
+    release: int
+    variant: str | None = None
+    deployment_id: str | None = None
+    path: Path  # the unpacked bundle
+    previous_sha256: Hex64 | None = None
+
+
+class StateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for sub in ("trust", "desired", "downloads", "bundles", "models"):
+            try:
+                (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as exc:
+                raise StorageError(f"cannot create {self.root / sub}: {exc.strerror}") from None
+
+    # -- trust --------------------------------------------------------------------------------
+    def load_trust(self, shipped_root: bytes, shipped_keyring: bytes | None) -> TrustedState:
+        """The shipped root, then the stored chain and keyring if they are newer; then floors.
+
+        A stored file that no longer verifies is ignored (and logged): the shipped root stays.
+        """
+        state = TrustedState.from_root(shipped_root)
+        stored = self._read(self.root / "trust" / "root.json")
+        if stored is not None:
+            try:
+                candidate = TrustedState.from_root(stored)
+                if candidate.root.version > state.root.version:
+                    state = candidate
+            except BadContentError as exc:
+                log.error("ignoring the stored root: %s", exc)
+        floors = self.load_floors()
+        state = replace(
+            state, keyring_floor=floors.keyring_floor, release_floor=dict(floors.release_floor)
+        )
+        return state
+
+    def stored_keyring(self) -> bytes | None:
+        return self._read(self.root / "trust" / "keyring.json")
+
+    def save_trust(self, state: TrustedState, points: dict[str, SequencePoint]) -> None:
+        trust = self.root / "trust"
+        if self._read(trust / "root.json") != state.root_bytes:
+            atomic_write_bytes(trust / "root.json", state.root_bytes)
+        if (
+            state.keyring_bytes is not None
+            and self._read(trust / "keyring.json") != state.keyring_bytes
+        ):
+            atomic_write_bytes(trust / "keyring.json", state.keyring_bytes)
+        floors = Floors(
+            keyring_floor=state.keyring_floor,
+            release_floor=dict(state.release_floor),
+            sequence={
+                k: _Point(sequence=p.sequence, envelope_sha256=p.envelope_sha256)
+                for k, p in points.items()
+            },
+        )
+        atomic_write_bytes(trust / "floors.json", dump_model(floors))
+
+    def load_floors(self) -> Floors:
+        data = self._read(self.root / "trust" / "floors.json")
+        if data is None:
+            return Floors()
+        try:
+            return parse_model(Floors, data, what="floors.json", max_bytes=1 << 20)
+        except BadContentError as exc:
+            # Refusing to start would leave the box without a model; starting with no floors
+            # would reopen rollback. Refuse loudly: a person must look.
+            raise StorageError(f"{self.root / 'trust' / 'floors.json'} is damaged: {exc}") from None
+
+    def sequence_points(self) -> dict[str, SequencePoint]:
+        return {
+            k: SequencePoint(p.sequence, p.envelope_sha256)
+            for k, p in self.load_floors().sequence.items()
+        }
+
+    # -- accepted deployments -----------------------------------------------------------------
+    def save_desired(self, source: str, envelope: bytes) -> None:
+        atomic_write_bytes(self.root / "desired" / f"{source}.dsse", envelope, 0o600)
+
+    def load_desired(self) -> dict[str, bytes]:
+        found = {}
+        for path in sorted((self.root / "desired").glob("*.dsse")):
+            data = self._read(path)
+            if data is not None:
+                found[path.stem] = data
+        return found
+
+    # -- downloads and bundles ----------------------------------------------------------------
+    def download_dir(self, sha256: str) -> Path:
+        return self.root / "downloads" / sha256
+
+    def bundle_path(self, sha256: str) -> Path:
+        return self.root / "bundles" / f"{sha256}.emb"
+
+    def store_bundle(self, part: Path, sha256: str, block_list: bytes) -> Path:
+        """Move a finished download into ``bundles/`` (same filesystem: a rename)."""
+        target = self.bundle_path(sha256)
+        atomic_write_bytes(target.with_suffix(".blocks"), block_list, 0o600)
+        try:
+            os.replace(part, target)
+            fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot store {target}: {exc.strerror}") from None
+        return target
+
+    def local_blocks(self, block_size: int) -> dict[bytes, LocalBlock]:
+        """Every block of the stored bundles with this block size, by digest."""
+        found: dict[bytes, LocalBlock] = {}
+        for blocks in (self.root / "bundles").glob("*.blocks"):
+            bundle = blocks.with_suffix(".emb")
+            data = self._read(blocks)
+            try:
+                size = bundle.stat().st_size
+            except OSError:
+                continue
+            if data is None or len(data) % 32 or len(data) // 32 != -(-size // block_size):
+                continue  # another block size (or damaged): the digests do not line up
+            for digest, where in blocks_of(bundle, data, block_size, size).items():
+                found.setdefault(digest, where)
+        return found
+
+    # -- installed models ---------------------------------------------------------------------
+    def model_dir(self, name: str, sha256: str) -> Path:
+        return self.root / "models" / name / sha256
+
+    def save_installed(self, installed: InstalledModel) -> None:
+        atomic_write_bytes(self.root / "models" / f"{installed.model}.json", dump_model(installed))
+
+    def load_installed(self) -> dict[str, InstalledModel]:
+        found = {}
+        for path in sorted((self.root / "models").glob("*.json")):
+            data = self._read(path)
+            if data is None:
+                continue
+            try:
+                installed = parse_model(InstalledModel, data, what=str(path), max_bytes=1 << 16)
+            except BadContentError as exc:
+                log.error("ignoring %s: %s", path, exc)
+                continue
+            found[installed.model] = installed
+        return found
+
+    def remove_installed(self, name: str) -> None:
+        path = self.root / "models" / f"{name}.json"
+        path.unlink(missing_ok=True)
+        shutil.rmtree(self.root / "models" / name, ignore_errors=True)
+        fsync_dir(path.parent)
+
+    def collect_garbage(self, keep: Iterable[str]) -> list[str]:
+        """Remove stored bundles, unpacked copies and downloads not in ``keep``; return them."""
+        keep = set(keep)
+        removed = []
+        for path in (self.root / "bundles").glob("*.emb"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".blocks").unlink(missing_ok=True)
+                removed.append(path.stem)
+        for model_dir in (self.root / "models").iterdir():
+            if model_dir.is_dir():
+                for unpacked in model_dir.iterdir():
+                    if unpacked.name not in keep and not unpacked.name.startswith("."):
+                        shutil.rmtree(unpacked, ignore_errors=True)
+        for download in (self.root / "downloads").iterdir():
+            if download.name not in keep:
+                shutil.rmtree(download, ignore_errors=True)
+        return removed
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from None

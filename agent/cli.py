@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +22,9 @@ from typing import Any
 from agent import __version__
 from agent._strictjson import loads
 from agent.errors import BadContentError, ConfigError, EdgeAgentError
+from agent.transport.messages import Phase
+from agent.transport.session import MqttSettings
+from agent.transport.topics import DEFAULT_PREFIX, Topics
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -304,6 +309,281 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- edge-fleet: broker connection, serve, deploy, status, trust publish ------------------------
+def _mqtt_settings(args: argparse.Namespace) -> MqttSettings:
+    from agent.fleet.control import check_settings
+
+    host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+    try:
+        settings = MqttSettings(
+            host=host or "localhost",
+            port=int(port) if port else (8883 if not args.no_tls else 1883),
+            protocol=args.mqtt,
+            tls=not args.no_tls,
+            ca_file=args.ca,
+            cert_file=args.cert,
+            key_file=args.cert_key,
+            client_id=args.client_id,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"broker settings: {exc}") from None
+    check_settings(settings)
+    return settings
+
+
+def _add_broker_options(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    g = p.add_argument_group("broker (defaults from EDGE_FLEET_* environment variables)")
+    g.add_argument(
+        "--broker",
+        default=env("EDGE_FLEET_BROKER", "localhost:8883"),
+        metavar="HOST[:PORT]",
+        help="MQTT broker (default $EDGE_FLEET_BROKER or localhost:8883)",
+    )
+    g.add_argument("--ca", type=Path, default=env("EDGE_FLEET_CA"), help="CA certificate")
+    g.add_argument("--cert", type=Path, default=env("EDGE_FLEET_CERT"), help="client certificate")
+    g.add_argument(
+        "--cert-key", type=Path, default=env("EDGE_FLEET_CERT_KEY"), help="client certificate key"
+    )
+    g.add_argument("--mqtt", choices=["5", "3.1.1"], default=env("EDGE_FLEET_MQTT", "5"))
+    g.add_argument("--no-tls", action="store_true", help="plain TCP (a test broker on loopback)")
+    g.add_argument(
+        "--prefix", default=env("EDGE_FLEET_PREFIX", DEFAULT_PREFIX), help="topic prefix"
+    )
+    g.add_argument("--client-id", help="MQTT client id (default edge-fleet-<command>-<pid>)")
+
+
+def _client_id(args: argparse.Namespace, command: str) -> str:
+    return args.client_id or f"edge-fleet-{command}-{os.getpid()}"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from agent.fleet.server import BlockServer, serve
+
+    settings = _mqtt_settings(args)
+    if not args.bundles.is_dir():
+        raise ConfigError(f"--bundles {args.bundles} is not a directory")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    def status(server: BlockServer) -> None:
+        if not tty:
+            return
+        st = server.stats
+        rate = st.bytes / max(1e-9, time.monotonic() - started) / (1 << 20)
+        print(
+            f"\r{len(server.catalog)} bundle(s)  {st.blocks} blocks  {_size(st.bytes)} sent  "
+            f"{rate:6.1f} MiB/s  {st.deferred} deferred  {st.refused} refused ",
+            end="",
+            file=sys.stderr,
+        )
+
+    print(
+        f"edge-fleet serve: {args.bundles} on {settings.host}:{settings.port} "
+        f"(MQTT {settings.protocol}, {'shared subscription' if settings.protocol == '5' else 'single server'}, "
+        f"{args.rate_limit_mib:g} MiB/s per device)",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = serve(
+        args.bundles,
+        settings,
+        topics=Topics(args.prefix),
+        client_id=_client_id(args, "serve"),
+        rate_bytes_s=args.rate_limit_mib * (1 << 20),
+        stop=stop,
+        on_status=status,
+    )
+    st = server.stats
+    print(
+        f"{chr(10) if tty else ''}stopped: {st.blocks} blocks and {st.pages} block-list pages "
+        f"({_size(st.bytes)}) sent, {st.refused} request(s) refused",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from agent.fleet.control import fleet_session, publish_retained, stage_bundle
+    from agent.fleet.deploy import make_deployment
+    from agent.fleet.keys import load_signer
+    from agent.fleet.sign import envelope_path, sign_bundle
+    from agent.trust.envelope import parse_envelope
+    from agent.trust.metadata import BundleDescriptor, DeploymentTarget
+
+    topics = Topics(args.prefix)
+    now = _now(None)
+    signers = [load_signer(k) for k in args.key]
+    target = (
+        DeploymentTarget(kind="device", id=args.device)
+        if args.device
+        else DeploymentTarget(kind="group", id=args.group)
+    )
+    topic = topics.device(args.device).desired if args.device else topics.group_desired(args.group)
+    descriptors: dict[str, bytes] = {}
+    for bundle in args.bundles_to_deploy:
+        env_path = envelope_path(bundle)
+        if not env_path.exists():
+            sign_bundle(bundle, signers, now=now)  # a descriptor signed with the same key(s)
+        data = env_path.read_bytes()
+        descriptor = BundleDescriptor.model_validate_json(parse_envelope(data).payload)
+        if descriptor.model in descriptors:
+            raise ConfigError(f"two bundles of model {descriptor.model!r}")
+        descriptors[descriptor.model] = data
+        staged = stage_bundle(bundle, args.bundles)
+        print(f"{descriptor.model} {descriptor.version}: {staged} (served from {args.bundles})")
+    variants = dict(v.split("=", 1) for v in args.variant)
+    document = make_deployment(
+        descriptors,
+        target=target,
+        signers=signers,
+        now=now,
+        days=args.days,
+        sequence=args.sequence,
+        deployment_id=args.id,
+        variants=variants,
+    )
+    if args.output:
+        args.output.write_bytes(document)
+        print(f"wrote {args.output}")
+        if args.no_publish:
+            return 0
+    settings = _mqtt_settings(args)
+    with fleet_session(settings, _client_id(args, "deploy")) as (session, inbox):
+        publish_retained(session, topic, document)
+        dep_id = json.loads(parse_envelope(document).payload)["deployment_id"]
+        print(f"published deployment {dep_id} to {topic}")
+        if args.wait and args.device:
+            return _wait_for(session, inbox, topics, args.device, dep_id, args.wait)
+    return 0
+
+
+def _wait_for(
+    session: Any, inbox: Any, topics: Topics, device: str, dep_id: str, timeout: float
+) -> int:
+    """Follow one device's reported state until every model is final; show progress bars."""
+    import queue as _queue
+
+    from agent.fleet.control import FINAL, FleetView, bar
+    from agent.transport.session import Incoming
+
+    view = FleetView(topics)
+    session.subscribe(topics.device(device).reported)
+    deadline = time.monotonic() + timeout
+    tty = sys.stderr.isatty()
+    last_line = ""
+    while time.monotonic() < deadline:
+        try:
+            item = inbox.get(timeout=0.2)
+        except _queue.Empty:
+            continue
+        if not isinstance(item, Incoming) or view.update(item) != device:
+            continue
+        reported = view.devices[device].reported
+        if reported is None or reported.deployment_id != dep_id:
+            continue
+        parts = [
+            f"{name} {m.phase.value} {bar(m.progress) if m.progress is not None else ''}".rstrip()
+            for name, m in sorted(reported.models.items())
+        ]
+        line = f"{device}: " + ", ".join(parts)
+        if line != last_line:
+            print(
+                ("\r" + line.ljust(len(last_line))) if tty else line,
+                end="" if tty else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
+            last_line = line
+        if reported.error is not None:
+            print(
+                f"\n{device} refused the deployment ({reported.error.code}): {reported.error.message}",
+                file=sys.stderr,
+            )
+            return 1
+        if reported.models and all(m.phase in FINAL for m in reported.models.values()):
+            if tty:
+                print(file=sys.stderr)
+            failed = {n: m for n, m in reported.models.items() if m.phase != Phase.ACTIVE}
+            for name, m in failed.items():
+                code = m.error.code if m.error else m.phase.value
+                print(f"{name}: {code}: {m.error.message if m.error else ''}", file=sys.stderr)
+            return 1 if failed else 0
+    print(f"\n{device} did not finish within {timeout:.0f} s", file=sys.stderr)
+    return 3
+
+
+def _status(args: argparse.Namespace) -> int:
+    import queue as _queue
+
+    from agent.fleet.control import FleetView, collect, fleet_session, render_table
+    from agent.transport.session import Incoming
+
+    settings = _mqtt_settings(args)
+    view = FleetView(Topics(args.prefix))
+    with fleet_session(settings, _client_id(args, "status"), subscriptions=view.subscriptions) as (
+        _session,
+        inbox,
+    ):
+        collect(inbox, view)
+        if not args.watch:
+            print(json.dumps(view.as_json(), indent=2) if args.json else render_table(view))
+            return 0
+        deadline = time.monotonic() + args.watch_for if args.watch_for else float("inf")
+        shown = ""
+        try:
+            while time.monotonic() < deadline:
+                if args.json:
+                    text = json.dumps(view.as_json(), separators=(",", ":"))
+                    if text != shown:
+                        print(text, flush=True)
+                else:
+                    text = render_table(view)
+                    if text != shown:
+                        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+                        print(f"{clear}{text}", flush=True)
+                shown = text
+                try:
+                    item = inbox.get(timeout=0.5)
+                except _queue.Empty:
+                    continue
+                if isinstance(item, Incoming):
+                    view.update(item)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _trust_publish(args: argparse.Namespace) -> int:
+    from agent.fleet.control import fleet_session, publish_retained
+    from agent.fleet.keys import KeyStore
+    from agent.transport.messages import TrustUpdate
+
+    store = KeyStore(args.dir)
+    history = sorted(
+        (store.root / "history").glob("root.v*.json"), key=lambda p: int(p.stem.split(".v")[1])
+    )
+    roots = [loads(p.read_bytes(), what=str(p), max_bytes=1 << 20) for p in history[1:]]
+    update = TrustUpdate(
+        roots=roots, keyring=loads(store.keyring_bytes(), what="keyring", max_bytes=1 << 20)
+    )
+    topics = Topics(args.prefix)
+    with fleet_session(_mqtt_settings(args), _client_id(args, "trust")) as (session, _inbox):
+        publish_retained(session, topics.trust, update.to_bytes())
+    keyring = store.current_keyring()
+    print(
+        f"published root chain v1..v{store.current_root().version} and keyring v{keyring.version} "
+        f"to {topics.trust}"
+    )
+    return 0
+
+
 def fleet_parser() -> argparse.ArgumentParser:
     from agent.bundle.manifest import DEFAULT_BLOCK_SIZE
 
@@ -430,12 +710,90 @@ def fleet_parser() -> argparse.ArgumentParser:
     b.add_argument("bundle", type=Path)
     b.add_argument("--json", action="store_true")
     b.set_defaults(handler=_bundle_inspect)
+    s = top.add_parser(
+        "serve", help="answer devices' block requests for the bundles in a directory"
+    )
+    s.add_argument("--bundles", type=Path, required=True, metavar="DIR")
+    s.add_argument(
+        "--rate-limit-mib", type=float, default=32.0, help="per-device limit in MiB/s (0: none)"
+    )
+    _add_broker_options(s)
+    s.set_defaults(handler=_serve)
+
+    d = top.add_parser("deploy", help="sign and publish a deployment to a device or a group")
+    d.add_argument("bundles_to_deploy", nargs="+", type=Path, metavar="BUNDLE")
+    where = d.add_mutually_exclusive_group(required=True)
+    where.add_argument("--device", metavar="ID")
+    where.add_argument("--group", metavar="G")
+    d.add_argument(
+        "--key", type=Path, action="append", required=True, help="release private key (repeatable)"
+    )
+    d.add_argument(
+        "--bundles",
+        type=Path,
+        default=Path(os.environ.get("EDGE_FLEET_BUNDLES", "bundles")),
+        metavar="DIR",
+        help="the bundle server's directory (default $EDGE_FLEET_BUNDLES or ./bundles)",
+    )
+    d.add_argument("--days", type=int, default=30, help="days until the deployment expires")
+    d.add_argument("--sequence", type=int, help="default: milliseconds since the epoch")
+    d.add_argument("--id", help="deployment id (default dep-<sequence>)")
+    d.add_argument("--variant", action="append", default=[], metavar="MODEL=VARIANT")
+    d.add_argument("-o", "--output", type=Path, help="also write the signed document here")
+    d.add_argument("--no-publish", action="store_true", help="with -o: write only")
+    d.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=600.0,
+        metavar="SECONDS",
+        help="follow the device until every model is active or failed",
+    )
+    _add_broker_options(d)
+    d.set_defaults(handler=_deploy)
+
+    st = top.add_parser("status", help="devices' reported state, from the retained topics")
+    st.add_argument("--watch", action="store_true", help="keep following changes (Ctrl-C stops)")
+    st.add_argument("--watch-for", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
+    st.add_argument("--json", action="store_true")
+    _add_broker_options(st)
+    st.set_defaults(handler=_status)
+
+    t = keys.add_parser("publish", help="publish the root chain and keyring on the trust topic")
+    t.add_argument("dir", type=Path)
+    _add_broker_options(t)
+    t.set_defaults(handler=_trust_publish)
     return p
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from agent.config import load_config
+    from agent.daemon import DeviceAgent
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    config = load_config(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    DeviceAgent(config).run(stop)
+    return 0
 
 
 def agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge Model Agent on the box.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    top = p.add_subparsers(title="commands")
+    r = top.add_parser("run", help="run the agent in the foreground")
+    r.add_argument("--config", type=Path, default=Path("/etc/edge-agent/agent.toml"))
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(handler=_agent_run)
     return p
 
 

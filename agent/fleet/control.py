@@ -1,0 +1,238 @@
+"""The fleet side of the control plane: publish desired documents, read devices' state.
+
+Used by ``edge-fleet deploy`` and ``edge-fleet status``. Everything comes from retained topics
+(``devices/+/reported``, ``devices/+/online``), so a status is complete as soon as the broker has
+sent the retained messages; ``watch`` then follows live updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import queue
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import BadContentError, ConfigError, EdgeAgentError, StorageError
+from agent.transport.messages import Event, Online, Phase, Reported
+from agent.transport.session import Connection, InboxItem, Incoming, MqttSettings, Session
+from agent.transport.topics import Topics
+
+FINAL = {Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK}
+
+
+class BrokerError(EdgeAgentError):
+    code = "broker"
+
+
+@contextlib.contextmanager
+def fleet_session(
+    settings: MqttSettings,
+    client_id: str,
+    *,
+    subscriptions: list[str] | tuple[str, ...] = (),
+    timeout: float = 10.0,
+) -> Iterator[tuple[Session, queue.SimpleQueue[InboxItem]]]:
+    """A connected, non-persistent session for one command; BrokerError if none in ``timeout``."""
+    inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+    session = Session(
+        settings, client_id, inbox, subscriptions=list(subscriptions), persistent=False
+    )
+    session.start()
+    try:
+        if not session.connected.wait(timeout):
+            raise BrokerError(
+                f"cannot connect to {settings.host}:{settings.port} within {timeout:.0f} s "
+                "(check --broker and the TLS files; the broker log says why it refused)"
+            )
+        yield session, inbox
+    finally:
+        session.stop()
+
+
+def publish_retained(session: Session, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+    """Publish a retained QoS 1 message and wait for the broker to take it."""
+    info = session.publish(topic, payload, retain=True)
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError) as exc:
+        raise BrokerError(f"could not publish to {topic}: {exc}") from None
+    if not info.is_published():
+        raise BrokerError(f"the broker did not acknowledge {topic} within {timeout:.0f} s")
+    refused = session.refused.get(info.mid)
+    if refused is not None:
+        raise BrokerError(f"the broker refused {topic}: {refused} (does the ACL allow it?)")
+
+
+def stage_bundle(bundle: Path, bundles_dir: Path) -> Path:
+    """Copy ``bundle`` (and its ``.dsse``) into the server's directory unless it is there."""
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    target = bundles_dir / bundle.name
+    try:
+        if target.resolve() == bundle.resolve():
+            return target
+        if target.exists() and filecmp.cmp(target, bundle, shallow=False):
+            return target
+        tmp = bundles_dir / f".{bundle.name}.tmp"
+        shutil.copyfile(bundle, tmp)
+        tmp.replace(target)
+        dsse = bundle.with_name(bundle.name + ".dsse")
+        if dsse.exists():
+            shutil.copyfile(dsse, target.with_name(target.name + ".dsse"))
+    except OSError as exc:
+        raise StorageError(f"cannot copy {bundle} into {bundles_dir}: {exc.strerror}") from None
+    return target
+
+
+@dataclass
+class DeviceView:
+    device_id: str
+    online: bool | None = None
+    reported: Reported | None = None
+    last_event: Event | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+class FleetView:
+    """Devices' state from the retained topics, updated message by message."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self.devices: dict[str, DeviceView] = {}
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return [
+            self.topics.all_devices_filter("reported"),
+            self.topics.all_devices_filter("online"),
+            self.topics.all_devices_filter("events"),
+        ]
+
+    def update(self, item: Incoming) -> str | None:
+        """Take one message; return the device id it changed (None if none)."""
+        try:
+            ref = self.topics.parse(item.topic)
+        except BadContentError:
+            return None
+        if ref.kind != "device":
+            return None
+        view = self.devices.setdefault(ref.id, DeviceView(ref.id))
+        try:
+            if ref.channel == "online":
+                view.online = (
+                    Online.from_bytes(item.payload).state == "online" if item.payload else None
+                )
+            elif ref.channel == "reported":
+                view.reported = Reported.from_bytes(item.payload) if item.payload else None
+            elif ref.channel == "events":
+                view.last_event = Event.from_bytes(item.payload)
+            else:
+                return None
+        except BadContentError as exc:
+            view.problems.append(f"{ref.channel}: {exc}")
+            del view.problems[:-3]
+        return ref.id
+
+    def rows(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for device_id, view in sorted(self.devices.items()):
+            r = view.reported
+            models = r.models if r else {}
+            base: dict[str, object] = {
+                "device": device_id,
+                "online": view.online,
+                "deployment": r.deployment_id if r else None,
+                "error": r.error.code if r and r.error else None,
+            }
+            if not models:
+                out.append(
+                    {**base, "model": None, "version": None, "phase": None, "progress": None}
+                )
+            for name, m in sorted(models.items()):
+                out.append(
+                    {
+                        **base,
+                        "model": name,
+                        "version": m.version,
+                        "phase": m.phase.value,
+                        "progress": m.progress,
+                        "error": (m.error.code if m.error else None) or base["error"],
+                    }
+                )
+        return out
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            device_id: {
+                "online": view.online,
+                "reported": None
+                if view.reported is None
+                else view.reported.model_dump(mode="json"),
+            }
+            for device_id, view in sorted(self.devices.items())
+        }
+
+
+def collect(
+    session_inbox: queue.SimpleQueue[InboxItem],
+    view: FleetView,
+    *,
+    quiet: float = 0.5,
+    timeout: float = 5.0,
+) -> None:
+    """Take retained messages until none came for ``quiet`` seconds (at most ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - last < quiet:
+        try:
+            item = session_inbox.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if isinstance(item, Incoming):
+            view.update(item)
+            last = time.monotonic()
+        elif isinstance(item, Connection) and not item.up:
+            raise BrokerError("lost the connection to the broker")
+
+
+def bar(percent: float | None, width: int = 20) -> str:
+    if percent is None:
+        return ""
+    filled = round(width * max(0.0, min(100.0, percent)) / 100)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {percent:5.1f}%"
+
+
+def render_table(view: FleetView) -> str:
+    """The fleet as a table: one row per device and model."""
+    headers = ["DEVICE", "ONLINE", "MODEL", "VERSION", "PHASE", "PROGRESS", "ERROR"]
+    rows = []
+    for row in view.rows():
+        online = {True: "yes", False: "no", None: "?"}[row["online"]]  # type: ignore[index]
+        phase = row["phase"] or "-"
+        rows.append(
+            [
+                str(row["device"]),
+                online,
+                str(row["model"] or "-"),
+                str(row["version"] or "-"),
+                str(phase),
+                bar(row["progress"]) if phase == "downloading" else "",  # type: ignore[arg-type]
+                str(row["error"] or ""),
+            ]
+        )
+    if not rows:
+        return "no device has reported yet"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def check_settings(settings: MqttSettings) -> None:
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(settings, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{name.replace('_', ' ')} {path} does not exist")

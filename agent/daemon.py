@@ -185,16 +185,7 @@ class DeviceAgent:
             shipped_keyring = cfg.keyring.read_bytes() if cfg.keyring else None
         except OSError as exc:
             raise StorageError(f"cannot read the trusted root: {exc}") from None
-        state = self.store.load_trust(shipped, shipped_keyring)
-        now = self._now()
-        for source, data in (("stored", self.store.stored_keyring()), ("shipped", shipped_keyring)):
-            if data is None:
-                continue
-            try:
-                state = state.update_keyring(data, now)
-            except BadContentError as exc:
-                log.warning("not using the %s keyring: %s", source, exc)
-        return state
+        return self.store.load_trust(shipped, shipped_keyring, self._now())
 
     def _restore(self) -> None:
         for name, installed in self.store.load_installed().items():

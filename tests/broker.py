@@ -45,6 +45,21 @@ class Broker:
     certs: Path | None = None  # make-certs.sh output for the TLS variant
     _log: Path = field(repr=False, default=Path())
 
+    def stop(self) -> None:
+        """Stop mosquitto (SIGTERM), as an outage would."""
+        _stop(self.process)
+
+    def start(self) -> None:
+        """Start mosquitto again on the same port with the same configuration."""
+        if self.process.poll() is None:
+            raise RuntimeError("mosquitto is still running")
+        self.process = _spawn(self.dir)
+        try:
+            _wait_listening(self.process, self.port, self._log)
+        except BaseException:
+            _stop(self.process)
+            raise
+
     def log(self) -> str:
         """What mosquitto logged so far (for assertion messages)."""
         try:
@@ -152,6 +167,16 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
+def _spawn(workdir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [mosquitto_binary(), "-c", str(workdir / "mosquitto.conf")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+
+
 def _launch(
     workdir: Path, build: Callable[[int], list[str]]
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -162,13 +187,7 @@ def _launch(
         port = free_port()
         conf.write_text("\n".join(build(port)) + "\n")
         log.unlink(missing_ok=True)
-        proc = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
+        proc = _spawn(workdir)
         try:
             _wait_listening(proc, port, log)
         except _StartError:
@@ -188,10 +207,11 @@ def _run(
     workdir: Path, build: Callable[[int], list[str]], certs: Path | None = None
 ) -> Iterator[Broker]:
     proc, port = _launch(workdir, build)
+    broker = Broker(HOST, port, workdir, proc, certs, workdir / "mosquitto.log")
     try:
-        yield Broker(HOST, port, workdir, proc, certs, workdir / "mosquitto.log")
+        yield broker
     finally:
-        _stop(proc)
+        _stop(broker.process)  # the one running now (a test may have restarted it)
 
 
 @contextmanager

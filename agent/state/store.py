@@ -23,6 +23,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -79,10 +80,13 @@ class StateStore:
                 raise StorageError(f"cannot create {self.root / sub}: {exc.strerror}") from None
 
     # -- trust --------------------------------------------------------------------------------
-    def load_trust(self, shipped_root: bytes, shipped_keyring: bytes | None) -> TrustedState:
-        """The shipped root, then the stored chain and keyring if they are newer; then floors.
+    def load_trust(
+        self, shipped_root: bytes, shipped_keyring: bytes | None, now: datetime
+    ) -> TrustedState:
+        """The shipped root, or the stored one if newer; the newest usable keyring; the floors.
 
-        A stored file that no longer verifies is ignored (and logged): the shipped root stays.
+        Stored files are verified again. One that no longer verifies (or has expired) is
+        logged and skipped; the floors still hold, so an older keyring cannot come back.
         """
         state = TrustedState.from_root(shipped_root)
         stored = self._read(self.root / "trust" / "root.json")
@@ -93,11 +97,27 @@ class StateStore:
                     state = candidate
             except BadContentError as exc:
                 log.error("ignoring the stored root: %s", exc)
+        for source, data in (("stored", self.stored_keyring()), ("shipped", shipped_keyring)):
+            if data is None:
+                continue
+            try:
+                state = state.update_keyring(data, now)
+            except BadContentError as exc:
+                log.warning("not using the %s keyring: %s", source, exc)
         floors = self.load_floors()
-        state = replace(
-            state, keyring_floor=floors.keyring_floor, release_floor=dict(floors.release_floor)
+        current = state.keyring.version if state.keyring is not None else 0
+        if state.keyring is not None and current < floors.keyring_floor:
+            log.error(
+                "keyring v%d is older than v%d, trusted before: not using it",
+                current,
+                floors.keyring_floor,
+            )
+            state = replace(state, keyring=None, keyring_bytes=None)
+        return replace(
+            state,
+            keyring_floor=max(floors.keyring_floor, current),
+            release_floor=dict(floors.release_floor),
         )
-        return state
 
     def stored_keyring(self) -> bytes | None:
         return self._read(self.root / "trust" / "keyring.json")

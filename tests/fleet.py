@@ -1,0 +1,308 @@
+"""A small fleet for tests: keys, bundles, a real mosquitto, bundle servers and device agents.
+
+Devices run as :class:`~agent.daemon.DeviceAgent` on a thread of the test process (``agent``)
+or as a real ``edge-agent run`` process (``agent_process``, for kill -9 and restarts). The fleet
+side watches the retained topics with its own MQTT session (``Watcher``). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, TrustSettings
+from agent.daemon import DeviceAgent
+from agent.fleet.control import FleetView
+from agent.fleet.deploy import make_deployment
+from agent.fleet.server import BlockServer, serve
+from agent.transport.messages import Event, Reported
+from agent.transport.session import InboxItem, Incoming, MqttSettings, Session
+from agent.transport.topics import Topics
+from agent.transport.transfer import TransferSettings
+from agent.trust.keys import Signer
+from agent.trust.metadata import DeploymentTarget
+from tests.broker import Broker
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 20.0
+TOPICS = Topics()
+
+
+def mqtt_settings(broker: Broker, identity: str | None = None, protocol: str = "5") -> MqttSettings:
+    """Settings for ``broker``: TLS with ``identity``'s certificate when the broker has certs."""
+    common: dict[str, Any] = {
+        "host": broker.host,
+        "port": broker.port,
+        "protocol": protocol,
+        "backoff_initial_s": 0.2,
+        "backoff_max_s": 1.0,
+        "keepalive_s": 5,
+    }
+    if broker.certs is None:
+        return MqttSettings(tls=False, **common)
+    assert identity is not None
+    return MqttSettings(
+        tls=True,
+        ca_file=broker.certs / "ca.crt",
+        cert_file=broker.certs / f"{identity}.crt",
+        key_file=broker.certs / f"{identity}.key",
+        **common,
+    )
+
+
+def agent_config(
+    state: Path,
+    keys_dir: Path,
+    broker: Broker,
+    device_id: str,
+    *,
+    groups: tuple[str, ...] = (),
+    protocol: str = "5",
+    transfer: TransferSettings | None = None,
+) -> AgentConfig:
+    return AgentConfig(
+        device_id=device_id,
+        groups=list(groups),
+        state_dir=state,
+        mqtt=mqtt_settings(broker, device_id, protocol),
+        trust=TrustSettings(root=keys_dir / "root.json", keyring=keys_dir / "keyring.json"),
+        transfer=transfer
+        or TransferSettings(window=8, request_timeout_s=2.0, stall_timeout_s=30.0),
+        report_interval_s=0.1,
+    )
+
+
+def deployment(
+    descriptors: dict[str, bytes],
+    signer: Signer,
+    *,
+    device: str | None = None,
+    group: str | None = None,
+    sequence: int | None = None,
+    now: datetime | None = None,
+    days: int = 30,
+) -> bytes:
+    target = (
+        DeploymentTarget(kind="device", id=device)
+        if device
+        else DeploymentTarget(kind="group", id=group or "")
+    )
+    return make_deployment(
+        descriptors,
+        target=target,
+        signers=[signer],
+        now=now or datetime.now(timezone.utc),
+        sequence=sequence,
+        days=days,
+    )
+
+
+@dataclass
+class Watcher:
+    """The fleet's view: reported, online and events of every device, from a real session."""
+
+    session: Session
+    inbox: queue.SimpleQueue[InboxItem]
+    view: FleetView = field(default_factory=lambda: FleetView(TOPICS))
+    events: list[Event] = field(default_factory=list)
+    raw: list[Incoming] = field(default_factory=list)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, Incoming):
+                self.raw.append(item)
+                self.view.update(item)
+                if item.topic.endswith("/events") and item.payload:
+                    self.events.append(Event.from_bytes(item.payload))
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def wait(
+        self, device: str, predicate: Callable[[Reported], bool], timeout: float = WAIT, what: str = ""
+    ) -> Reported:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._drain(0.05)
+            view = self.view.devices.get(device)
+            if view is not None and view.reported is not None and predicate(view.reported):
+                return view.reported
+        view = self.view.devices.get(device)
+        last = view.reported.model_dump(mode="json") if view and view.reported else None
+        raise AssertionError(f"{device}: {what or 'condition'} not reached; last reported {last}")
+
+    def wait_event(
+        self, predicate: Callable[[Event], bool], timeout: float = WAIT, what: str = ""
+    ) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((e for e in self.events if predicate(e)), None)
+            if found is not None:
+                return found
+            self._drain(0.05)
+        raise AssertionError(f"no event {what}; got {[e.model_dump(mode='json') for e in self.events]}")
+
+    def online(self, device: str, timeout: float = WAIT) -> bool | None:
+        self._drain(0.2)
+        view = self.view.devices.get(device)
+        return None if view is None else view.online
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        info = self.session.publish(topic, payload, retain=retain)
+        info.wait_for_publish(5)
+        assert info.is_published(), f"no PUBACK for {topic}"
+        assert info.mid not in self.session.refused, self.session.refused[info.mid]
+
+
+@contextmanager
+def watcher(broker: Broker, identity: str = "fleet", protocol: str = "5") -> Iterator[Watcher]:
+    inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+    view = FleetView(TOPICS)
+    session = Session(
+        mqtt_settings(broker, identity, protocol),
+        f"watcher-{os.getpid()}-{threading.get_ident()}",
+        inbox,
+        subscriptions=view.subscriptions,
+        persistent=False,
+    )
+    session.start()
+    try:
+        assert session.connected.wait(WAIT), f"the watcher could not connect\n{broker.log()}"
+        yield Watcher(session, inbox, view)
+    finally:
+        session.stop()
+
+
+@contextmanager
+def bundle_server(
+    broker: Broker,
+    bundles: Path,
+    *,
+    identity: str = "fleet",
+    protocol: str = "5",
+    rate_bytes_s: float = 256 << 20,
+    name: str = "server",
+) -> Iterator[list[BlockServer]]:
+    """Run ``serve`` on a thread; yields a list that holds the server once it has stopped."""
+    stop = threading.Event()
+    done: list[BlockServer] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(
+                serve(
+                    bundles,
+                    mqtt_settings(broker, identity, protocol),
+                    topics=TOPICS,
+                    client_id=f"{name}-{os.getpid()}",
+                    rate_bytes_s=rate_bytes_s,
+                    stop=stop,
+                )
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not errors, errors
+
+
+@contextmanager
+def agent(config: AgentConfig) -> Iterator[DeviceAgent]:
+    """A DeviceAgent on a thread of this process; stopped (cleanly) on exit."""
+    device = DeviceAgent(config)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            device.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=f"agent-{config.device_id}", daemon=True)
+    thread.start()
+    try:
+        yield device
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive(), "the agent did not stop"
+        assert not errors, errors
+
+
+def write_agent_toml(config: AgentConfig, path: Path) -> Path:
+    """agent.toml for ``edge-agent run`` (only what the tests set)."""
+    m, t = config.mqtt, config.transfer
+
+    def q(value: object) -> str:
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [
+        f"device_id = {q(config.device_id)}",
+        f"groups = [{', '.join(q(g) for g in config.groups)}]",
+        f"state_dir = {q(config.state_dir)}",
+        f"report_interval_s = {config.report_interval_s}",
+        "[mqtt]",
+        f"host = {q(m.host)}",
+        f"port = {m.port}",
+        f"protocol = {q(m.protocol)}",
+        f"tls = {'true' if m.tls else 'false'}",
+        f"keepalive_s = {m.keepalive_s}",
+        f"backoff_initial_s = {m.backoff_initial_s}",
+        f"backoff_max_s = {m.backoff_max_s}",
+    ]
+    for name in ("ca_file", "cert_file", "key_file"):
+        if getattr(m, name) is not None:
+            lines.append(f"{name} = {q(getattr(m, name))}")
+    lines += ["[trust]", f"root = {q(config.trust.root)}"]
+    if config.trust.keyring is not None:
+        lines.append(f"keyring = {q(config.trust.keyring)}")
+    lines += [
+        "[transfer]",
+        f"window = {t.window}",
+        f"request_timeout_s = {t.request_timeout_s}",
+        f"stall_timeout_s = {t.stall_timeout_s}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextmanager
+def agent_process(config_file: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``edge-agent run --config FILE`` as a real process; killed (SIGKILL) on exit if alive."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "edge-agent"), "run", "--config", str(config_file), "-v"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)

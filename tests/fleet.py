@@ -135,7 +135,11 @@ class Watcher:
                 return
 
     def wait(
-        self, device: str, predicate: Callable[[Reported], bool], timeout: float = WAIT, what: str = ""
+        self,
+        device: str,
+        predicate: Callable[[Reported], bool],
+        timeout: float = WAIT,
+        what: str = "",
     ) -> Reported:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -156,7 +160,9 @@ class Watcher:
             if found is not None:
                 return found
             self._drain(0.05)
-        raise AssertionError(f"no event {what}; got {[e.model_dump(mode='json') for e in self.events]}")
+        raise AssertionError(
+            f"no event {what}; got {[e.model_dump(mode='json') for e in self.events]}"
+        )
 
     def online(self, device: str, timeout: float = WAIT) -> bool | None:
         self._drain(0.2)
@@ -295,7 +301,13 @@ def agent_process(config_file: Path, log: Path) -> Iterator[subprocess.Popen[byt
     """``edge-agent run --config FILE`` as a real process; killed (SIGKILL) on exit if alive."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "edge-agent"), "run", "--config", str(config_file), "-v"],
+            [
+                str(Path(sys.executable).parent / "edge-agent"),
+                "run",
+                "--config",
+                str(config_file),
+                "-v",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,

@@ -1,0 +1,234 @@
+"""edge-fleet serve, deploy, status and keys publish, as processes, against a real mosquitto.
+
+TLS with client certificates and the shipped ACL; the fleet tools use the "fleet" identity
+through the EDGE_FLEET_* environment variables, as an operator's shell would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from agent.transport.messages import Phase
+from tests.broker import Broker, make_certs, tls_broker
+from tests.conftest import Keys
+from tests.fleet import agent, agent_config, watcher
+
+FLEET = str(Path(sys.executable).parent / "edge-fleet")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
+
+
+@pytest.fixture
+def broker(tmp_path: Path, certs: Path) -> Iterator[Broker]:
+    with tls_broker(tmp_path, certs) as b:
+        yield b
+
+
+def _env(broker: Broker, identity: str = "fleet") -> dict[str, str]:
+    assert broker.certs is not None
+    return {
+        **os.environ,
+        "EDGE_FLEET_BROKER": f"{broker.host}:{broker.port}",
+        "EDGE_FLEET_CA": str(broker.certs / "ca.crt"),
+        "EDGE_FLEET_CERT": str(broker.certs / f"{identity}.crt"),
+        "EDGE_FLEET_CERT_KEY": str(broker.certs / f"{identity}.key"),
+    }
+
+
+def _fleet(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FLEET, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path, broker: Broker) -> Iterator[Path]:
+    """``edge-fleet serve --bundles DIR`` as a process; yields DIR."""
+    bundles = tmp_path / "served"
+    bundles.mkdir()
+    proc = subprocess.Popen(
+        [FLEET, "serve", "--bundles", str(bundles)],
+        env=_env(broker),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner = proc.stdout.readline()  # printed once it handles SIGTERM and is about to connect
+    assert banner.startswith("edge-fleet serve:"), banner
+    try:
+        yield bundles
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0, out
+        assert "stopped:" in out
+
+
+def test_deploy_wait_and_status(
+    tmp_path: Path, broker: Broker, keys: Keys, build, server: Path
+) -> None:
+    bundle = build("1.0.0", block_size=4096).path
+    key = keys.store.release_key_paths()[0]
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    env = _env(broker)
+    with agent(config):
+        done = _fleet(
+            "deploy",
+            str(bundle),
+            "--device",
+            "cam-01",
+            "--key",
+            str(key),
+            "--bundles",
+            str(server),
+            "--wait",
+            "60",
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "published deployment dep-" in done.stdout
+        assert (server / bundle.name).is_file(), "the bundle was staged for the server"
+        assert Path(f"{bundle}.dsse").is_file(), "signed on the way"
+        assert "tiny active" in done.stderr
+
+        status = _fleet("status", "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        state = json.loads(status.stdout)["cam-01"]
+        assert state["online"] is True
+        assert state["reported"]["models"]["tiny"]["phase"] == "active"
+        assert state["reported"]["models"]["tiny"]["version"] == "1.0.0"
+
+        table = _fleet("status", env=env)
+        assert table.returncode == 0, table.stderr
+        header, row = table.stdout.splitlines()[:2]
+        assert header.split() == [
+            "DEVICE",
+            "ONLINE",
+            "MODEL",
+            "VERSION",
+            "PHASE",
+            "PROGRESS",
+            "ERROR",
+        ]
+        assert row.split() == ["cam-01", "yes", "tiny", "1.0.0", "active"]
+
+
+def test_deploy_to_a_group_reaches_its_members(
+    tmp_path: Path, broker: Broker, keys: Keys, build, server: Path
+) -> None:
+    bundle = build("1.0.0", block_size=4096).path
+    key = keys.store.release_key_paths()[0]
+    env = _env(broker)
+    configs = [
+        agent_config(tmp_path / d, keys.dir, broker, d, groups=("lobby",))
+        for d in ("cam-01", "cam-02")
+    ]
+    with watcher(broker) as fleet, agent(configs[0]), agent(configs[1]):
+        done = _fleet(
+            "deploy",
+            str(bundle),
+            "--group",
+            "lobby",
+            "--key",
+            str(key),
+            "--bundles",
+            str(server),
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        for device in ("cam-01", "cam-02"):
+            fleet.wait(
+                device,
+                lambda r: (
+                    r.models.get("tiny") is not None and r.models["tiny"].phase == Phase.ACTIVE
+                ),
+            )
+
+
+def test_deploy_refused_by_the_broker_acl_is_an_error(
+    tmp_path: Path, broker: Broker, keys: Keys, build
+) -> None:
+    """With a device's certificate the deploy cannot publish a desired document (MQTT 5 0x87)."""
+    bundle = build("1.0.0", block_size=4096).path
+    key = keys.store.release_key_paths()[0]
+    done = _fleet(
+        "deploy",
+        str(bundle),
+        "--device",
+        "cam-02",
+        "--key",
+        str(key),
+        "--bundles",
+        str(tmp_path / "b"),
+        env=_env(broker, identity="cam-01"),
+    )
+    assert done.returncode == 3
+    assert "refused" in done.stderr
+    assert "ACL" in done.stderr
+
+
+def test_cannot_reach_the_broker_is_a_clear_error(tmp_path: Path, broker: Broker) -> None:
+    env = _env(broker)
+    env["EDGE_FLEET_BROKER"] = f"{broker.host}:1"  # nothing listens on port 1
+    done = _fleet("status", env=env, timeout=60)
+    assert done.returncode == 3
+    assert "cannot connect" in done.stderr
+
+
+def test_keys_publish_reaches_devices(
+    tmp_path: Path, broker: Broker, keys: Keys, build, server: Path
+) -> None:
+    """A rotated release key reaches devices on the trust topic; its signatures then verify."""
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    shutil.copytree(keys.dir, tmp_path / "shipped")  # the device keeps the keyring it shipped with
+    config = config.model_copy(
+        update={
+            "trust": config.trust.model_copy(
+                update={
+                    "root": tmp_path / "shipped" / "root.json",
+                    "keyring": tmp_path / "shipped" / "keyring.json",
+                }
+            )
+        }
+    )
+    keys.store.rotate_release(now=datetime.now(timezone.utc))  # the old release key is revoked
+    new_key = keys.store.release_key_paths()[0]
+    bundle = build("1.0.0", block_size=4096).path
+    env = _env(broker)
+    with agent(config) as device:
+        published = _fleet("keys", "publish", str(keys.dir), env=env)
+        assert published.returncode == 0, published.stderr
+        assert "keyring v2" in published.stdout
+        done = _fleet(
+            "deploy",
+            str(bundle),
+            "--device",
+            "cam-01",
+            "--key",
+            str(new_key),
+            "--bundles",
+            str(server),
+            "--wait",
+            "60",
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert device.trusted.keyring is not None
+        assert device.trusted.keyring.version == 2
+    floors = json.loads((tmp_path / "cam-01" / "trust" / "floors.json").read_text())
+    assert floors["keyring_floor"] == 2

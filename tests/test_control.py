@@ -1,0 +1,180 @@
+"""Desired and reported state end to end: a real mosquitto, a bundle server and device agents.
+
+TLS with client certificates and the shipped ACL (identity = certificate CN) unless a test says
+otherwise; devices cam-01 and cam-02 in group "lobby", the fleet identity "fleet".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.transport.messages import Phase, Reported
+from tests.broker import Broker, make_certs, tls_broker
+from tests.conftest import Keys
+from tests.fleet import (
+    TOPICS,
+    agent,
+    agent_config,
+    bundle_server,
+    deployment,
+    watcher,
+)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
+
+
+@pytest.fixture
+def broker(tmp_path: Path, certs: Path) -> Iterator[Broker]:
+    with tls_broker(tmp_path, certs) as b:
+        yield b
+
+
+@pytest.fixture
+def bundles(tmp_path: Path) -> Path:
+    d = tmp_path / "served"
+    d.mkdir()
+    return d
+
+
+def _serve(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:
+    path, envelope = signed_bundle
+    shutil.copyfile(path, bundles / path.name)
+    return envelope
+
+
+def _active(model: str, version: str):  # type: ignore[no-untyped-def]
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return m is not None and m.phase == Phase.ACTIVE and m.version == version
+
+    return check
+
+
+def test_device_converges_on_its_desired_document(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    envelope = _serve(signed("1.0.0", block_size=4096), bundles)
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config):
+        fleet.publish(
+            TOPICS.device("cam-01").desired,
+            deployment({"tiny": envelope}, keys.release, device="cam-01"),
+        )
+        reported = fleet.wait("cam-01", _active("tiny", "1.0.0"), what="tiny 1.0.0 active")
+        assert fleet.online("cam-01") is True
+    assert reported.error is None
+    phases = [e.phase for e in fleet.events if e.kind == "phase" and e.model == "tiny"]
+    assert phases[:2] == [Phase.PENDING, Phase.DOWNLOADING]
+    assert phases[-1] == Phase.ACTIVE
+    assert Phase.VERIFYING in phases
+    installed = json.loads((tmp_path / "cam-01" / "models" / "tiny.json").read_text())
+    assert installed["version"] == "1.0.0"
+    assert (Path(installed["path"]) / "manifest.json").is_file()
+
+
+def test_offline_device_converges_when_it_comes_back(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    """Desired documents are retained: a device that was away picks up the latest on connect."""
+    env1 = _serve(signed("1.0.0", block_size=4096), bundles)
+    env2 = _serve(signed("1.1.0", block_size=4096), bundles)
+    desired = TOPICS.device("cam-01").desired
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    with watcher(broker) as fleet, bundle_server(broker, bundles):
+        fleet.publish(
+            desired, deployment({"tiny": env1}, keys.release, device="cam-01", sequence=1)
+        )
+        with agent(config):  # first boot: only the retained document tells it what to run
+            fleet.wait("cam-01", _active("tiny", "1.0.0"))
+        assert fleet.online("cam-01") is False, "a clean stop says offline"
+        fleet.publish(
+            desired, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=2)
+        )
+        with agent(config):
+            reported = fleet.wait("cam-01", _active("tiny", "1.1.0"))
+    assert reported.sequence == 2
+
+
+def test_device_document_overrides_its_groups(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    env1 = _serve(signed("1.0.0", block_size=4096), bundles)
+    env2 = _serve(signed("2.0.0", block_size=4096), bundles)
+    env3 = _serve(signed("3.0.0", block_size=4096), bundles)
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01", groups=("lobby",))
+    group, device = TOPICS.group_desired("lobby"), TOPICS.device("cam-01").desired
+    with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config):
+        fleet.publish(group, deployment({"tiny": env1}, keys.release, group="lobby", sequence=1))
+        fleet.wait("cam-01", _active("tiny", "1.0.0"), what="the group's model")
+        fleet.publish(device, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=2))
+        fleet.wait("cam-01", _active("tiny", "2.0.0"), what="the device's own model")
+        fleet.publish(group, deployment({"tiny": env3}, keys.release, group="lobby", sequence=3))
+        # A control message after the group document: the device's own document still wins.
+        fleet.publish(device, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=4))
+        reported = fleet.wait("cam-01", lambda r: r.sequence == 4, what="sequence 4 seen")
+    assert reported.models["tiny"].version == "2.0.0"
+    assert reported.models["tiny"].phase == Phase.ACTIVE
+
+
+def test_two_models_side_by_side_and_a_dropped_model_is_removed(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    detector = _serve(signed("1.0.0", name="detector", block_size=4096), bundles)
+    classifier = _serve(signed("1.0.0", name="classifier", block_size=4096), bundles)
+    classifier2 = _serve(signed("1.1.0", name="classifier", block_size=4096), bundles)
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    desired = TOPICS.device("cam-01").desired
+    both = {"detector": detector, "classifier": classifier}
+    with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config):
+        fleet.publish(desired, deployment(both, keys.release, device="cam-01", sequence=1))
+        fleet.wait(
+            "cam-01",
+            lambda r: _active("detector", "1.0.0")(r) and _active("classifier", "1.0.0")(r),
+            what="both active",
+        )
+        fleet.publish(
+            desired,
+            deployment({"classifier": classifier2}, keys.release, device="cam-01", sequence=2),
+        )
+        reported = fleet.wait(
+            "cam-01",
+            lambda r: "detector" not in r.models and _active("classifier", "1.1.0")(r),
+            what="detector dropped, classifier updated",
+        )
+    assert set(reported.models) == {"classifier"}
+    models = tmp_path / "cam-01" / "models"
+    assert not (models / "detector.json").exists()
+    assert not (models / "detector").exists()
+    # The classifier's earlier bundle stays for a rollback; the detector's is gone.
+    assert len(list((tmp_path / "cam-01" / "bundles").glob("*.emb"))) == 2
+
+
+def test_mqtt_311_end_to_end(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    """Device, bundle server and fleet all on MQTT 3.1.1 (no shared subscription)."""
+    envelope = _serve(signed("1.0.0", block_size=4096), bundles)
+    config = agent_config(tmp_path / "cam-02", keys.dir, broker, "cam-02", protocol="3.1.1")
+    with (
+        watcher(broker, protocol="3.1.1") as fleet,
+        bundle_server(broker, bundles, protocol="3.1.1") as served,
+        agent(config) as device,
+    ):
+        assert not device.session.v5
+        fleet.publish(
+            TOPICS.device("cam-02").desired,
+            deployment({"tiny": envelope}, keys.release, device="cam-02"),
+        )
+        fleet.wait("cam-02", _active("tiny", "1.0.0"))
+    assert served[0].stats.blocks > 0
+    log = broker.log()
+    assert "ema/v1/bundles/+/request" in log, "the server subscribed to the plain filter"
+    assert "$share/" not in log, "no shared subscription on a 3.1.1 server"

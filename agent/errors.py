@@ -11,6 +11,7 @@ tools catch that type alone and print its message. Errors from lower libraries (
     ├── StorageError                    the disk refused: full, read-only, missing, permissions
     │   └── DiskFullError               not enough free space for what must be written
     ├── ToolError                       an optional runtime or converter is missing or failed
+    ├── BrokerError                     the MQTT broker cannot be reached or refused a message
     ├── TransferError                   a bundle could not be fetched over MQTT
     │   ├── TransferTimeoutError        no progress within the configured time
     │   └── BundleUnavailableError      no bundle server has the bundle
@@ -60,6 +61,10 @@ class DiskFullError(StorageError):
 
 class ToolError(EdgeAgentError):
     code = "tool"
+
+
+class BrokerError(EdgeAgentError):
+    code = "broker"
 
 
 class TransferError(EdgeAgentError):

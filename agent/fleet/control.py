@@ -16,16 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import BadContentError, ConfigError, EdgeAgentError, StorageError
+from agent.errors import BadContentError, BrokerError, ConfigError, StorageError
 from agent.transport.messages import Event, Online, Phase, Reported
 from agent.transport.session import Connection, InboxItem, Incoming, MqttSettings, Session
 from agent.transport.topics import Topics
 
 FINAL = {Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK}
-
-
-class BrokerError(EdgeAgentError):
-    code = "broker"
 
 
 @contextlib.contextmanager

@@ -327,7 +327,7 @@ class DeviceAgent:
 
     def _cancel(self, slot: Slot) -> None:
         if slot.transfer is not None:
-            slot.transfer.pause()  # its download stays for a later resume; GC removes it
+            slot.transfer.pause()  # its download stays until the next garbage collection
             slot.transfer = None
         slot.target = None
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from agent.errors import BadContentError, FormatError, SizeLimitError
 from agent.transport.messages import (
+    MAX_BLOCK_REPLY_BYTES,
     MAX_WINDOW,
     MESSAGES,
     BlockReplyHeader,
@@ -128,7 +129,7 @@ def test_block_reply_frame_round_trip() -> None:
         (b"EMB1\x00\xff{}", FormatError),
         (b"EMB1\x00\x02{}", FormatError),
         (b"EMB1\x00\x04null", FormatError),
-        (b"EMB1" + b"\x00\x00" + bytes(400_000), SizeLimitError),
+        (b"EMB1" + b"\x00\x00" + bytes(MAX_BLOCK_REPLY_BYTES + 1), SizeLimitError),
     ],
 )
 def test_malformed_block_replies(frame: bytes, exc: type[Exception]) -> None:

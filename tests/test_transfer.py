@@ -439,3 +439,19 @@ def test_backoff_is_jittered_exponential_and_bounded() -> None:
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 40, "jittered, not in step"
     assert os.cpu_count()
+
+
+def test_largest_block_size_transfers(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
+) -> None:
+    """1 MiB blocks (the largest a descriptor may sign) fit the device's reply limit."""
+    path, envelope = signed("1.0.0", models=[big_model], block_size=1 << 20, samples="none")
+    shutil.copyfile(path, bundles / path.name)
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    with watcher(broker) as fleet, bundle_server(broker, bundles) as served, agent(config):
+        fleet.publish(
+            TOPICS.device("cam-01").desired,
+            deployment({"tiny": envelope}, keys.release, device="cam-01"),
+        )
+        fleet.wait("cam-01", _active("tiny", "1.0.0"))
+    assert served[0].stats.blocks == -(-path.stat().st_size // (1 << 20))

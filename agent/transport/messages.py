@@ -24,6 +24,8 @@ from agent.trust.metadata import Hex64, ModelName, TargetId
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_WINDOW = 64  # blocks one request may ask for
+MAX_BLOCK_BYTES = 1 << 20  # the largest block size a descriptor may sign
+MAX_BLOCK_REPLY_BYTES = MAX_BLOCK_BYTES + 8192  # one block, its header and the frame
 BLOCK_LIST_PAGE = 2048  # digests per block-list page: 64 KiB of SHA-256s
 
 Text = Annotated[str, Field(max_length=1024)]
@@ -176,9 +178,13 @@ def encode_block_reply(header: BlockReplyHeader, data: bytes = b"") -> bytes:
 
 
 def decode_block_reply(
-    payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES + 4096
+    payload: bytes, *, max_bytes: int = MAX_BLOCK_REPLY_BYTES
 ) -> tuple[BlockReplyHeader, bytes]:
-    """Split a block reply into its header and bytes; FormatError for anything malformed."""
+    """Split a block reply into its header and bytes; FormatError for anything malformed.
+
+    The bytes are not checked here: the transfer compares their length and SHA-256 with the
+    signed block-hash list.
+    """
     if len(payload) > max_bytes:
         raise SizeLimitError(f"block reply of {len(payload)} bytes; the limit is {max_bytes}")
     if len(payload) < _HEAD.size:

@@ -181,6 +181,8 @@ class Transfer:
         try:
             if not self.part_path.exists():
                 self._check_disk(size)
+                # A bitmap without its file marks nothing that is on disk.
+                self.bitmap_path.unlink(missing_ok=True)
             self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT, 0o600)
             if os.fstat(self._fd).st_size != size:
                 os.ftruncate(self._fd, size)

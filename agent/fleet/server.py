@@ -95,9 +95,15 @@ def index_bundle(path: Path, limits: BundleLimits | None = None) -> ServedBundle
 class BundleCatalog:
     """The bundles in one directory, by SHA-256. Files that are not bundles are skipped."""
 
-    def __init__(self, directory: Path, limits: BundleLimits | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        limits: BundleLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = Path(directory)
         self.limits = limits or BundleLimits()
+        self._clock = clock
         self._by_sha: dict[str, ServedBundle] = {}
         self._seen: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) indexed
         self._last_scan = float("-inf")
@@ -107,7 +113,7 @@ class BundleCatalog:
         """Index files that are new or changed since the last scan; return the new bundles."""
         added = []
         with self._lock:
-            self._last_scan = time.monotonic()
+            self._last_scan = self._clock()
             try:
                 entries = sorted(p for p in self.directory.iterdir() if p.is_file())
             except OSError as exc:
@@ -133,7 +139,7 @@ class BundleCatalog:
     def get(self, sha256: str) -> ServedBundle | None:
         with self._lock:
             found = self._by_sha.get(sha256)
-            stale = time.monotonic() - self._last_scan >= RESCAN_INTERVAL_S
+            stale = self._clock() - self._last_scan >= RESCAN_INTERVAL_S
         if found is None and stale:
             self.scan()
             with self._lock:
@@ -273,7 +279,10 @@ class BlockServer:
         if any(i >= total for i in request.indexes):
             return None
         if request.kind == "block-list":
-            return 32 * BLOCK_LIST_PAGE * len(request.indexes)
+            return sum(
+                32 * min(BLOCK_LIST_PAGE, bundle.block_count - i * BLOCK_LIST_PAGE)
+                for i in request.indexes
+            )
         return sum(bundle.block_length(i) for i in request.indexes)
 
     def _fd(self, path: Path) -> int:

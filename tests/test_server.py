@@ -1,0 +1,171 @@
+"""The bundle server's request handling, on a real bundle, with a clock the test moves.
+
+No broker here: replies are collected from the ``publish`` callable the server is given (the
+MQTT path is tests/test_transfer.py's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.fleet.server import BACKLOG_PER_DEVICE, BlockServer, BundleCatalog
+from agent.transport.messages import BlockReplyHeader, BlockRequest, decode_block_reply
+from tests.fleet import TOPICS
+from tests.models import make_onnx
+
+BLOCK = 4096
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def served(tmp_path: Path, build) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
+    model = make_onnx(tmp_path / "m.onnx", inputs=256, outputs=128)
+    path = build("1.0.0", models=[model], block_size=BLOCK, samples="none").path
+    d = tmp_path / "served"
+    d.mkdir()
+    shutil.copyfile(path, d / path.name)
+    (d / "notes.txt").write_text("not a bundle")
+    return d, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _server(
+    directory: Path, clock: Clock, rate: float = 1 << 30
+) -> tuple[BlockServer, list[tuple[str, BlockReplyHeader, bytes]]]:
+    out: list[tuple[str, BlockReplyHeader, bytes]] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        header, data = decode_block_reply(payload)
+        out.append((topic, header, data))
+
+    catalog = BundleCatalog(directory, clock=clock)
+    catalog.scan()
+    return BlockServer(
+        catalog, TOPICS, publish, rate_bytes_s=rate, burst_bytes=8 * BLOCK, clock=clock
+    ), out
+
+
+def _request(
+    sha: str, indexes: list[int], device: str = "cam-01", kind: str = "blocks"
+) -> tuple[str, bytes]:
+    body = BlockRequest(device_id=device, bundle_sha256=sha, kind=kind, indexes=indexes)  # type: ignore[arg-type]
+    return TOPICS.bundle_request(sha), body.to_bytes()
+
+
+def test_blocks_and_block_list_pages_are_answered_on_the_askers_topic(
+    served: tuple[Path, str],
+) -> None:
+    directory, sha = served
+    server, out = _server(directory, Clock())
+    assert len(server.catalog) == 1, "the text file is skipped"
+    server.handle(*_request(sha, [0, 2, 2]))
+    server.handle(*_request(sha, [0], kind="block-list"))
+    bundle = next(p for p in directory.iterdir() if p.suffix == ".emb").read_bytes()
+    assert [(h.kind, h.index) for _, h, _ in out] == [("block", 0), ("block", 2), ("block-list", 0)]
+    assert {t for t, _, _ in out} == {TOPICS.device("cam-01").blocks}
+    assert out[1][2] == bundle[2 * BLOCK : 3 * BLOCK]
+    page = out[2][2]
+    assert len(page) == 32 * -(-len(bundle) // BLOCK)
+    assert page[:32] == hashlib.sha256(bundle[:BLOCK]).digest()
+
+
+@pytest.mark.parametrize(
+    ("indexes", "kind", "code"),
+    [([10_000], "blocks", "bad-index"), ([1], "block-list", "bad-index")],
+)
+def test_out_of_range_requests_get_an_error_frame(
+    served: tuple[Path, str], indexes: list[int], kind: str, code: str
+) -> None:
+    directory, sha = served
+    server, out = _server(directory, Clock())
+    server.handle(*_request(sha, indexes, kind=kind))
+    [(_, header, data)] = out
+    assert header.kind == "error"
+    assert header.error is not None
+    assert header.error.code == code
+    assert data == b""
+
+
+def test_unknown_bundle_gets_an_error_frame(served: tuple[Path, str]) -> None:
+    directory, _ = served
+    server, out = _server(directory, Clock())
+    server.handle(*_request("ab" * 32, [0]))
+    [(_, header, _)] = out
+    assert header.error is not None
+    assert header.error.code == "unknown-bundle"
+
+
+def test_a_bundle_added_while_serving_is_found(
+    served: tuple[Path, str], tmp_path: Path, build
+) -> None:  # type: ignore[no-untyped-def]
+    directory, _ = served
+    clock = Clock()
+    server, out = _server(directory, clock)
+    later = build("2.0.0", block_size=BLOCK).path
+    shutil.copyfile(later, directory / later.name)
+    sha = hashlib.sha256(later.read_bytes()).hexdigest()
+    clock.now += 3  # the directory is looked at again at most every 2 s
+    server.handle(*_request(sha, [0]))
+    assert [h.kind for _, h, _ in out] == ["block"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{", b"[]", b'{"type":"block-request"}', b"x" * 10_000],
+)
+def test_malformed_requests_are_dropped(served: tuple[Path, str], payload: bytes) -> None:
+    directory, sha = served
+    server, out = _server(directory, Clock())
+    server.handle(TOPICS.bundle_request(sha), payload)
+    assert out == []
+    assert server.stats.refused == 1
+
+
+def test_a_request_on_another_bundles_topic_is_dropped(served: tuple[Path, str]) -> None:
+    directory, sha = served
+    server, out = _server(directory, Clock())
+    _, body = _request(sha, [0])
+    server.handle(TOPICS.bundle_request("cd" * 32), body)
+    assert out == []
+
+
+def test_per_device_rate_limit_defers_then_refuses(served: tuple[Path, str]) -> None:
+    """Burst 8 blocks at 4 blocks/s: the ninth waits; a full backlog is told rate-limited."""
+    directory, sha = served
+    clock = Clock()
+    server, out = _server(directory, clock, rate=4 * BLOCK)
+    server.handle(*_request(sha, list(range(8))))
+    assert len(out) == 8, "the burst goes at once"
+    server.handle(*_request(sha, [8]))
+    assert len(out) == 8, "beyond the burst: deferred"
+    for i in range(BACKLOG_PER_DEVICE - 1):
+        server.handle(*_request(sha, [9 + i]))
+    server.handle(*_request(sha, [20]))  # the backlog is full
+    refused = [h for _, h, _ in out if h.kind == "error"]
+    assert len(refused) == 1
+    assert refused[0].error is not None
+    assert refused[0].error.code == "rate-limited"
+    # Another device has its own bucket.
+    server.handle(*_request(sha, [0], device="cam-02"))
+    assert out[-1][0] == TOPICS.device("cam-02").blocks
+    # Time passes: the waiting requests are answered in order, at the rate.
+    wait = server.tick()
+    assert wait is not None
+    assert wait == pytest.approx(0.25)
+    clock.now += 0.25
+    server.tick()
+    assert [h.index for _, h, _ in out if h.kind == "block"][-1] == 8
+    clock.now += 10
+    assert server.tick() is None
+    answered = [h.index for t, h, _ in out if h.kind == "block" and t.endswith("cam-01/blocks")]
+    assert answered == [*range(8), 8, *range(9, 9 + BACKLOG_PER_DEVICE - 1)]

@@ -107,6 +107,7 @@ def _common_config(workdir: Path, port: int) -> list[str]:
         f"log_dest file {workdir / 'mosquitto.log'}",
         "log_type all",
         "connection_messages true",
+        "set_tcp_nodelay true",  # as the shipped mosquitto.conf
         f"listener {port} {HOST}",
     ]
     # Run as root, mosquitto would drop privileges to the `mosquitto` user, which cannot read

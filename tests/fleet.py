@@ -205,7 +205,11 @@ def bundle_server(
     rate_bytes_s: float = 256 << 20,
     name: str = "server",
 ) -> Iterator[list[BlockServer]]:
-    """Run ``serve`` on a thread; yields a list that holds the server once it has stopped."""
+    """Run ``serve`` on a thread; yields a list that holds the server once it has stopped.
+
+    The per-device burst is a quarter second at ``rate_bytes_s``, so a low rate paces a
+    transfer from its first block.
+    """
     stop = threading.Event()
     done: list[BlockServer] = []
     errors: list[BaseException] = []
@@ -219,6 +223,7 @@ def bundle_server(
                     topics=TOPICS,
                     client_id=f"{name}-{os.getpid()}",
                     rate_bytes_s=rate_bytes_s,
+                    burst_bytes=rate_bytes_s / 4,
                     stop=stop,
                 )
             )

@@ -226,6 +226,9 @@ class BlockServer:
                 request, "bad-index", f"index out of range (0..{self._total(bundle, request) - 1})"
             )
             return
+        if self.rate <= 0:  # no limit
+            self._answer(bundle, request)
+            return
         now = self._clock()
         bucket = self._refill(request.device_id, now)
         if bucket.waiting == 0 and bucket.tokens >= min(cost, self.burst):
@@ -343,6 +346,7 @@ def serve(
     client_id: str,
     rate_bytes_s: float,
     stop: threading.Event,
+    burst_bytes: float | None = None,
     on_status: Callable[[BlockServer], None] | None = None,
 ) -> BlockServer:
     """Run a bundle server until ``stop`` is set. Returns the server (for its stats)."""
@@ -358,7 +362,11 @@ def serve(
         persistent=False,
     )
     server = BlockServer(
-        catalog, topics, lambda t, p: session.publish(t, p), rate_bytes_s=rate_bytes_s
+        catalog,
+        topics,
+        lambda t, p: session.publish(t, p),
+        rate_bytes_s=rate_bytes_s,
+        burst_bytes=burst_bytes,
     )
     session.start()
     last_status = 0.0

@@ -10,13 +10,17 @@ On disk, in the transfer's own directory (``downloads/{sha256}/``)::
 
     blocklist      the verified block-hash list (written once, atomically)
     bundle.part    the bundle, sparse until complete
-    bitmap         one bit per block that is written and verified (atomic rewrite)
+    bitmap         one bit per block that is written and verified (bits only ever go 0 -> 1)
 
-The bitmap is rewritten after every ``window`` new blocks and whenever the transfer pauses, so an
-agent killed at any instant fetches at most one window again. It only ever marks blocks whose
-bytes are already in ``bundle.part``; and the finished file is hashed whole before it is handed
-on, so a bitmap that outlived its data (a power cut between the two) costs a refetch of the bad
-blocks, never a bad bundle.
+The bitmap is written in place after every ``window`` new blocks, after the blocks themselves,
+so an agent killed at any instant fetches at most one window again. It is synced to disk (the
+data first) when the transfer pauses or completes. On a resume every block the bitmap marks is
+read back and checked against the list again before it counts, so a bitmap that reached the
+disk before its data (a power cut) costs a refetch of those blocks, never a bad bundle.
+
+When every block is in, the file is the signed bundle: each block matched its SHA-256 in the
+list, the list matched the hash the descriptor signs, and the size is signed. So the finished
+file is not hashed again here; the caller checks its structure (manifest, members).
 
 Not thread-safe: the daemon's loop calls every method. Time comes in as ``now`` (monotonic
 seconds) so tests can drive timeouts.
@@ -110,6 +114,7 @@ class Transfer:
         self._outstanding: OrderedDict[int, float] = OrderedDict()  # index -> when asked
         self._last_progress = 0.0
         self._fd: int | None = None
+        self._bitmap_fd: int | None = None
         self.bad_blocks = 0
         self.fetched_bytes = 0  # block bytes received and written (not the reused ones)
         self.reused_blocks = 0
@@ -186,6 +191,7 @@ class Transfer:
             self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT, 0o600)
             if os.fstat(self._fd).st_size != size:
                 os.ftruncate(self._fd, size)
+            self._bitmap_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot create {self.part_path}: {exc.strerror}") from None
 
@@ -200,6 +206,7 @@ class Transfer:
             )
 
     def _load_bitmap(self) -> None:
+        """Take the bitmap an earlier run left, counting only blocks that still check out."""
         try:
             data = self.bitmap_path.read_bytes()
         except FileNotFoundError:
@@ -207,10 +214,29 @@ class Transfer:
         except OSError as exc:
             raise StorageError(f"cannot read {self.bitmap_path}: {exc.strerror}") from None
         if len(data) != len(self._have):
-            log.warning("ignoring a bitmap of the wrong length in %s", self.dir)
+            if data:
+                log.warning("ignoring a bitmap of the wrong length in %s", self.dir)
             return
-        self._have[:] = data
-        self.have_count = sum(bin(b).count("1") for b in data)
+        assert self._fd is not None
+        lost = 0
+        for i in range(self.count):
+            if not data[i >> 3] & (1 << (i & 7)):
+                continue
+            try:
+                block = os.pread(self._fd, self._length(i), i * self.descriptor.block_size)
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.part_path}: {exc.strerror}") from None
+            if hashlib.sha256(block).digest() == self._digest(i):
+                self._have[i >> 3] |= 1 << (i & 7)
+                self.have_count += 1
+            else:
+                lost += 1
+        if lost:
+            log.warning(
+                "%d block(s) in %s did not reach the disk; fetching them again", lost, self.dir
+            )
+            self._unsaved += 1
+        self._save_bitmap(sync=True)
 
     def _reuse_local(self) -> None:
         """Copy blocks that earlier bundles on the box hold already (checked again on read)."""
@@ -281,7 +307,6 @@ class Transfer:
         """The connection came back: ask again for everything outstanding."""
         if self.finished:
             return
-        self._save_bitmap()
         pending = list(self._outstanding)
         self._outstanding.clear()
         if self.state == "blocks":
@@ -294,7 +319,7 @@ class Transfer:
         if self.finished:
             return
         if now - self._last_progress >= self.settings.stall_timeout_s:
-            self._save_bitmap()
+            self._save_bitmap(sync=True)
             if self.last_error_reply is not None:
                 self.fail(
                     BundleUnavailableError(
@@ -430,62 +455,34 @@ class Transfer:
         self._have[i >> 3] |= 1 << (i & 7)
         self.have_count += 1
 
-    def _save_bitmap(self) -> None:
-        if self._fd is None or (not self._unsaved and self.bitmap_path.exists()):
+    def _save_bitmap(self, *, sync: bool = False) -> None:
+        """Write the bitmap in place; with ``sync``, the data first, then the bitmap, to disk.
+
+        Without ``sync`` a kill -9 loses nothing (the page cache outlives the process); a power
+        cut may lose the latest bits or, written back out of order, keep bits whose data did
+        not reach the disk, which the next resume finds by checking every marked block.
+        """
+        if self._fd is None or self._bitmap_fd is None:
             return
         try:
-            os.fdatasync(self._fd)  # the bitmap never marks bytes that are not on disk
-            atomic_write_bytes(self.bitmap_path, bytes(self._have), 0o600)
+            if self._unsaved:
+                os.pwrite(self._bitmap_fd, bytes(self._have), 0)
+                self._unsaved = 0
+            if sync:
+                os.fdatasync(self._fd)
+                os.fdatasync(self._bitmap_fd)
         except OSError as exc:
             raise StorageError(f"cannot save {self.bitmap_path}: {exc.strerror}") from None
-        self._unsaved = 0
 
     def _complete(self) -> None:
-        """Every block is in and was checked on arrival; the caller verifies the whole file."""
+        """Every block is in and was checked on arrival."""
         try:
-            self._save_bitmap()
+            self._save_bitmap(sync=True)
         except EdgeAgentError as exc:
             self.fail(exc)
             return
         self.close()
         self.state = "done"
-
-    def repair(self, now: float) -> int:
-        """The finished file failed its whole-file check: find the blocks that differ on disk
-        (a bitmap that outlived its data after a power cut), fetch them again. Returns how many.
-        """
-        if self.state != "done":
-            return 0
-        try:
-            with open(self.part_path, "rb") as f:
-                bad = [
-                    i
-                    for i in range(self.count)
-                    if hashlib.sha256(f.read(self._length(i))).digest() != self._digest(i)
-                ]
-        except OSError as exc:
-            self.fail(StorageError(f"cannot read {self.part_path}: {exc.strerror}"))
-            return 0
-        if not bad:
-            return 0
-        log.warning(
-            "%d block(s) in %s differ from the list; fetching them again", len(bad), self.dir
-        )
-        for i in bad:
-            self._have[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-            self.have_count -= 1
-        self.state = "blocks"
-        try:
-            self._open_part()
-        except EdgeAgentError as exc:
-            self.fail(exc)
-            return 0
-        self._unsaved += 1
-        self._save_bitmap()
-        self._todo = sorted(bad, reverse=True)
-        self._last_progress = now
-        self._pump(now)
-        return len(bad)
 
     def fail(self, exc: EdgeAgentError) -> None:
         log.error("transfer of %s failed: %s", self.descriptor.bundle_sha256[:16], exc)
@@ -497,16 +494,17 @@ class Transfer:
     def pause(self) -> None:
         """Stop for now (the agent stops, or the deployment changed): save the bitmap, close."""
         try:
-            self._save_bitmap()
+            self._save_bitmap(sync=True)
         except EdgeAgentError as exc:
             log.warning("%s", exc)
         self._outstanding.clear()
         self.close()
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._bitmap_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._bitmap_fd = None
 
     def discard(self) -> None:
         """Remove everything this transfer wrote (after the bundle was stored, or to cancel)."""

@@ -16,9 +16,9 @@ import struct
 from enum import Enum
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from agent._strictjson import dump_model, parse_model
+from agent._strictjson import describe_validation_error, dump_model, parse_model
 from agent.errors import FormatError, SizeLimitError
 from agent.trust.metadata import Hex64, ModelName, TargetId
 
@@ -195,7 +195,13 @@ def decode_block_reply(
     if _HEAD.size + length > len(payload):
         raise FormatError("block reply header runs past the message")
     head = payload[_HEAD.size : _HEAD.size + length]
-    return BlockReplyHeader.from_bytes(head, max_bytes=4096), payload[_HEAD.size + length :]
+    # One pass of pydantic's own JSON parser (strict): this runs once per block, and the
+    # header carries nothing the block's signed hash does not check anyway.
+    try:
+        header = BlockReplyHeader.model_validate_json(head, strict=True)
+    except ValidationError as exc:
+        raise FormatError(f"block reply header: {describe_validation_error(exc)}") from None
+    return header, payload[_HEAD.size + length :]
 
 
 MESSAGES: dict[str, type[_Message]] = {

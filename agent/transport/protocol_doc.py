@@ -25,7 +25,7 @@ from agent.transport.messages import (
     Reported,
 )
 from agent.transport.topics import Topics
-from agent.transport.transfer import TransferSettings
+from agent.transport.transfer import BITMAP_EVERY, TransferSettings
 from agent.trust.metadata import (
     DEPLOYMENT_TYPE,
     DESCRIPTOR_TYPE,
@@ -121,7 +121,7 @@ asked for and not yet received, so a stock mosquitto (1000 queued, 20 in flight 
 never drops a reply; a block not received within `request_timeout_s` (default {rto:g} s) is
 asked for again, as is everything outstanding after a reconnect; free disk for twice the bundle
 plus a reserve is checked before the first block. The bitmap of verified blocks is saved after
-every window, so a restart fetches at most one window again. Blocks the device holds in bundles
+every {bitmap_every} blocks, so a restart fetches at most {bitmap_every} verified blocks again. Blocks the device holds in bundles
 it already has (same SHA-256) are copied, not fetched. With no block for `stall_timeout_s`
 (default {stall:g} s) the model's phase becomes `failed` with `transfer-timeout`, or
 `bundle-unavailable` when servers answered that they lack the bundle.
@@ -254,6 +254,7 @@ def render(prefix: str = "ema/v1") -> str:
             example=topics.device("cam-01"),
             codes=_codes(),
             dwindow=TransferSettings().window,
+            bitmap_every=BITMAP_EVERY,
             rto=TransferSettings().request_timeout_s,
             stall=TransferSettings().stall_timeout_s,
             event=_EXAMPLE_EVENT.to_bytes().decode(),

@@ -12,8 +12,8 @@ On disk, in the transfer's own directory (``downloads/{sha256}/``)::
     bundle.part    the bundle, sparse until complete
     bitmap         one bit per block that is written and verified (bits only ever go 0 -> 1)
 
-The bitmap is written in place after every ``window`` new blocks, after the blocks themselves,
-so an agent killed at any instant fetches at most one window again. It is synced to disk (the
+The bitmap is written in place after every ``BITMAP_EVERY`` new blocks, after the blocks
+themselves, so an agent killed at any instant fetches at most that many verified blocks again. It is synced to disk (the
 data first) when the transfer pauses or completes. On a resume every block the bitmap marks is
 read back and checked against the list again before it counts, so a bitmap that reached the
 disk before its data (a power cut) costs a refetch of those blocks, never a bad bundle.
@@ -61,6 +61,7 @@ from agent.trust.metadata import BundleDescriptor
 log = logging.getLogger("agent.transport.transfer")
 
 DIGEST = 32
+BITMAP_EVERY = 8  # blocks between two bitmap writes: what a kill -9 can cost at most
 
 
 class TransferSettings(BaseModel):
@@ -69,8 +70,8 @@ class TransferSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Blocks asked for and not yet received. Stock mosquitto queues 1000 QoS 1 messages per
-    # client and keeps 20 in flight; 16 blocks stay well inside both.
-    window: Annotated[int, Field(ge=1, le=MAX_WINDOW)] = 16
+    # client (and keeps 20 of them in flight); 32 stay well inside that.
+    window: Annotated[int, Field(ge=1, le=MAX_WINDOW)] = 32
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # ask again for a block after this
     stall_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # fail after this long without progress
     max_bad_blocks: Annotated[int, Field(ge=1)] = 16  # blocks failing their hash, per transfer
@@ -280,7 +281,7 @@ class Transfer:
             return
         room = self.settings.window - len(self._outstanding)
         # Ask in batches of at least half a window: fewer, larger requests.
-        if room < max(1, self.settings.window // 2) and self._outstanding:
+        if room < max(1, self.settings.window // 4) and self._outstanding:
             return
         batch: list[int] = []
         while self._todo and len(batch) < room:
@@ -418,7 +419,7 @@ class Transfer:
         self.fetched_bytes += len(data)
         self._last_progress = now
         self._unsaved += 1
-        if self._unsaved >= self.settings.window:
+        if self._unsaved >= BITMAP_EVERY:
             self._save_bitmap()
         if self.have_count == self.count:
             self._complete()

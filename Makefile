@@ -58,6 +58,7 @@ docs: venv
 
 bench: venv
 	$(PY) bench/verify.py
+	$(PY) bench/transfer.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build demo-out

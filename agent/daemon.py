@@ -149,9 +149,6 @@ class DeviceAgent:
         self.store = StateStore(config.state_dir)
         self.trusted = self._load_trust()
         self.points: dict[str, SequencePoint] = self.store.sequence_points()
-        self.targets = [DeploymentTarget(kind="device", id=config.device_id)] + [
-            DeploymentTarget(kind="group", id=g) for g in config.groups
-        ]
         self.documents: dict[str, VerifiedDeployment] = {}
         self.slots: dict[str, Slot] = {}
         self.deployment: VerifiedDeployment | None = None
@@ -193,7 +190,7 @@ class DeviceAgent:
         for source, data in self.store.load_desired().items():
             try:
                 verified = self.trusted.verify_deployment(
-                    data, now, targets=self.targets, last=self.points.get(source)
+                    data, now, targets=[self._target(source)], last=self.points.get(source)
                 )
             except BadContentError as exc:
                 log.warning("not resuming the stored %s deployment: %s", source, exc)
@@ -270,13 +267,21 @@ class DeviceAgent:
                     f"deployment of {len(item.payload)} bytes; the limit is {MAX_METADATA_BYTES}"
                 )
             verified = self.trusted.verify_deployment(
-                item.payload, self._now(), targets=self.targets, last=self.points.get(source)
+                item.payload,
+                self._now(),
+                targets=[self._target(source)],
+                last=self.points.get(source),
             )
         except BadContentError as exc:
             self._reject(item.topic, exc)
             return
         if self.points.get(source) == verified.point:
-            return  # the same document again (a retained message on reconnect)
+            # The same document again (a retained message on reconnect): the topic holds a
+            # valid document, so an error about an earlier refused message is over.
+            if self.doc_error is not None:
+                self.doc_error = None
+                self._out.reported_dirty = True
+            return
         log.info(
             "accepted deployment %s (sequence %d) from %s",
             verified.document.deployment_id,
@@ -290,6 +295,16 @@ class DeviceAgent:
         self.doc_error = None
         self._out.reported_dirty = True
         self._reconcile()
+
+    def _target(self, source: str) -> DeploymentTarget:
+        """The one address a document on ``source``'s topic must be for.
+
+        A group's document replayed on the device's topic (or another group's) is refused:
+        sequence floors are kept per topic, so accepting it there would reopen rollback.
+        """
+        if source == "device":
+            return DeploymentTarget(kind="device", id=self.config.device_id)
+        return DeploymentTarget(kind="group", id=source.removeprefix("group-"))
 
     def _effective(self) -> VerifiedDeployment | None:
         if "device" in self.documents:
@@ -528,6 +543,7 @@ class DeviceAgent:
         )
         self.trusted = state
         self.store.save_trust(state, self.points)
+        self.doc_error = None
         self._out.reported_dirty = True
 
     # -- reporting ------------------------------------------------------------------------

@@ -123,6 +123,10 @@ def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
     return context
 
 
+def _network_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nothing to register: the network thread's loop() writes whatever is queued."""
+
+
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Small packets (block requests, PUBACKs) go out at once.
 
@@ -196,6 +200,11 @@ class Session:
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_socket_open = _no_delay
+        # publish() and subscribe() are called from other threads. Without this callback paho
+        # writes to the socket from the caller's thread, racing loop() on the network thread
+        # (interleaved packets, corrupted TLS records); with it, paho queues the packet and
+        # wakes the network thread, which does every write.
+        client.on_socket_register_write = _network_thread_writes
         return client
 
     # -- paho callbacks: all on the network thread; none blocks --------------------------------

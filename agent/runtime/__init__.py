@@ -1,0 +1,1 @@
+"""Inference backends (imported lazily), the hardware probe and the choice of variant."""

@@ -438,6 +438,8 @@ def _deploy(args: argparse.Namespace) -> int:
         descriptors[descriptor.model] = data
         staged = stage_bundle(bundle, args.bundles)
         print(f"{descriptor.model} {descriptor.version}: {staged} (served from {args.bundles})")
+    if any("=" not in v for v in args.variant):
+        raise ConfigError("--variant takes MODEL=VARIANT")
     variants = dict(v.split("=", 1) for v in args.variant)
     document = make_deployment(
         descriptors,

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent import __version__
+from agent.bundle.blocks import BlockSource
 from agent.bundle.unpack import unpack_bundle
 from agent.bundle.verify import check_bundle_structure
 from agent.config import AgentConfig
@@ -49,6 +50,7 @@ from agent.errors import (
     FormatError,
     SizeLimitError,
     StorageError,
+    TransferError,
 )
 from agent.state.store import InstalledModel, StateStore
 from agent.transport.messages import (
@@ -71,7 +73,8 @@ from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
 log = logging.getLogger("agent")
 
 FINAL = (Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK)
-REJECT_EVENT_INTERVAL_S = 1.0  # at most one `rejected` event per topic and second
+REJECT_EVENT_INTERVAL_S = 1.0
+MAX_REPORTED_MODELS = 16  # Reported.models holds at most this many  # at most one `rejected` event per topic and second
 
 
 def _utcnow() -> datetime:
@@ -106,6 +109,7 @@ class Slot:
     deployment_id: str | None = None
     transfer: Transfer | None = None
     error: ErrorInfo | None = None
+    retry_at: float | None = None  # monotonic time of the next attempt after a transient failure
 
     def status(self) -> ModelStatus:
         i = self.installed
@@ -186,6 +190,8 @@ class DeviceAgent:
     def _restore(self) -> None:
         for name, installed in self.store.load_installed().items():
             self.slots[name] = Slot(name, installed=installed, phase=Phase.ACTIVE)
+            # What runs is never above the floor (a crash between the two writes).
+            self.trusted = self.trusted.with_release(name, installed.release)
         now = self._now()
         for source, data in self.store.load_desired().items():
             try:
@@ -208,28 +214,45 @@ class DeviceAgent:
                 except queue.Empty:
                     item = None
                 while item is not None:
-                    self.handle(item)
+                    self._guarded(self.handle, item)
                     try:
                         item = self.inbox.get_nowait()
                     except queue.Empty:
                         item = None
-                self.tick()
+                self._guarded(self.tick)
         finally:
             for slot in self.slots.values():
                 if slot.transfer is not None and not slot.transfer.finished:
                     slot.transfer.pause()
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
 
+    def _guarded(self, step: Callable[..., None], *args: object) -> None:
+        """Run one step of the loop; a failure is logged and reported, and the loop goes on.
+
+        A full or failing disk must not stop the agent: it keeps serving what it runs, and says
+        why it cannot go further.
+        """
+        try:
+            step(*args)
+        except (EdgeAgentError, OSError) as exc:
+            err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
+            log.error("%s", err)
+            self.doc_error = _error(err)
+            self._out.reported_dirty = True
+
     def handle(self, item: InboxItem) -> None:
         if isinstance(item, Connection):
-            if item.up:
-                self._out.reported_dirty = True
-                # On the first connect, requests made before it are in paho's queue and go out
-                # now; after an outage, replies may have been lost with the connection.
-                if self.session.connects > 1:
-                    for slot in self.slots.values():
-                        if slot.transfer is not None:
-                            slot.transfer.resend(self._mono())
+            now = self._mono()
+            for slot in self.slots.values():
+                if slot.transfer is None:
+                    continue
+                if not item.up:
+                    slot.transfer.suspend(now)  # nothing is asked for while offline
+                elif self.session.connects > 1:
+                    # Replies may have been lost with the connection. (On the first connect,
+                    # requests made before it are in paho's queue and go out now.)
+                    slot.transfer.resend(now)
+            self._out.reported_dirty = self._out.reported_dirty or item.up
             return
         try:
             ref = self.topics.parse(item.topic)
@@ -237,6 +260,10 @@ class DeviceAgent:
             log.warning("ignoring a message on %s", item.topic)
             return
         if ref.channel == "desired":
+            if ref.kind == "device" and ref.id != self.config.device_id:
+                return  # another device's topic: a subscription left from another config
+            if ref.kind == "group" and ref.id not in self.config.groups:
+                return  # a group this device no longer belongs to
             source = "device" if ref.kind == "device" else f"group-{ref.id}"
             self._on_desired(source, item)
         elif ref.kind == "trust":
@@ -246,8 +273,14 @@ class DeviceAgent:
 
     def tick(self) -> None:
         now = self._mono()
+        online = self.session.connected.is_set()
         for slot in list(self.slots.values()):
-            if slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
+            if slot.phase == Phase.FAILED and slot.retry_at is not None and now >= slot.retry_at:
+                log.info("trying the download of %s again", slot.name)
+                slot.retry_at = None
+                slot.error = None
+                self._phase(slot, Phase.PENDING)
+            if online and slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
                 try:
                     slot.transfer.tick(now)
                 except EdgeAgentError as exc:
@@ -294,6 +327,9 @@ class DeviceAgent:
         self.documents[source] = verified
         self.doc_error = None
         self._out.reported_dirty = True
+        for slot in self.slots.values():  # a new document is a new attempt
+            if slot.phase == Phase.FAILED:
+                slot.target = None
         self._reconcile()
 
     def _target(self, source: str) -> DeploymentTarget:
@@ -339,7 +375,18 @@ class DeviceAgent:
             slot.target, slot.variant = verified, variant
             slot.deployment_id = doc.document.deployment_id
             slot.error = None
+            slot.retry_at = None
             self._phase(slot, Phase.PENDING, force=True)
+        for name in [n for n in self.slots if n not in doc.bundles]:
+            slot = self.slots[name]
+            if slot.installed is None:  # never ran here: nothing to keep, nothing to wait for
+                self._cancel(slot)
+                del self.slots[name]
+                self._out.reported_dirty = True
+            elif slot.target is not None:  # runs an older version: stop fetching the new one
+                self._cancel(slot)
+                slot.error = None
+                self._phase(slot, Phase.ACTIVE)
         self._start_next()
 
     def _cancel(self, slot: Slot) -> None:
@@ -361,6 +408,12 @@ class DeviceAgent:
     def _start_transfer(self, slot: Slot) -> None:
         assert slot.target is not None
         d = slot.target.descriptor
+        cap = self.config.limits.max_bundle_bytes
+        if d.bundle_size > cap:
+            self._fail(
+                slot, SizeLimitError(f"the bundle is {d.bundle_size} bytes; the limit is {cap}")
+            )
+            return
         stored = self.store.bundle_path(d.bundle_sha256)
         if stored.exists():  # fetched before (an earlier deployment, then rolled forward again)
             self._phase(slot, Phase.VERIFYING)
@@ -373,12 +426,19 @@ class DeviceAgent:
             topics=self.topics,
             publish=lambda t, p: self.session.publish(t, p),
             settings=self.config.transfer,
-            reuse=self.store.local_blocks(d.block_size),
+            reuse=self._local_blocks(d.block_size),
         )
         slot.transfer = transfer
         self._phase(slot, Phase.DOWNLOADING)
         transfer.start(self._mono())
         self._after_transfer(slot)
+
+    def _local_blocks(self, block_size: int) -> BlockSource:
+        try:
+            return self.store.local_blocks(block_size)
+        except (EdgeAgentError, OSError) as exc:
+            log.warning("not reusing blocks of stored bundles: %s", exc)
+            return {}
 
     def _on_blocks(self, item: Incoming) -> None:
         try:
@@ -403,9 +463,7 @@ class DeviceAgent:
             return
         if t.state == "failed":
             assert t.error is not None
-            slot.error = _error(t.error)
-            slot.transfer = None
-            self._phase(slot, Phase.FAILED)
+            self._fail(slot, t.error)
             return
         if t.state != "done":
             last = self._out.last_progress.get(slot.name, -1.0)
@@ -427,8 +485,11 @@ class DeviceAgent:
         except EdgeAgentError as exc:
             self._fail(slot, exc)
             return
-        t.discard()
         slot.transfer = None
+        try:
+            t.discard()
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", t.dir, exc)
         self._install(slot, stored)
 
     def _install(self, slot: Slot, bundle: Path) -> None:
@@ -461,14 +522,20 @@ class DeviceAgent:
                 path=dest,
                 previous_sha256=previous,
             )
-            self.store.save_installed(installed)
-            self.trusted = self.trusted.with_release(slot.name, d.release)
-            self.store.save_trust(self.trusted, self.points)
+            # The floor first: a crash between the two writes leaves the floor at or above
+            # what runs, never below it.
+            trusted = self.trusted.with_release(slot.name, d.release)
+            self.store.save_trust(trusted, self.points)
+            self.trusted = trusted
         except (EdgeAgentError, OSError) as exc:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
             shutil.rmtree(dest, ignore_errors=True)
+            if isinstance(exc, BadContentError):  # the stored copy is bad: fetch it again next time
+                bundle.unlink(missing_ok=True)
             self._fail(slot, err)
             return
+        # The record last: until it is written, the previous one (and its files) stay in force.
+        self.store.save_installed(installed)
         slot.installed = installed
         slot.target = None
         slot.error = None
@@ -480,6 +547,9 @@ class DeviceAgent:
         log.error("deployment of %s failed: %s", slot.name, exc)
         slot.error = _error(exc)
         slot.transfer = None
+        # A transfer that timed out or found no server, or a full disk, may work later.
+        if isinstance(exc, (TransferError, StorageError)):
+            slot.retry_at = self._mono() + self.config.transfer.retry_after_s
         self._phase(slot, Phase.FAILED)
 
     def _drop_unwanted(self) -> None:
@@ -534,8 +604,8 @@ class DeviceAgent:
         except BadContentError as exc:
             self._reject(item.topic, exc)
             return
-        if state == self.trusted:
-            return
+        if state.root == self.trusted.root and state.keyring == self.trusted.keyring:
+            return  # what the device trusts already (the retained message, again)
         log.info(
             "trust updated: root v%d, keyring v%d",
             state.root.version,
@@ -598,9 +668,15 @@ class DeviceAgent:
             hardware=self.hardware,
             deployment_id=doc.document.deployment_id if doc else None,
             sequence=doc.document.sequence if doc else None,
-            models={name: slot.status() for name, slot in sorted(self.slots.items())},
+            models=self._reported_models(),
             error=self.doc_error,
         )
+
+    def _reported_models(self) -> dict[str, ModelStatus]:
+        """Every slot, those the deployment names first, at most as many as a report holds."""
+        wanted = self.deployment.document.models if self.deployment else {}
+        names = sorted(self.slots, key=lambda n: (n not in wanted, n))[:MAX_REPORTED_MODELS]
+        return {name: self.slots[name].status() for name in sorted(names)}
 
     def _publish_reported(self) -> None:
         now = self._mono()

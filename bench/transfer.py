@@ -442,7 +442,9 @@ def _probe(broker: Broker, bundle: SignedBundle) -> None:
         while not answered.is_set():
             if time.monotonic() > deadline:
                 raise RuntimeError("the bundle server never answered")
-            client.publish(TOPICS.bundle_request(bundle.descriptor.bundle_sha256), request)
+            client.publish(
+                TOPICS.bundle_request(bundle.descriptor.bundle_sha256, PROBE_DEVICE), request
+            )
             answered.wait(0.5)
     finally:
         client.close()

@@ -25,7 +25,7 @@ from tests.broker import Broker, make_certs, mosquitto_binary, tls_broker
 
 WAIT = 5.0  # seconds; every wait is bounded by this
 P = "ema/v1"
-SHARED_REQUESTS = f"$share/ema-bundle-servers/{P}/bundles/+/request"
+SHARED_REQUESTS = f"$share/ema-bundle-servers/{P}/bundles/+/request/+"
 BUNDLE = "ab" * 32
 V5 = mqtt.MQTTv5
 V311 = mqtt.MQTTv311
@@ -322,7 +322,7 @@ def test_device_cannot_publish_fleet_documents(connect: Connect) -> None:
 
 
 def _request_round(cam: Peer, n: int, tag: str) -> tuple[str, set[bytes]]:
-    topic = f"{P}/bundles/{BUNDLE}/request"
+    topic = f"{P}/bundles/{BUNDLE}/request/cam-01"
     want = {f"{tag}-{i}".encode() for i in range(n)}
     for payload in sorted(want):
         assert not cam.publish(topic, payload).is_failure

@@ -75,7 +75,7 @@ def test_device_converges_on_its_desired_document(
     assert phases[:2] == [Phase.PENDING, Phase.DOWNLOADING]
     assert phases[-1] == Phase.ACTIVE
     assert Phase.VERIFYING in phases
-    installed = json.loads((tmp_path / "cam-01" / "models" / "tiny.json").read_text())
+    installed = json.loads((tmp_path / "cam-01" / "slots" / "tiny.json").read_text())
     assert installed["version"] == "1.0.0"
     assert (Path(installed["path"]) / "manifest.json").is_file()
 
@@ -150,9 +150,8 @@ def test_two_models_side_by_side_and_a_dropped_model_is_removed(
             what="detector dropped, classifier updated",
         )
     assert set(reported.models) == {"classifier"}
-    models = tmp_path / "cam-01" / "models"
-    assert not (models / "detector.json").exists()
-    assert not (models / "detector").exists()
+    assert not (tmp_path / "cam-01" / "slots" / "detector.json").exists()
+    assert not (tmp_path / "cam-01" / "models" / "detector").exists()
     # The classifier's earlier bundle stays for a rollback; the detector's is gone.
     assert len(list((tmp_path / "cam-01" / "bundles").glob("*.emb"))) == 2
 
@@ -176,5 +175,5 @@ def test_mqtt_311_end_to_end(
         fleet.wait("cam-02", _active("tiny", "1.0.0"))
     assert served[0].stats.blocks > 0
     log = broker.log()
-    assert "ema/v1/bundles/+/request" in log, "the server subscribed to the plain filter"
+    assert "ema/v1/bundles/+/request/+" in log, "the server subscribed to the plain filter"
     assert "$share/" not in log, "no shared subscription on a 3.1.1 server"

@@ -59,7 +59,7 @@ def _request(
     sha: str, indexes: list[int], device: str = "cam-01", kind: str = "blocks"
 ) -> tuple[str, bytes]:
     body = BlockRequest(device_id=device, bundle_sha256=sha, kind=kind, indexes=indexes)  # type: ignore[arg-type]
-    return TOPICS.bundle_request(sha), body.to_bytes()
+    return TOPICS.bundle_request(sha, device), body.to_bytes()
 
 
 def test_blocks_and_block_list_pages_are_answered_on_the_askers_topic(
@@ -126,7 +126,7 @@ def test_a_bundle_added_while_serving_is_found(
 def test_malformed_requests_are_dropped(served: tuple[Path, str], payload: bytes) -> None:
     directory, sha = served
     server, out = _server(directory, Clock())
-    server.handle(TOPICS.bundle_request(sha), payload)
+    server.handle(TOPICS.bundle_request(sha, "cam-01"), payload)
     assert out == []
     assert server.stats.refused == 1
 
@@ -135,7 +135,7 @@ def test_a_request_on_another_bundles_topic_is_dropped(served: tuple[Path, str])
     directory, sha = served
     server, out = _server(directory, Clock())
     _, body = _request(sha, [0])
-    server.handle(TOPICS.bundle_request("cd" * 32), body)
+    server.handle(TOPICS.bundle_request("cd" * 32, "cam-01"), body)
     assert out == []
 
 
@@ -169,3 +169,30 @@ def test_per_device_rate_limit_defers_then_refuses(served: tuple[Path, str]) -> 
     assert server.tick() is None
     answered = [h.index for t, h, _ in out if h.kind == "block" and t.endswith("cam-01/blocks")]
     assert answered == [*range(8), 8, *range(9, 9 + BACKLOG_PER_DEVICE - 1)]
+
+
+def test_a_request_naming_another_device_is_dropped(served: tuple[Path, str]) -> None:
+    """The topic names the asker (the broker's ACL binds it to its certificate): a body that
+    names another device would have blocks sent to it, and is dropped."""
+    directory, sha = served
+    server, out = _server(directory, Clock())
+    _, body = _request(sha, [0], device="cam-02")
+    server.handle(TOPICS.bundle_request(sha, "cam-01"), body)
+    assert out == []
+    assert server.stats.refused == 1
+
+
+def test_the_rate_limiter_remembers_a_bounded_number_of_devices(
+    served: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.fleet.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_BUCKETS", 50)
+    directory, sha = served
+    server, out = _server(directory, Clock(), rate=4 * BLOCK)
+    for n in range(200):
+        server.handle(*_request(sha, [0], device=f"cam-{n}"))
+    assert len(server._buckets) <= 50
+    assert len([h for _, h, _ in out if h.kind == "block"]) == 200, (
+        "each new device has a full burst"
+    )

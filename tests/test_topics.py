@@ -23,10 +23,10 @@ def test_device_topics() -> None:
 def test_other_topics_and_filters() -> None:
     t = Topics("acme/edge")
     assert t.group_desired("store_7") == "acme/edge/groups/store_7/desired"
-    assert t.bundle_request(SHA) == f"acme/edge/bundles/{SHA}/request"
+    assert t.bundle_request(SHA, "cam-01") == f"acme/edge/bundles/{SHA}/request/cam-01"
     assert t.trust == "acme/edge/trust"
-    assert t.bundle_requests_filter() == "$share/ema-bundle-servers/acme/edge/bundles/+/request"
-    assert t.bundle_requests_filter(shared=False) == "acme/edge/bundles/+/request"
+    assert t.bundle_requests_filter() == "$share/ema-bundle-servers/acme/edge/bundles/+/request/+"
+    assert t.bundle_requests_filter(shared=False) == "acme/edge/bundles/+/request/+"
     assert t.all_devices_filter("reported") == "acme/edge/devices/+/reported"
 
 
@@ -48,7 +48,7 @@ def test_bad_prefix(bad: str) -> None:
 
 def test_bundle_request_needs_a_sha256() -> None:
     with pytest.raises(ConfigError):
-        Topics().bundle_request("AB" * 32)
+        Topics().bundle_request("AB" * 32, "cam-01")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_bundle_request_needs_a_sha256() -> None:
         ("ema/v1/devices/cam-01/desired", TopicRef("device", "desired", "cam-01")),
         ("ema/v1/devices/cam-01/blocks", TopicRef("device", "blocks", "cam-01")),
         ("ema/v1/groups/store-7/desired", TopicRef("group", "desired", "store-7")),
-        (f"ema/v1/bundles/{SHA}/request", TopicRef("bundle", "request", SHA)),
+        (f"ema/v1/bundles/{SHA}/request/cam-01", TopicRef("bundle", "request", SHA, "cam-01")),
         ("ema/v1/trust", TopicRef("trust", "trust")),
     ],
 )

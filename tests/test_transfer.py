@@ -98,7 +98,7 @@ class Requests:
 
     def wrap(self, publish: Callable[..., object]) -> Callable[..., object]:
         def recording(topic: str, payload: bytes, **kw: object) -> object:
-            if topic.endswith("/request"):
+            if "/request/" in topic:
                 request = BlockRequest.from_bytes(payload)
                 now = time.monotonic()
                 with self._lock:

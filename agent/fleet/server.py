@@ -1,6 +1,6 @@
 """The bundle server behind ``edge-fleet serve``: answers devices' block requests over MQTT.
 
-A device asks on ``bundles/{sha256}/request`` for pages of a bundle's block-hash list or for
+A device asks on ``bundles/{sha256}/request/{id}`` for pages of a bundle's block-hash list or for
 blocks; the server answers each page or block with one frame on ``devices/{id}/blocks``. The
 server keeps nothing per device but a token bucket: all state of a transfer lives on the device.
 
@@ -15,10 +15,10 @@ beyond it waits in a small per-device backlog until the bucket allows it; beyond
 is answered with a ``rate-limited`` error and the device asks again after its timeout. The limit
 is per server process.
 
-What the server does not trust: the ``device_id`` in a request. The broker's ACL lets a device
-publish requests for any bundle but cannot check the body, so a device could have blocks sent
-to another device's topic; the receiver drops blocks it did not ask for, and the bucket of the
-named device caps the volume.
+Who asks: the device id is the last level of the request topic, which the broker's ACL binds to
+the device's certificate (``pattern write .../bundles/+/request/%u``); a request whose body names
+another device is dropped. Replies go to that device only, so no device can have blocks sent to
+another one or spend another one's rate limit.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ log = logging.getLogger("agent.fleet.server")
 RESCAN_INTERVAL_S = 2.0
 BACKLOG_PER_DEVICE = 4  # requests waiting for a device's bucket before new ones are refused
 MAX_REQUEST_BYTES = 4096
+MAX_BUCKETS = 100_000  # devices remembered by the rate limiter (least recently seen go first)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,10 @@ class BundleCatalog:
             for path in entries:
                 if path.name.startswith(".") or path.suffix in (".dsse", ".tmp", ".json"):
                     continue
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # removed while we looked
                 key = (st.st_size, st.st_mtime_ns)
                 if self._seen.get(path) == key:
                     continue
@@ -131,6 +136,9 @@ class BundleCatalog:
                 except EdgeAgentError as exc:
                     log.warning("skipping %s: not a usable bundle (%s)", path.name, exc)
                     continue
+                # A file replaced under the same name: its old digest no longer names it.
+                for sha in [k for k, b in self._by_sha.items() if b.path == path]:
+                    del self._by_sha[sha]
                 self._by_sha[bundle.sha256] = bundle
                 added.append(bundle)
                 log.info("serving %s as %s", path.name, bundle.sha256[:16])
@@ -195,10 +203,10 @@ class BlockServer:
         self.rate = float(rate_bytes_s)
         self.burst = float(burst_bytes if burst_bytes is not None else max(rate_bytes_s, 4 << 20))
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._deferred: list[_Deferred] = []
         self._seq = 0
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[str, int] = {}  # bundle sha256 -> an open descriptor of its file
         self.stats = ServerStats()
 
     # -- input ------------------------------------------------------------------------------
@@ -212,7 +220,11 @@ class BlockServer:
             self.stats.refused += 1
             log.warning("dropped a request on %s: %s", topic, exc)
             return
-        if ref.kind != "bundle" or ref.id != request.bundle_sha256:
+        if (
+            ref.kind != "bundle"
+            or ref.id != request.bundle_sha256
+            or ref.device != request.device_id
+        ):
             self.stats.refused += 1
             log.warning("dropped a request for %s on %s", request.bundle_sha256[:16], topic)
             return
@@ -241,7 +253,7 @@ class BlockServer:
         # Wait until the bucket, after the requests already waiting, covers this one.
         bucket.waiting += 1
         bucket.tokens -= cost
-        ready = now + max(0.0, -bucket.tokens) / self.rate if self.rate > 0 else now
+        ready = now + max(0.0, -bucket.tokens) / self.rate
         self._seq += 1
         heapq.heappush(self._deferred, _Deferred(ready, self._seq, request, cost))
         self.stats.deferred += 1
@@ -263,14 +275,19 @@ class BlockServer:
     def _refill(self, device_id: str, now: float) -> _Bucket:
         bucket = self._buckets.get(device_id)
         if bucket is None:
+            # Forget the device seen least recently, if it waits for nothing: a full bucket and
+            # a forgotten one are the same, and a drained one is full again soon enough.
+            while len(self._buckets) >= MAX_BUCKETS:
+                oldest, old = next(iter(self._buckets.items()))
+                if old.waiting:
+                    self._buckets.move_to_end(oldest)
+                    break
+                del self._buckets[oldest]
             bucket = self._buckets[device_id] = _Bucket(self.burst, now)
-        elif self.rate > 0:
+        else:
+            self._buckets.move_to_end(device_id)
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
         bucket.stamp = now
-        if len(self._buckets) > 100_000:  # forget idle devices (full buckets)
-            self._buckets = {
-                k: b for k, b in self._buckets.items() if b.tokens < self.burst or b.waiting
-            }
         return bucket
 
     @staticmethod
@@ -288,10 +305,15 @@ class BlockServer:
             )
         return sum(bundle.block_length(i) for i in request.indexes)
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
+    def _fd(self, bundle: ServedBundle) -> int:
+        """A descriptor for the bundle's bytes, checked against the size it was indexed with."""
+        fd = self._fds.get(bundle.sha256)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = os.open(bundle.path, os.O_RDONLY)
+            if os.fstat(fd).st_size != bundle.size:
+                os.close(fd)
+                raise OSError(f"{bundle.path} changed since it was indexed")
+            self._fds[bundle.sha256] = fd
         return fd
 
     def _answer(self, bundle: ServedBundle, request: BlockRequest) -> None:
@@ -307,7 +329,7 @@ class BlockServer:
             else:
                 try:
                     data = os.pread(
-                        self._fd(bundle.path), bundle.block_length(index), index * bundle.block_size
+                        self._fd(bundle), bundle.block_length(index), index * bundle.block_size
                     )
                 except OSError as exc:
                     log.error("cannot read %s: %s", bundle.path, exc)
@@ -378,7 +400,10 @@ def serve(
             except queue.Empty:
                 item = None
             if isinstance(item, Incoming):
-                server.handle(item.topic, item.payload)
+                try:
+                    server.handle(item.topic, item.payload)
+                except (EdgeAgentError, OSError) as exc:  # one bad bundle file stops nothing
+                    log.error("request on %s: %s", item.topic, exc)
             elif isinstance(item, Connection) and item.up:
                 log.info("serving %d bundle(s) from %s", len(catalog), bundles)
             if on_status is not None and time.monotonic() - last_status >= 1.0:

@@ -8,7 +8,7 @@
     desired/{source}.dsse      the deployment last accepted from each desired topic
     downloads/{sha256}/        transfers in progress (see agent.transport.transfer)
     bundles/{sha256}.emb       verified bundles (and {sha256}.blocks: their block-hash lists)
-    models/{name}.json         what each model slot runs: its bundle and where it is unpacked
+    slots/{name}.json          what each model slot runs: its bundle and where it is unpacked
     models/{name}/{sha256}/    unpacked bundles
 
 Every write is atomic (agent._fsutil): a ``kill -9`` leaves the old file or the new one. What is
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import replace
@@ -73,7 +74,7 @@ class InstalledModel(BaseModel):
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        for sub in ("trust", "desired", "downloads", "bundles", "models"):
+        for sub in ("trust", "desired", "downloads", "bundles", "models", "slots"):
             try:
                 (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
             except OSError as exc:
@@ -165,6 +166,8 @@ class StateStore:
     def load_desired(self) -> dict[str, bytes]:
         found = {}
         for path in sorted((self.root / "desired").glob("*.dsse")):
+            if not re.fullmatch(_SOURCE, path.stem) or not path.is_file():
+                continue  # not a file this store wrote
             data = self._read(path)
             if data is not None:
                 found[path.stem] = data
@@ -209,41 +212,51 @@ class StateStore:
         return self.root / "models" / name / sha256
 
     def save_installed(self, installed: InstalledModel) -> None:
-        atomic_write_bytes(self.root / "models" / f"{installed.model}.json", dump_model(installed))
+        atomic_write_bytes(self.root / "slots" / f"{installed.model}.json", dump_model(installed))
 
     def load_installed(self) -> dict[str, InstalledModel]:
+        """Every slot's record; one that cannot be read or names a missing directory is skipped."""
         found = {}
-        for path in sorted((self.root / "models").glob("*.json")):
-            data = self._read(path)
-            if data is None:
+        for path in sorted((self.root / "slots").glob("*.json")):
+            if not path.is_file():
                 continue
             try:
+                data = path.read_bytes()
                 installed = parse_model(InstalledModel, data, what=str(path), max_bytes=1 << 16)
-            except BadContentError as exc:
+            except (OSError, BadContentError) as exc:
                 log.error("ignoring %s: %s", path, exc)
+                continue
+            if installed.model != path.stem or not installed.path.is_dir():
+                log.error("ignoring %s: it does not match what is on disk", path)
                 continue
             found[installed.model] = installed
         return found
 
     def remove_installed(self, name: str) -> None:
-        path = self.root / "models" / f"{name}.json"
-        path.unlink(missing_ok=True)
+        path = self.root / "slots" / f"{name}.json"
+        try:
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot remove {path}: {exc.strerror}") from None
         shutil.rmtree(self.root / "models" / name, ignore_errors=True)
-        fsync_dir(path.parent)
 
     def collect_garbage(self, keep: Iterable[str]) -> list[str]:
         """Remove stored bundles, unpacked copies and downloads not in ``keep``; return them."""
         keep = set(keep)
         removed = []
-        for path in (self.root / "bundles").glob("*.emb"):
-            if path.stem not in keep:
+        for path in (self.root / "bundles").iterdir():
+            if path.name.split(".", 1)[0] not in keep and path.suffix in (".emb", ".blocks"):
                 path.unlink(missing_ok=True)
-                path.with_suffix(".blocks").unlink(missing_ok=True)
-                removed.append(path.stem)
+                if path.suffix == ".emb":
+                    removed.append(path.stem)
         for model_dir in (self.root / "models").iterdir():
             if model_dir.is_dir():
                 for unpacked in model_dir.iterdir():
-                    if unpacked.name not in keep and not unpacked.name.startswith("."):
+                    # Names are SHA-256s, or ".{sha256}.*.unpack" left by an interrupted unpack.
+                    if unpacked.name.lstrip(".").split(".", 1)[
+                        0
+                    ] not in keep or unpacked.name.endswith(".unpack"):
                         shutil.rmtree(unpacked, ignore_errors=True)
         for download in (self.root / "downloads").iterdir():
             if download.name not in keep:

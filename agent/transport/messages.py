@@ -135,10 +135,10 @@ class Telemetry(_Message):
 
 
 class BlockRequest(_Message):
-    """``bundles/{sha256}/request``: a device asks for blocks, or pages of the block-hash list.
+    """``bundles/{sha256}/request/{device_id}``: a device asks for blocks or block-list pages.
 
-    The server answers on ``devices/{device_id}/blocks``; the broker's ACL makes sure a device
-    can only publish as itself, so the reply goes to the asker.
+    The server answers on ``devices/{device_id}/blocks``, the id taken from the topic, where the
+    broker's ACL binds it to the device's certificate; ``device_id`` here must be the same.
     """
 
     type: Literal["block-request"] = "block-request"

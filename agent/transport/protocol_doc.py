@@ -170,7 +170,7 @@ Watch the blocks a device receives (frames; the JSON header is readable):
 A block request by hand, as a device sends it (a bundle server answers on the device's `blocks`
 topic; the ACL lets a device publish requests, and receive only its own replies):
 
-    mosquitto_pub ... -t '{prefix}/bundles/SHA256/request' -q 1 \\
+    mosquitto_pub ... -t '{prefix}/bundles/SHA256/request/cam-01' -q 1 \\
         -m '{{"type":"block-request","device_id":"cam-01","bundle_sha256":"SHA256","kind":"blocks","indexes":[0,1]}}'
 
 ## Schemas
@@ -240,7 +240,7 @@ def render(prefix: str = "ema/v1") -> str:
             prefix=prefix,
             d=d,
             group=f"{prefix}/groups/{{group}}/desired",
-            request=f"{prefix}/bundles/{{sha256}}/request",
+            request=f"{prefix}/bundles/{{sha256}}/request/{{id}}",
             trust=topics.trust,
             shared=topics.bundle_requests_filter(),
             plain=topics.bundle_requests_filter(shared=False),

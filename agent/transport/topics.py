@@ -9,8 +9,11 @@ Under one configurable prefix (default ``ema/v1``)::
     devices/{id}/events                 device -> fleet   phase changes and errors
     devices/{id}/blocks                 server -> device  block replies
     groups/{group}/desired   retained   fleet -> devices  signed deployment document
-    bundles/{sha256}/request            device -> server  block requests (a shared subscription)
+    bundles/{sha256}/request/{id}       device -> server  block requests (a shared subscription)
     trust                    retained   fleet -> devices  root chain and keyring updates
+
+The requesting device's id is the last level of a block request's topic, where the broker's ACL
+binds it to the device's certificate; a bundle server answers that device only.
 
 Device and group ids are single topic levels: letters, digits, ``.``, ``_`` and ``-``, at most 64
 characters, so no id can contain ``/``, ``+`` or ``#`` and reach into another device's topics.
@@ -60,6 +63,7 @@ class TopicRef:
     kind: Literal["device", "group", "bundle", "trust"]
     channel: str  # "desired", "reported", ..., "request", "trust"
     id: str = ""  # device id, group id or bundle sha256
+    device: str = ""  # the requesting device, for a block request
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,10 @@ class Topics:
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}/groups/{check_id(group, 'group')}/desired"
 
-    def bundle_request(self, bundle_sha256: str) -> str:
+    def bundle_request(self, bundle_sha256: str, device_id: str) -> str:
         if not _SHA256.fullmatch(bundle_sha256):
             raise ConfigError(f"{bundle_sha256!r} is not a SHA-256 in hex")
-        return f"{self.prefix}/bundles/{bundle_sha256}/request"
+        return f"{self.prefix}/bundles/{bundle_sha256}/request/{check_id(device_id, 'device id')}"
 
     @property
     def trust(self) -> str:
@@ -124,7 +128,7 @@ class Topics:
     # -- subscriptions of the fleet side --------------------------------------------------------
     def bundle_requests_filter(self, shared: bool = True) -> str:
         """Block requests for every bundle; shared so several servers split the load (MQTT 5)."""
-        plain = f"{self.prefix}/bundles/+/request"
+        plain = f"{self.prefix}/bundles/+/request/+"
         return f"$share/{SHARE_GROUP}/{plain}" if shared else plain
 
     def all_devices_filter(self, channel: DeviceChannel) -> str:
@@ -145,6 +149,13 @@ class Topics:
                 return TopicRef("device", channel, ident)
             if section == "groups" and channel == "desired" and _ID.fullmatch(ident):
                 return TopicRef("group", channel, ident)
-            if section == "bundles" and channel == "request" and _SHA256.fullmatch(ident):
-                return TopicRef("bundle", channel, ident)
+        if len(parts) == 4:
+            section, ident, channel, device = parts
+            if (
+                section == "bundles"
+                and channel == "request"
+                and _SHA256.fullmatch(ident)
+                and _ID.fullmatch(device)
+            ):
+                return TopicRef("bundle", channel, ident, device)
         raise FormatError(f"topic {topic!r} is not part of the scheme")

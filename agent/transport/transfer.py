@@ -76,6 +76,7 @@ class TransferSettings(BaseModel):
     stall_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # fail after this long without progress
     max_bad_blocks: Annotated[int, Field(ge=1)] = 16  # blocks failing their hash, per transfer
     reserve_mb: Annotated[int, Field(ge=0)] = 64  # free disk to leave beyond the bundle
+    retry_after_s: Annotated[float, Field(gt=0)] = 300.0  # a failed download is tried again
 
 
 State = Literal["block-list", "blocks", "done", "failed"]
@@ -100,7 +101,7 @@ class Transfer:
         self.device_id = device_id
         self.settings = settings or TransferSettings()
         self._publish = publish
-        self._request_topic = topics.bundle_request(descriptor.bundle_sha256)
+        self._request_topic = topics.bundle_request(descriptor.bundle_sha256, device_id)
         self._reuse = reuse or {}
         self.count = descriptor.block_count
         self.pages = -(-self.count // BLOCK_LIST_PAGE)
@@ -121,6 +122,7 @@ class Transfer:
         self.reused_blocks = 0
         self.duplicates = 0
         self.last_error_reply: str | None = None
+        self._suspended = False
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -155,7 +157,10 @@ class Transfer:
         """Load what an earlier run left, check free disk, ask for what is missing."""
         self._last_progress = now
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from None
             self._load_block_list()
             if self.state == "blocks":
                 self._open_part()
@@ -260,6 +265,7 @@ class Transfer:
                 continue
             self._write(i, data)
             self.reused_blocks += 1
+            self._unsaved += 1
         self._save_bitmap()
 
     def _plan(self) -> None:
@@ -271,6 +277,8 @@ class Transfer:
     # -- requests -----------------------------------------------------------------------------
     def _pump(self, now: float) -> None:
         """Top up the window (block-list pages first), in requests of several indexes."""
+        if self._suspended:
+            return
         if self.state == "block-list":
             missing = [p for p in range(self.pages) if p not in self._page_data]
             ask = [p for p in missing if p not in self._outstanding][: self.settings.window]
@@ -280,7 +288,7 @@ class Transfer:
         if self.state != "blocks":
             return
         room = self.settings.window - len(self._outstanding)
-        # Ask in batches of at least half a window: fewer, larger requests.
+        # Ask in batches of a quarter window or more: the pipe stays full, requests stay few.
         if room < max(1, self.settings.window // 4) and self._outstanding:
             return
         batch: list[int] = []
@@ -304,14 +312,26 @@ class Transfer:
         )
         self._publish(self._request_topic, request.to_bytes())
 
-    def resend(self, now: float) -> None:
-        """The connection came back: ask again for everything outstanding."""
+    def suspend(self, now: float) -> None:
+        """The connection is gone: forget what is outstanding, ask for nothing until resend().
+
+        Nothing queues up in the MQTT client while offline, and the stall clock stops: an
+        outage is not a transfer that stalled.
+        """
         if self.finished:
             return
         pending = list(self._outstanding)
         self._outstanding.clear()
         if self.state == "blocks":
             self._todo.extend(sorted(pending, reverse=True))
+        self._suspended = True
+
+    def resend(self, now: float) -> None:
+        """The connection came back: ask again for everything outstanding."""
+        if self.finished:
+            return
+        self.suspend(now)
+        self._suspended = False
         self._last_progress = max(self._last_progress, now)
         self._pump(now)
 
@@ -336,8 +356,11 @@ class Transfer:
                     )
                 )
             return
+        # Counted from the later of the request and the last block that arrived: on a slow
+        # link the window drains slowly, and that is not a lost request.
+        timeout = self.settings.request_timeout_s
         expired = [
-            i for i, t in self._outstanding.items() if now - t >= self.settings.request_timeout_s
+            i for i, t in self._outstanding.items() if now - max(t, self._last_progress) >= timeout
         ]
         if expired:
             log.info(
@@ -418,6 +441,7 @@ class Transfer:
             return
         self.fetched_bytes += len(data)
         self._last_progress = now
+        self.last_error_reply = None
         self._unsaved += 1
         if self._unsaved >= BITMAP_EVERY:
             self._save_bitmap()

@@ -788,6 +788,51 @@ def _agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_hardware(args: argparse.Namespace) -> int:
+    from agent.bundle.reader import read_index
+    from agent.runtime.hardware import choose, probe
+
+    profile = probe()
+    doc: dict[str, Any] = {"profile": profile.model_dump(mode="json")}
+    doc["profile"]["accelerators"] = profile.accelerators
+    failure: EdgeAgentError | None = None
+    manifest = None
+    choice = None
+    if args.bundle:
+        try:
+            with open(args.bundle, "rb") as f:
+                manifest = read_index(f).manifest
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.bundle}: {exc.strerror}") from None
+        doc["bundle"] = {
+            "name": manifest.name,
+            "version": manifest.version,
+            "release": manifest.release,
+            "variants": [v.id for v in manifest.variants],
+        }
+        try:
+            choice = choose(manifest, profile)
+            doc["choice"] = choice.model_dump(mode="json")
+        except EdgeAgentError as exc:
+            failure = exc
+            doc["choice"] = None
+            doc["error"] = {"code": exc.code, "message": str(exc)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n".join(profile.lines()))
+        if manifest is not None:
+            print(
+                f"bundle        {manifest.name} {manifest.version} (release {manifest.release}): "
+                f"{', '.join(v.id for v in manifest.variants)}; manifest not verified here"
+            )
+            if choice is not None:
+                print("\n".join(choice.lines()))
+    if failure is not None:
+        raise failure
+    return 0
+
+
 def agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge Model Agent on the box.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -796,6 +841,12 @@ def agent_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, default=Path("/etc/edge-agent/agent.toml"))
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(handler=_agent_run)
+    h = top.add_parser(
+        "hardware", help="show what this box has and, with a bundle, which variant it would run"
+    )
+    h.add_argument("--bundle", type=Path, metavar="FILE", help="a bundle (.emb) to choose for")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(handler=_agent_hardware)
     return p
 
 

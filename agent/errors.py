@@ -11,6 +11,7 @@ tools catch that type alone and print its message. Errors from lower libraries (
     ├── StorageError                    the disk refused: full, read-only, missing, permissions
     │   └── DiskFullError               not enough free space for what must be written
     ├── ToolError                       an optional runtime or converter is missing or failed
+    ├── InsufficientMemoryError         too little free RAM or GPU memory to load a model
     ├── BrokerError                     the MQTT broker cannot be reached or refused a message
     ├── TransferError                   a bundle could not be fetched over MQTT
     │   ├── TransferTimeoutError        no progress within the configured time
@@ -151,3 +152,9 @@ class DuplicateMemberError(ArchiveError):
 
 class MemberSizeError(ArchiveError):
     code = "member-size"
+
+
+class InsufficientMemoryError(EdgeAgentError):
+    """Refused before loading: the variant's ``min_memory_mb`` exceeds what is free."""
+
+    code = "insufficient-memory"

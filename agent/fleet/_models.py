@@ -1,8 +1,10 @@
 """Model files at build time: read their tensor metadata and run them on sample inputs.
 
-Each runtime is imported only when a model of its format is seen, so building ONNX bundles needs
-neither OpenVINO nor LiteRT. Runs here are reference runs on the build host's CPU, in full
-precision (OpenVINO is told f32 explicitly: on CPUs with AMX it would otherwise compute in bf16).
+Runs go through the device's own backends (``agent.runtime``), so a bundle's reference outputs
+come from the same code that serves it. Each runtime is imported only when a model of its format
+is seen, so building ONNX bundles needs neither OpenVINO nor LiteRT. Runs here are reference
+runs on the build host's CPU, in full precision (OpenVINO is told f32 explicitly: on CPUs with
+AMX or AVX512-BF16 it would otherwise compute in bf16).
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ import numpy as np
 
 from agent.bundle.manifest import TensorSpec
 from agent.errors import FormatError, ToolError
+from agent.runtime.base import (
+    DATATYPES,
+    AnySettings,
+    LiteRtSettings,
+    LoadedModel,
+    OnnxRuntimeSettings,
+    OpenVinoSettings,
+    get_backend,
+)
 
-NUMPY_DTYPES: Mapping[str, str] = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
-    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64",
-}  # fmt: skip
+# KServe datatype -> numpy dtype name.
+NUMPY_DTYPES: Mapping[str, str] = {k: v.name for k, v in DATATYPES.items()}
 
 _ONNX_TYPES = {
     1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
     8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16",
-}  # fmt: skip
-_OV_TYPES = {
-    "f32": "FP32", "f16": "FP16", "f64": "FP64", "bf16": "BF16", "i8": "INT8", "u8": "UINT8",
-    "i16": "INT16", "u16": "UINT16", "i32": "INT32", "u32": "UINT32", "i64": "INT64",
-    "u64": "UINT64", "boolean": "BOOL", "string": "BYTES",
 }  # fmt: skip
 _TFLITE_TYPES = {
     0: "FP32", 1: "FP16", 2: "INT32", 3: "UINT8", 4: "INT64", 5: "BYTES", 6: "BOOL", 7: "INT16",
@@ -130,27 +133,15 @@ def _inspect_onnx(path: Path) -> ModelFile:
 
 
 def _inspect_openvino(path: Path) -> ModelFile:
-    ov = _need("openvino", "openvino")
+    from agent.runtime.openvino import model_tensors
+
     weights = path.with_suffix(".bin")
     if not weights.is_file():
         raise FormatError(f"{path}: the OpenVINO weights {weights.name} are missing")
-    try:
-        model = ov.Core().read_model(str(path), str(weights))
-    except Exception as exc:  # OpenVINO raises RuntimeError subclasses
-        raise FormatError(f"{path}: not a readable OpenVINO IR: {exc}") from None
-
-    def spec(port: Any) -> TensorSpec:
-        dtype = _OV_TYPES.get(port.get_element_type().get_type_name())
-        if dtype is None:
-            raise FormatError(f"{path}: tensor {port.get_any_name()!r} has an unsupported type")
-        shape = [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
-        return TensorSpec(name=port.get_any_name(), datatype=dtype, shape=shape)  # type: ignore[arg-type]
-
-    inputs = tuple(spec(p) for p in model.inputs)
-    outputs = tuple(spec(p) for p in model.outputs)
+    inputs, outputs = model_tensors(path)
     types = {t.datatype for t in inputs + outputs}
     precision = "fp16" if "FP16" in types else "fp32"
-    return ModelFile("openvino-ir", path, (path, weights), precision, inputs, outputs)
+    return ModelFile("openvino-ir", path, (path, weights), precision, tuple(inputs), tuple(outputs))
 
 
 def _inspect_tflite(path: Path) -> ModelFile:
@@ -184,73 +175,30 @@ def _inspect_tflite(path: Path) -> ModelFile:
 
 
 # -- reference runs -----------------------------------------------------------------------------
+# Each format's backend, told to run on the CPU in full precision.
+_REFERENCE: Mapping[str, tuple[str, AnySettings]] = {
+    "onnx": ("onnxruntime", OnnxRuntimeSettings(providers=["cpu"])),
+    "openvino-ir": ("openvino", OpenVinoSettings(device="CPU", precision="f32")),
+    "tflite": ("litert", LiteRtSettings()),
+}
+
+
 class Runner:
-    """Runs one model on the CPU; ``__call__`` maps input name -> array to output name -> array."""
+    """Runs one model on the CPU; ``__call__`` maps input name -> array to output name -> array.
+
+    Inputs are checked against the model's tensors (FormatError names the mismatch).
+    """
 
     def __init__(self, model: ModelFile) -> None:
         self.model = model
-        try:
-            self._run = {"onnx": _onnx, "openvino-ir": _openvino, "tflite": _tflite}[model.format](
-                model
-            )
-        except ToolError:
-            raise
-        except Exception as exc:  # runtimes raise their own exception types
-            raise ToolError(f"{model.path}: the runtime cannot load the model: {exc}") from None
+        key, settings = _REFERENCE[model.format]
+        self._loaded: LoadedModel = get_backend(key).load_file(model.path, settings)
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            out = self._run(feeds)
-        except Exception as exc:  # runtimes raise their own exception types
-            raise ToolError(f"{self.model.path}: inference failed: {exc}") from None
-        return {name: np.asarray(v) for name, v in out.items()}
+        return self._loaded.infer(feeds)
 
-
-def _onnx(model: ModelFile) -> Any:
-    ort = _need("onnxruntime", "cpu")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        return dict(zip(names, session.run(names, dict(feeds)), strict=True))
-
-    return run
-
-
-def _openvino(model: ModelFile) -> Any:
-    ov = _need("openvino", "openvino")
-    core = ov.Core()
-    compiled = core.compile_model(str(model.path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        result = compiled(dict(feeds))
-        return {port.get_any_name(): result[port] for port in compiled.outputs}
-
-    return run
-
-
-def _tflite(model: ModelFile) -> Any:
-    try:
-        interpreter_mod = importlib.import_module("ai_edge_litert.interpreter")
-    except ImportError:
-        interpreter_mod = _need("tflite_runtime.interpreter", "tflite")
-    interpreter = interpreter_mod.Interpreter(model_path=str(model.path))
-    interpreter.allocate_tensors()
-    ins = {d["name"]: d["index"] for d in interpreter.get_input_details()}
-    outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
-
-    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        for name, value in feeds.items():
-            if tuple(value.shape) != tuple(interpreter.get_tensor(ins[name]).shape):
-                interpreter.resize_tensor_input(ins[name], value.shape)
-                interpreter.allocate_tensors()
-            interpreter.set_tensor(ins[name], value)
-        interpreter.invoke()
-        return {name: interpreter.get_tensor(index).copy() for name, index in outs.items()}
-
-    return run
+    def close(self) -> None:
+        self._loaded.close()
 
 
 def quantize_int8(model: ModelFile, out: Path) -> Path:

@@ -2,7 +2,9 @@
 
 A backend (one module each under ``agent.runtime``, imported only when used) turns a bundle
 variant on disk into a :class:`LoadedModel`. The registry maps a backend key to the module
-that implements it; nothing in core code names a backend otherwise.
+that implements it; nothing in core code names a backend otherwise. A backend module imports
+its runtime package (``onnxruntime``, ``openvino``, ``ai_edge_litert``) only inside ``load``, so
+``get_backend(key).available()`` answers on a box where that runtime is not installed.
 
     backend = get_backend("onnxruntime")           # imports agent.runtime.onnxrt lazily
     model = backend.load(variant_dir, variant, settings)
@@ -13,20 +15,34 @@ that implements it; nothing in core code names a backend otherwise.
 Threads: ``infer`` may be called from several threads at once (the serving layer bounds how
 many); ``load``, ``warm_up`` and ``close`` are called from one worker thread, never while the
 same model serves.
+
+Errors, mapped here at the adapter edge from each runtime's own exception types:
+
+- ``load``: ToolError when the runtime is not installed or cannot load the model on this box;
+  FormatError (a BadContentError) when the model file is malformed or its tensors disagree with
+  the manifest.
+- ``infer``: FormatError for inputs that do not match the model's metadata (unknown or missing
+  name, wrong datatype, wrong rank or size); ToolError when the runtime fails.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+import importlib.metadata
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.bundle.manifest import TensorSpec, Variant
-from agent.errors import ConfigError
+from agent.errors import ConfigError, EdgeAgentError, FormatError, StorageError, ToolError
+
+log = logging.getLogger("agent.runtime")
 
 # KServe v2 datatypes <-> numpy.
 DATATYPES: Mapping[str, np.dtype[np.generic]] = {
@@ -43,6 +59,7 @@ DATATYPES: Mapping[str, np.dtype[np.generic]] = {
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
 }
+_BY_DTYPE: Mapping[np.dtype[np.generic], str] = {v: k for k, v in DATATYPES.items()}
 
 
 class _Settings(BaseModel):
@@ -54,6 +71,9 @@ class OnnxRuntimeSettings(_Settings):
     # Execution providers in order of preference; those not available on the box are skipped.
     providers: list[Literal["tensorrt", "cuda", "openvino", "cpu"]] = ["tensorrt", "cuda", "cpu"]
     tensorrt_fp16: bool = True
+    # TensorRT builds one engine per input-shape range. With a leading dynamic (batch) dimension
+    # the engine covers batches 1..tensorrt_max_batch, so a new batch size never rebuilds it.
+    tensorrt_max_batch: Annotated[int, Field(ge=1, le=4096)] = 8
     cache_dir: Path | None = None  # TensorRT engine and timing cache (default: the state dir)
     intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0: the runtime's choice
     inter_op_threads: Annotated[int, Field(ge=0)] = 0
@@ -73,9 +93,22 @@ class LiteRtSettings(_Settings):
     xnnpack: bool = True
 
 
-BackendSettings = Annotated[
-    OnnxRuntimeSettings | OpenVinoSettings | LiteRtSettings, Field(discriminator="kind")
-]
+AnySettings = OnnxRuntimeSettings | OpenVinoSettings | LiteRtSettings
+BackendSettings = Annotated[AnySettings, Field(discriminator="kind")]
+
+# key -> the settings class that configures it (defaults: ``SETTINGS[key]()``).
+SETTINGS: Mapping[str, type[AnySettings]] = {
+    "onnxruntime": OnnxRuntimeSettings,
+    "openvino": OpenVinoSettings,
+    "litert": LiteRtSettings,
+}
+
+
+def default_settings(key: str) -> AnySettings:
+    try:
+        return SETTINGS[key]()
+    except KeyError:
+        raise ConfigError(f"no backend {key!r}; known: {', '.join(REGISTRY)}") from None
 
 
 class LoadedModel(Protocol):
@@ -100,11 +133,23 @@ class Backend(Protocol):
         """True when its Python package imports on this box (cheap; cached)."""
         ...
 
+    def version(self) -> str | None:
+        """The installed runtime's version, None when it is missing (cheap; nothing imported)."""
+        ...
+
     def load(self, variant_dir: Path, variant: Variant, settings: _Settings) -> LoadedModel:
         """Load ``variant`` from the unpacked bundle directory ``variant_dir``.
 
-        Raises ToolError when the runtime is missing, BadContentError for a model it refuses.
+        The model's tensors must agree with the manifest's; the loaded model validates inputs
+        against both. Raises ToolError when the runtime is missing or fails, FormatError (a
+        BadContentError) for a model it refuses.
         """
+        ...
+
+    def load_file(
+        self, path: Path, settings: _Settings, *, inputs: Sequence[TensorSpec] | None = None
+    ) -> LoadedModel:
+        """Load a model file directly (no manifest); ``inputs`` are shape hints, if known."""
         ...
 
 
@@ -123,3 +168,218 @@ def get_backend(key: str) -> Backend:
         raise ConfigError(f"no backend {key!r}; known: {', '.join(REGISTRY)}") from None
     backend: Backend = module.BACKEND
     return backend
+
+
+# -- tensors ------------------------------------------------------------------------------------
+def kserve_datatype(dtype: Any) -> str | None:
+    """The KServe datatype of a numpy dtype (or type), None when it has none."""
+    try:
+        return _BY_DTYPE.get(np.dtype(dtype))
+    except TypeError:
+        return None
+
+
+def describe(spec: TensorSpec) -> str:
+    return f"{spec.datatype}{spec.shape}"
+
+
+def check_inputs(
+    specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Check ``inputs`` against the model's input metadata; the arrays, C-contiguous, in order.
+
+    Exact datatypes (nothing is cast), exact rank, every fixed dimension equal; -1 is any size.
+    """
+    want = {s.name: s for s in specs}
+    unknown = [name for name in inputs if name not in want]
+    if unknown:
+        raise FormatError(
+            f"unknown input {', '.join(repr(n) for n in unknown)}; "
+            f"the model's inputs are {', '.join(repr(s.name) for s in specs)}"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if spec.name not in inputs:
+            raise FormatError(f"missing input {spec.name!r} ({describe(spec)})")
+        value = inputs[spec.name]
+        if not isinstance(value, np.ndarray):
+            raise FormatError(f"input {spec.name!r} is a {type(value).__name__}, not an array")
+        dtype = DATATYPES.get(spec.datatype)
+        got = kserve_datatype(value.dtype) or str(value.dtype)
+        if dtype is None or value.dtype != dtype:
+            raise FormatError(f"input {spec.name!r} is {got}; the model takes {spec.datatype}")
+        shape = list(value.shape)
+        if len(shape) != len(spec.shape) or any(
+            w != -1 and g != w for g, w in zip(shape, spec.shape, strict=False)
+        ):
+            raise FormatError(
+                f"input {spec.name!r} has shape {shape}; the model takes {spec.shape} (-1: any size)"
+            )
+        feeds[spec.name] = np.ascontiguousarray(value)
+    return feeds
+
+
+def warm_up_feeds(specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Zeros of the right datatype for each input, dynamic dimensions set to 1."""
+    return {
+        s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=DATATYPES[s.datatype])
+        for s in specs
+    }
+
+
+def merge_with_manifest(
+    what: str, runtime: Sequence[TensorSpec], manifest: Sequence[TensorSpec]
+) -> list[TensorSpec]:
+    """The runtime's tensors, checked against the manifest's; where one is dynamic, the other's
+    fixed size wins (the signed manifest may promise more than the model file says)."""
+    by_name = {t.name: t for t in runtime}
+    if set(by_name) != {t.name for t in manifest}:
+        raise FormatError(
+            f"the model's {what}s {sorted(by_name)} differ from the manifest's "
+            f"{sorted(t.name for t in manifest)}"
+        )
+    merged = []
+    for declared in manifest:
+        actual = by_name[declared.name]
+        if actual.datatype != declared.datatype or len(actual.shape) != len(declared.shape):
+            raise FormatError(
+                f"{what} {declared.name!r} is {describe(actual)} in the model and "
+                f"{describe(declared)} in the manifest"
+            )
+        shape = []
+        for a, d in zip(actual.shape, declared.shape, strict=True):
+            if a != -1 and d != -1 and a != d:
+                raise FormatError(
+                    f"{what} {declared.name!r} is {describe(actual)} in the model and "
+                    f"{describe(declared)} in the manifest"
+                )
+            shape.append(a if a != -1 else d)
+        merged.append(TensorSpec(name=declared.name, datatype=declared.datatype, shape=shape))
+    return merged
+
+
+# -- shared skeletons ---------------------------------------------------------------------------
+class RuntimeModel(ABC):
+    """What the backends share: input checks, warm-up, error mapping, the closed state.
+
+    Subclasses implement ``_run`` (safe to call from several threads at once) and ``_release``.
+    """
+
+    WARM_UP_RUNS: ClassVar[int] = 3
+
+    def __init__(
+        self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], runtime: str
+    ) -> None:
+        self.path = path
+        self.inputs = inputs
+        self.outputs = outputs
+        self.runtime = runtime
+        self._closed = False
+        for spec in inputs:
+            if spec.datatype not in DATATYPES:
+                raise FormatError(
+                    f"{path}: input {spec.name!r} is {spec.datatype}, which the inference API "
+                    "does not carry"
+                )
+
+    def restrict(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        """Adopt the manifest-checked metadata (see :func:`merge_with_manifest`)."""
+        self.inputs, self.outputs = inputs, outputs
+
+    def warm_up(self, progress: Callable[[float], None] | None = None) -> None:
+        """Run zeros through the model a few times; the first run may build kernels or engines
+        (TensorRT: minutes). ``progress`` gets 0.0 .. 1.0 on the calling (worker) thread."""
+        feeds = warm_up_feeds(self.inputs)
+        if progress:
+            progress(0.0)
+        for i in range(self.WARM_UP_RUNS):
+            self.infer(feeds)
+            if progress:
+                progress((i + 1) / self.WARM_UP_RUNS)
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise ToolError(f"{self.path.name}: the model is closed")
+        feeds = check_inputs(self.inputs, inputs)
+        try:
+            return self._run(feeds)
+        except EdgeAgentError:
+            raise
+        except Exception as exc:  # each runtime raises its own exception types
+            raise ToolError(f"{self.path.name}: {self.runtime}: inference failed: {exc}") from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _release(self) -> None: ...
+
+
+class BackendBase(ABC):
+    """What the backends share: availability, version, and ``load`` on top of ``load_file``."""
+
+    key: str
+    formats: tuple[str, ...]
+    modules: tuple[str, ...]  # importable runtime packages, any one suffices
+    distributions: tuple[str, ...]  # their pip names, for the version
+    settings_type: type[AnySettings]
+    install_hint: str
+
+    def __init__(self) -> None:
+        self._available: bool | None = None
+
+    def available(self) -> bool:
+        if self._available is None:
+            self._available = any(importlib.util.find_spec(m) is not None for m in self.modules)
+        return self._available
+
+    def version(self) -> str | None:
+        for dist in self.distributions:
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
+
+    def missing(self) -> ToolError:
+        return ToolError(f"{self.key} is not installed; {self.install_hint}")
+
+    def _settings(self, settings: _Settings) -> Any:
+        if not isinstance(settings, self.settings_type):
+            raise ConfigError(
+                f"backend {self.key} takes {self.settings_type.__name__}, "
+                f"not {type(settings).__name__}"
+            )
+        return settings
+
+    def load(self, variant_dir: Path, variant: Variant, settings: _Settings) -> LoadedModel:
+        if variant.format not in self.formats:
+            raise ConfigError(
+                f"backend {self.key} runs {', '.join(self.formats)} models, not {variant.format}"
+            )
+        root = Path(variant_dir)
+        path = root / variant.entrypoint
+        if not path.is_file():
+            raise StorageError(f"{path}: the variant's entry file is missing")
+        model = self.load_file(path, settings, inputs=variant.inputs)
+        assert isinstance(model, RuntimeModel)
+        try:
+            model.restrict(
+                merge_with_manifest("input", model.inputs, variant.inputs),
+                merge_with_manifest("output", model.outputs, variant.outputs),
+            )
+        except FormatError as exc:
+            model.close()
+            raise FormatError(f"variant {variant.id}: {exc}") from None
+        log.info("loaded %s (%s) with %s", variant.id, variant.format, model.runtime)
+        return model
+
+    @abstractmethod
+    def load_file(
+        self, path: Path, settings: _Settings, *, inputs: Sequence[TensorSpec] | None = None
+    ) -> LoadedModel: ...

@@ -1,0 +1,827 @@
+"""What this box has, and which bundle variant and backend to run on it.
+
+:func:`probe` reads the hardware: a Jetson (``/etc/nv_tegra_release``, ``/proc/device-tree/model``),
+NVIDIA GPUs through NVML (``pynvml`` from nvidia-ml-py, when installed), Intel devices through
+OpenVINO (``Core().available_devices``), the CPU (``/proc/cpuinfo``: cores, vendor, instruction
+sets), RAM (``/proc/meminfo``, lowered by a cgroup memory limit), and which backends are installed.
+Every source is injectable through :class:`Probes` (a root directory for the files, callables for
+the libraries), so a Jetson or an NVIDIA box can be described where none exists.
+
+:func:`choose` picks a variant of a bundle and the backend that runs it, by a default order that
+:class:`ChoicePolicy` (config) can override, and says why: for the chosen variant, and for each
+other one why it was skipped or ranked lower. :func:`check_memory` refuses a variant whose
+``min_memory_mb`` exceeds the free GPU memory or available RAM, before anything is loaded.
+
+Default order, best first:
+
+1. where it runs: an NVIDIA GPU or Jetson (ONNX Runtime with the CUDA or TensorRT provider), an
+   Intel GPU, an Intel NPU (OpenVINO, device AUTO), then the CPU;
+2. the format: on Intel boxes with OpenVINO installed ``openvino-ir`` before ``onnx``, elsewhere
+   ``onnx`` before ``openvino-ir``; ``tflite`` last (it is what a small CPU box without ONNX Runtime
+   runs);
+3. the precision: fp16 on GPUs and NPUs, fp32 on the CPU; int8 last unless the policy prefers it
+   (dynamic int8 trades accuracy for speed, a choice for the fleet manager to make);
+4. the order of the variants in the bundle.
+
+Everything here runs on the caller's thread; :func:`probe` may take a second (it imports
+OpenVINO and ONNX Runtime to ask them for devices), so call it once at start-up and
+:func:`refresh_memory` before each load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import platform
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from agent.bundle.manifest import Manifest, Variant
+from agent.errors import BadContentError, EdgeAgentError, InsufficientMemoryError, ToolError
+from agent.runtime.base import (
+    REGISTRY,
+    AnySettings,
+    LiteRtSettings,
+    OnnxRuntimeSettings,
+    OpenVinoSettings,
+    default_settings,
+    get_backend,
+)
+
+Format = Literal["onnx", "openvino-ir", "tflite"]
+
+# The backend that runs each format unless the policy names another.
+FORMAT_BACKENDS: Mapping[str, str] = {
+    "onnx": "onnxruntime",
+    "openvino-ir": "openvino",
+    "tflite": "litert",
+}
+_CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+# /proc/cpuinfo flags (x86 "flags", Arm "Features") -> the names reported.
+_CPU_FEATURES: Mapping[str, tuple[str, ...]] = {
+    "avx2": ("avx2",),
+    "fma": ("fma",),
+    "f16c": ("f16c",),
+    "avx512f": ("avx512f",),
+    "avx512_bf16": ("avx512_bf16",),
+    "avx512_vnni": ("avx512_vnni",),
+    "avx_vnni": ("avx_vnni",),
+    "amx_tile": ("amx",),
+    "amx_bf16": ("amx",),
+    "amx_int8": ("amx",),
+    "neon": ("neon",),
+    "asimd": ("asimd", "neon"),
+    "asimdhp": ("fp16",),
+    "asimddp": ("dotprod",),
+    "i8mm": ("i8mm",),
+    "bf16": ("bf16",),
+    "sve": ("sve",),
+}
+_ARM_IMPLEMENTERS = {
+    "0x41": "ARM",
+    "0x42": "Broadcom",
+    "0x48": "HiSilicon",
+    "0x4e": "NVIDIA",
+    "0x51": "Qualcomm",
+    "0x61": "Apple",
+}
+# Jetson modules by their device-tree model name -> CUDA compute capability.
+_JETSON_COMPUTE = (
+    ("orin", "8.7"),
+    ("xavier", "7.2"),
+    ("tx2", "6.2"),
+    ("nano", "5.3"),
+    ("tx1", "5.3"),
+)
+
+
+# -- the profile --------------------------------------------------------------------------------
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuInfo(_Frozen):
+    index: int
+    name: str
+    memory_total_mb: int
+    memory_free_mb: int
+    compute_capability: str | None = None  # "8.6"
+
+
+class JetsonInfo(_Frozen):
+    model: str  # "NVIDIA Jetson AGX Orin Developer Kit"
+    l4t: str | None = None  # "35.4.1"
+    compute_capability: str | None = None
+
+
+class HardwareProfile(_Frozen):
+    architecture: str  # platform.machine(): x86_64, aarch64, armv7l
+    cpu_vendor: str
+    cpu_model: str
+    cpu_cores: int
+    cpu_features: list[str] = []
+    memory_total_mb: int
+    memory_available_mb: int
+    memory_limit_mb: int | None = None  # the cgroup's memory limit, when there is one
+    jetson: JetsonInfo | None = None
+    nvidia_gpus: list[GpuInfo] = []
+    openvino_devices: dict[str, str] = {}  # "GPU.0" -> "Intel(R) Iris(R) Xe Graphics"
+    runtimes: dict[str, str | None] = {}  # backend key -> version; None: not installed
+    onnxruntime_providers: list[str] = []
+    notes: list[str] = []  # probes that found nothing, and why
+
+    @property
+    def accelerators(self) -> list[str]:
+        """What the box offers, in the manifest's vocabulary (``Constraints.accelerators``)."""
+        out = ["cpu"]
+        if self.jetson:
+            out.append("jetson")
+        if self.nvidia_gpus:
+            out.append("nvidia-gpu")
+        if any(d.split(".")[0] == "GPU" for d in self.openvino_devices):
+            out.append("intel-gpu")
+        if any(d.split(".")[0] == "NPU" for d in self.openvino_devices):
+            out.append("intel-npu")
+        return out
+
+    @property
+    def cuda_providers(self) -> list[str]:
+        """ONNX Runtime's GPU providers on this box (none with the CPU wheel)."""
+        return [p for p in self.onnxruntime_providers if p in _CUDA_PROVIDERS]
+
+    @property
+    def intel(self) -> bool:
+        return (
+            self.cpu_vendor == "GenuineIntel"
+            or "intel-gpu" in self.accelerators
+            or "intel-npu" in self.accelerators
+        )
+
+    def installed(self, backend: str) -> bool:
+        return self.runtimes.get(backend) is not None
+
+    def details(self) -> dict[str, str]:
+        """Short strings for the reported hardware profile."""
+        out = {
+            "cpu": f"{self.cpu_model} ({', '.join(self.cpu_features) or 'no listed features'})",
+            "memory": f"{self.memory_available_mb} of {self.memory_total_mb} MB available",
+        }
+        if self.jetson:
+            out["jetson"] = f"{self.jetson.model} (L4T {self.jetson.l4t or 'unknown'})"
+        for gpu in self.nvidia_gpus:
+            out[f"gpu{gpu.index}"] = (
+                f"{gpu.name} (compute {gpu.compute_capability or '?'}, {gpu.memory_total_mb} MB)"
+            )
+        if self.openvino_devices:
+            out["openvino"] = ", ".join(self.openvino_devices)
+        out["runtimes"] = ", ".join(f"{k} {v}" for k, v in self.runtimes.items() if v) or "none"
+        return out
+
+    def lines(self) -> list[str]:
+        """The profile for people, one fact a line."""
+        limit = f", cgroup limit {self.memory_limit_mb} MB" if self.memory_limit_mb else ""
+        out = [
+            f"cpu           {self.architecture}, {self.cpu_cores} cores, {self.cpu_model} "
+            f"({self.cpu_vendor})",
+            f"cpu features  {' '.join(self.cpu_features) or 'none of note'}",
+            f"memory        {self.memory_total_mb} MB total, {self.memory_available_mb} MB "
+            f"available{limit}",
+        ]
+        if self.jetson:
+            out.append(
+                f"jetson        {self.jetson.model}, L4T {self.jetson.l4t or 'unknown'}, "
+                f"compute {self.jetson.compute_capability or 'unknown'}"
+            )
+        for gpu in self.nvidia_gpus:
+            out.append(
+                f"nvidia gpu {gpu.index}  {gpu.name}, compute {gpu.compute_capability or '?'}, "
+                f"{gpu.memory_free_mb} of {gpu.memory_total_mb} MB free"
+            )
+        if self.openvino_devices:
+            out.append(
+                "openvino      "
+                + ", ".join(f"{d} ({n})" if n else d for d, n in self.openvino_devices.items())
+            )
+        out.append(
+            "runtimes      "
+            + ", ".join(f"{k} {v or 'not installed'}" for k, v in self.runtimes.items())
+        )
+        if self.onnxruntime_providers:
+            out.append(f"onnxruntime   {', '.join(self.onnxruntime_providers)}")
+        out.append(f"accelerators  {', '.join(self.accelerators)}")
+        out.extend(f"note          {n}" for n in self.notes)
+        return out
+
+
+# -- probes -------------------------------------------------------------------------------------
+def nvml_gpus() -> list[GpuInfo]:
+    """NVIDIA GPUs through NVML; ToolError when NVML is not installed or finds no driver."""
+    try:
+        pynvml = importlib.import_module("pynvml")
+    except ImportError:
+        raise ToolError("NVIDIA GPUs not probed: nvidia-ml-py (pynvml) is not installed") from None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise ToolError(f"NVIDIA GPUs not probed: NVML did not start ({exc})") from None
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                compute: str | None = f"{major}.{minor}"
+            except pynvml.NVMLError:
+                compute = None
+            gpus.append(
+                GpuInfo(
+                    index=i,
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    memory_total_mb=int(memory.total) >> 20,
+                    memory_free_mb=int(memory.free) >> 20,
+                    compute_capability=compute,
+                )
+            )
+        return gpus
+    except pynvml.NVMLError as exc:
+        raise ToolError(f"NVIDIA GPUs: NVML failed ({exc})") from None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def openvino_devices() -> dict[str, str]:
+    """OpenVINO's devices (``CPU``, ``GPU.0``, ``NPU``) with their full names."""
+    if importlib.util.find_spec("openvino") is None:
+        raise ToolError("Intel devices not probed: OpenVINO is not installed")
+    ov = importlib.import_module("openvino")
+    try:
+        core = ov.Core()
+        out = {}
+        for device in core.available_devices:
+            try:
+                out[device] = str(core.get_property(device, "FULL_DEVICE_NAME"))
+            except RuntimeError:
+                out[device] = ""
+        return out
+    except RuntimeError as exc:
+        raise ToolError(f"Intel devices: OpenVINO failed ({exc})") from None
+
+
+def onnxruntime_providers() -> list[str]:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return []
+    providers: list[str] = importlib.import_module("onnxruntime").get_available_providers()
+    return providers
+
+
+def runtime_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key in REGISTRY:
+        backend = get_backend(key)
+        out[key] = (backend.version() or "unknown version") if backend.available() else None
+    return out
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours cpusets and taskset
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Where :func:`probe` looks. Tests point ``root`` at a fake filesystem and replace the
+    library probes; a library probe raises ToolError to say why it found nothing."""
+
+    root: Path = Path("/")
+    machine: Callable[[], str] = platform.machine
+    cpu_count: Callable[[], int] = _cpu_count
+    nvml: Callable[[], list[GpuInfo]] = nvml_gpus
+    openvino: Callable[[], dict[str, str]] = openvino_devices
+    onnxruntime: Callable[[], list[str]] = onnxruntime_providers
+    runtimes: Callable[[], dict[str, str | None]] = runtime_versions
+
+    def file(self, path: str) -> Path:
+        """``path`` (absolute, as on a real box) below ``root``."""
+        return self.root / path.lstrip("/")
+
+    def read(self, path: str | Path) -> str | None:
+        try:
+            return self.file(str(path)).read_text(errors="replace")
+        except OSError:
+            return None
+
+
+def _cpuinfo(text: str) -> tuple[str, str, list[str]]:
+    """(vendor, model, features) from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    vendor = fields.get("vendor_id") or _ARM_IMPLEMENTERS.get(
+        fields.get("cpu implementer", ""), "unknown"
+    )
+    model = fields.get("model name") or fields.get("hardware") or fields.get("model") or ""
+    flags = (fields.get("flags") or fields.get("features") or "").split()
+    features = sorted({name for f in flags for name in _CPU_FEATURES.get(f, ())})
+    return vendor, model, features
+
+
+def _meminfo(text: str) -> tuple[int, int]:
+    """(total, available) in MB from /proc/meminfo."""
+    kb: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+):\s+(\d+)", line)
+        if m:
+            kb[m.group(1)] = int(m.group(2))
+    total = kb.get("MemTotal", 0)
+    available = kb.get("MemAvailable", kb.get("MemFree", 0))
+    return total // 1024, available // 1024
+
+
+def _cgroup_memory(probes: Probes) -> tuple[int | None, int | None]:
+    """(limit, free below the limit) in MB, the tightest over this cgroup and its ancestors.
+
+    cgroup v2 (``memory.max``, ``memory.current``), else the v1 memory controller
+    (``memory.limit_in_bytes``, ``memory.usage_in_bytes``). None, None without a limit.
+    """
+    text = probes.read("/proc/self/cgroup") or "0::/\n"
+    # (mount point, this process's cgroup below it, limit file, usage file)
+    places: list[tuple[Path, str, str, str]] = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        rel = parts[2].strip().lstrip("/")
+        if parts[0] == "0" and parts[1] == "":
+            places.append((Path("/sys/fs/cgroup"), rel, "memory.max", "memory.current"))
+        elif "memory" in parts[1].split(","):
+            places.append(
+                (
+                    Path("/sys/fs/cgroup/memory"),
+                    rel,
+                    "memory.limit_in_bytes",
+                    "memory.usage_in_bytes",
+                )
+            )
+    limit: int | None = None
+    free: int | None = None
+    for mount, rel, max_name, current_name in places:
+        # The limits of every ancestor apply too; inside a container the path may not exist
+        # below the mount, and the container's own limit sits at the mount point.
+        leaf = Path(rel) if rel else Path()
+        for sub in [leaf, *leaf.parents]:
+            directory = mount / sub
+            raw = (probes.read(directory / max_name) or "").strip()
+            if not raw.isdigit():
+                continue  # absent, or "max": no limit at this level
+            value = int(raw)
+            if value >= 1 << 60:  # v1 writes "no limit" as a page-rounded 2^63
+                continue
+            used_raw = (probes.read(directory / current_name) or "").strip()
+            used = int(used_raw) if used_raw.isdigit() else 0
+            mb, free_mb = value >> 20, max(0, value - used) >> 20
+            limit = mb if limit is None else min(limit, mb)
+            free = free_mb if free is None else min(free, free_mb)
+    return limit, free
+
+
+def _jetson(probes: Probes) -> JetsonInfo | None:
+    release = probes.read("/etc/nv_tegra_release")
+    model = (probes.read("/proc/device-tree/model") or "").replace("\x00", "").strip()
+    if release is None and "jetson" not in model.lower():
+        return None
+    l4t = None
+    if release:
+        m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", release)
+        if m:
+            l4t = f"{m.group(1)}.{m.group(2)}"
+    compute = next((cc for key, cc in _JETSON_COMPUTE if key in model.lower()), None)
+    return JetsonInfo(model=model or "NVIDIA Jetson", l4t=l4t, compute_capability=compute)
+
+
+def _memory(probes: Probes) -> tuple[int, int, int | None]:
+    total, available = _meminfo(probes.read("/proc/meminfo") or "")
+    limit, free = _cgroup_memory(probes)
+    if limit is not None and limit < total:
+        total_seen = limit
+    else:
+        total_seen, limit = total, None
+    if free is not None:
+        available = min(available, free)
+    return total_seen, available, limit
+
+
+def _optional(notes: list[str], fn: Callable[[], object], default: object) -> object:
+    try:
+        return fn()
+    except ToolError as exc:
+        notes.append(str(exc))
+        return default
+
+
+def probe(probes: Probes | None = None) -> HardwareProfile:
+    """Describe this box (or the fake one ``probes`` describes)."""
+    probes = probes or Probes()
+    notes: list[str] = []
+    vendor, model, features = _cpuinfo(probes.read("/proc/cpuinfo") or "")
+    jetson = _jetson(probes)
+    if not model:
+        model = (probes.read("/proc/device-tree/model") or "").replace("\x00", "").strip()
+    total, available, limit = _memory(probes)
+    gpus = _optional(notes, probes.nvml, [])
+    devices = _optional(notes, probes.openvino, {})
+    return HardwareProfile(
+        architecture=probes.machine() or "unknown",
+        cpu_vendor=vendor,
+        cpu_model=model or "unknown",
+        cpu_cores=max(1, probes.cpu_count()),
+        cpu_features=features,
+        memory_total_mb=total,
+        memory_available_mb=available,
+        memory_limit_mb=limit,
+        jetson=jetson,
+        nvidia_gpus=gpus,  # type: ignore[arg-type]
+        openvino_devices=devices,  # type: ignore[arg-type]
+        runtimes=probes.runtimes(),
+        onnxruntime_providers=probes.onnxruntime(),
+        notes=notes,
+    )
+
+
+def refresh_memory(profile: HardwareProfile, probes: Probes | None = None) -> HardwareProfile:
+    """The profile with free RAM and GPU memory read again (call before each load)."""
+    probes = probes or Probes()
+    total, available, limit = _memory(probes)
+    update: dict[str, object] = {
+        "memory_total_mb": total,
+        "memory_available_mb": available,
+        "memory_limit_mb": limit,
+    }
+    if profile.nvidia_gpus:
+        with contextlib.suppress(ToolError):  # on failure, keep the last reading
+            update["nvidia_gpus"] = probes.nvml()
+    return profile.model_copy(update=update)
+
+
+def gpu_memory_used(probes: Probes | None = None) -> float | None:
+    """The fraction of GPU 0's memory in use (NVML), None where there is no NVIDIA GPU; a
+    reader for the serving layer's admission control. Each call starts and stops NVML."""
+    try:
+        gpus = (probes or Probes()).nvml()
+    except ToolError:
+        return None
+    if not gpus or gpus[0].memory_total_mb <= 0:
+        return None
+    return 1.0 - gpus[0].memory_free_mb / gpus[0].memory_total_mb
+
+
+# -- the choice ---------------------------------------------------------------------------------
+class ChoicePolicy(BaseModel):
+    """How config overrides the default choice (``[runtime.policy]`` in agent.toml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Variant ids, formats or precisions, best first; a variant matching one of them is chosen
+    # before any that matches none (among those that fit the box).
+    prefer: list[str] = []
+    # Variant ids, formats or precisions never to run here.
+    forbid: list[str] = []
+    # The backend for a format, where it is not the default (onnx: onnxruntime, openvino-ir:
+    # openvino, tflite: litert); e.g. {"onnx" = "openvino"} runs ONNX variants on OpenVINO.
+    backends: dict[Format, str] = {}
+    # Rank int8 variants first rather than last.
+    prefer_int8: bool = False
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, value: dict[str, str]) -> dict[str, str]:
+        for fmt, key in value.items():
+            if key not in REGISTRY:
+                raise ValueError(f"no backend {key!r}; known: {', '.join(REGISTRY)}")
+            if fmt not in get_backend(key).formats:
+                raise ValueError(f"backend {key} does not run {fmt} models")
+        return value
+
+    def backend_for(self, fmt: str) -> str:
+        chosen: str | None = self.backends.get(fmt)  # type: ignore[call-overload]
+        return chosen or FORMAT_BACKENDS[fmt]
+
+
+class RuntimeConfig(BaseModel):
+    """A ``[runtime]`` table for agent.toml: the choice policy and each backend's settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: ChoicePolicy = ChoicePolicy()
+    onnxruntime: OnnxRuntimeSettings = OnnxRuntimeSettings()
+    openvino: OpenVinoSettings = OpenVinoSettings()
+    litert: LiteRtSettings = LiteRtSettings()
+
+    def settings_for(self, backend: str) -> AnySettings:
+        """The settings to pass to ``get_backend(backend).load``."""
+        settings: AnySettings = getattr(self, backend, None) or default_settings(backend)
+        return settings
+
+
+class Choice(_Frozen):
+    variant_id: str
+    backend: str  # a REGISTRY key
+    accelerator: str  # where it is expected to run: cpu, nvidia-gpu, jetson, intel-gpu, intel-npu
+    reasons: list[str]  # why this variant
+    skipped: dict[str, str]  # every other variant -> why not
+
+    def lines(self) -> list[str]:
+        out = [f"choice        {self.variant_id} with {self.backend} on {self.accelerator}"]
+        out.extend(f"  because     {r}" for r in self.reasons)
+        out.extend(f"  not {v:<9} {why}" for v, why in self.skipped.items())
+        return out
+
+
+_TARGET_RANK = {"jetson": 0, "nvidia-gpu": 0, "intel-gpu": 1, "intel-npu": 2, "cpu": 3}
+_PRECISION_RANK = {
+    "accelerator": {"fp16": 0, "mixed": 1, "fp32": 2, "bf16": 3, "int8": 4},
+    "cpu": {"fp32": 0, "mixed": 1, "bf16": 2, "fp16": 3, "int8": 4},
+}
+
+
+def _version(cc: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in cc.split("."))
+
+
+def _target(variant: Variant, backend: str, profile: HardwareProfile) -> str:
+    """Where ``backend`` would run ``variant`` on this box."""
+    allowed = variant.constraints.accelerators
+
+    def ok(acc: str) -> bool:
+        return not allowed or acc in allowed
+
+    if backend == "onnxruntime" and variant.precision != "int8" and profile.cuda_providers:
+        if profile.jetson and ok("jetson"):
+            return "jetson"
+        if profile.nvidia_gpus and ok("nvidia-gpu"):
+            return "nvidia-gpu"
+    if backend == "openvino":
+        for acc in ("intel-gpu", "intel-npu"):
+            if acc in profile.accelerators and ok(acc):
+                return acc
+    return "cpu"
+
+
+def _compute(target: str, profile: HardwareProfile) -> str | None:
+    if target == "jetson" and profile.jetson:
+        return profile.jetson.compute_capability
+    if target == "nvidia-gpu" and profile.nvidia_gpus:
+        return profile.nvidia_gpus[0].compute_capability
+    return None
+
+
+def _budget(target: str, profile: HardwareProfile) -> tuple[int, str]:
+    """(free MB, what that memory is) where the variant would run."""
+    if target == "nvidia-gpu" and profile.nvidia_gpus:
+        gpu = profile.nvidia_gpus[0]  # device 0: the one ONNX Runtime's providers use
+        return gpu.memory_free_mb, f"GPU memory free on {gpu.name}"
+    if target == "jetson":
+        return profile.memory_available_mb, "RAM available (shared with the GPU)"
+    return profile.memory_available_mb, "RAM available"
+
+
+def _matches(entry: str, variant: Variant) -> bool:
+    return entry in (variant.id, variant.format, variant.precision)
+
+
+def _misfit(
+    variant: Variant, backend: str, target: str, profile: HardwareProfile, policy: ChoicePolicy
+) -> tuple[str, bool] | None:
+    """Why ``variant`` cannot run here (and whether memory is the reason), or None."""
+    c = variant.constraints
+    banned = next((e for e in policy.forbid if _matches(e, variant)), None)
+    if banned is not None:
+        return f"forbidden by the policy (forbid: {banned})", False
+    if c.architectures and profile.architecture not in c.architectures:
+        return f"built for {', '.join(c.architectures)}; this box is {profile.architecture}", False
+    if not profile.installed(backend):
+        return f"needs {backend}, which is not installed", False
+    if variant.format not in get_backend(backend).formats:
+        return f"{backend} does not run {variant.format} models", False
+    if c.accelerators and target not in c.accelerators:
+        return (
+            f"built for {', '.join(c.accelerators)}; with {backend} it would run on {target} here",
+            False,
+        )
+    if c.min_cuda_compute:
+        have = _compute(target, profile)
+        if target not in ("nvidia-gpu", "jetson"):
+            return (
+                f"needs a CUDA GPU (compute {c.min_cuda_compute}); it would run on {target}",
+                False,
+            )
+        if have is None or _version(have) < _version(c.min_cuda_compute):
+            return (
+                f"needs CUDA compute capability {c.min_cuda_compute}; this GPU has "
+                f"{have or 'unknown'}",
+                False,
+            )
+    free, what = _budget(target, profile)
+    if c.min_memory_mb > free:
+        return f"needs {c.min_memory_mb} MB; {free} MB of {what}", True
+    return None
+
+
+def check_memory(variant: Variant, profile: HardwareProfile, backend: str | None = None) -> None:
+    """Refuse, before loading, a variant that needs more memory than is free where it would run
+    (GPU memory on an NVIDIA GPU, else available RAM). Pass a fresh :func:`refresh_memory`."""
+    backend = backend or FORMAT_BACKENDS[variant.format]
+    target = _target(variant, backend, profile)
+    free, what = _budget(target, profile)
+    need = variant.constraints.min_memory_mb
+    if need > free:
+        raise InsufficientMemoryError(
+            f"variant {variant.id} needs {need} MB; only {free} MB of {what}"
+        )
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    variant: Variant
+    backend: str
+    target: str
+    key: tuple[int, ...]
+
+
+def _format_order(profile: HardwareProfile) -> tuple[list[str], str]:
+    if profile.intel and profile.installed("openvino"):
+        return ["openvino-ir", "onnx", "tflite"], "on an Intel box with OpenVINO"
+    return ["onnx", "openvino-ir", "tflite"], "where there is no Intel device with OpenVINO"
+
+
+def _rank(
+    variant: Variant,
+    index: int,
+    target: str,
+    profile: HardwareProfile,
+    policy: ChoicePolicy,
+) -> tuple[int, ...]:
+    """The sort key, best first: policy preference, where it runs, int8 (last unless the policy
+    prefers it), format, precision, the bundle's order."""
+    prefer = next(
+        (i for i, e in enumerate(policy.prefer) if _matches(e, variant)), len(policy.prefer)
+    )
+    int8 = 1 if variant.precision != "int8" else (0 if policy.prefer_int8 else 2)
+    formats, _ = _format_order(profile)
+    table = _PRECISION_RANK["cpu" if target == "cpu" else "accelerator"]
+    return (
+        prefer,
+        _TARGET_RANK[target],
+        int8,
+        formats.index(variant.format),
+        table[variant.precision],
+        index,
+    )
+
+
+def _where(target: str, backend: str, profile: HardwareProfile) -> str:
+    if target == "nvidia-gpu":
+        gpu = profile.nvidia_gpus[0]
+        return (
+            f"runs on GPU 0, {gpu.name} (compute {gpu.compute_capability or '?'}), "
+            f"with {backend} ({', '.join(profile.cuda_providers)})"
+        )
+    if target == "jetson" and profile.jetson:
+        return (
+            f"runs on the {profile.jetson.model} GPU with {backend} "
+            f"({', '.join(profile.cuda_providers)})"
+        )
+    if target in ("intel-gpu", "intel-npu"):
+        return f"runs on the {target.replace('-', ' ').replace('intel', 'Intel')} with {backend}"
+    return f"runs on the CPU with {backend}"
+
+
+def _step(other: _Candidate, best: _Candidate) -> int:
+    """Which part of the sort key put ``best`` before ``other``."""
+    return next(i for i, (x, y) in enumerate(zip(other.key, best.key, strict=True)) if x != y)
+
+
+def _why_lower(
+    other: _Candidate, best: _Candidate, profile: HardwareProfile, policy: ChoicePolicy
+) -> str:
+    v, b = other.variant, best.variant
+    step = _step(other, best)
+    if step == 0:
+        return f"ranked lower: the policy prefers {policy.prefer[best.key[0]]}"
+    if step == 1:
+        return f"ranked lower: it would run on {other.target}, {b.id} on {best.target}"
+    if step == 2:
+        if v.precision == "int8":
+            return "ranked lower: int8 is chosen first only when the policy says prefer_int8"
+        return "ranked lower: the policy prefers int8"
+    if step == 3:
+        _, why = _format_order(profile)
+        return f"ranked lower: {b.format} comes before {v.format} {why}"
+    if step == 4:
+        return f"ranked lower: {b.precision} comes before {v.precision} on {other.target}"
+    return f"ranked lower: listed after {b.id} in the bundle"
+
+
+def _why_chosen(best: _Candidate, others: list[_Candidate], profile: HardwareProfile) -> list[str]:
+    """One reason for each part of the sort key that put ``best`` before another variant."""
+    v = best.variant
+    steps = {_step(o, best) for o in others}
+    out = []
+    if 2 in steps:
+        out.append(
+            "int8: the policy prefers int8"
+            if v.precision == "int8"
+            else "not int8: int8 is chosen first only when the policy says prefer_int8"
+        )
+    if 3 in steps:
+        _, why = _format_order(profile)
+        out.append(f"{v.format} comes first {why}")
+    if 4 in steps:
+        if best.target == "cpu":
+            out.append(f"{v.precision}: on the CPU, full precision comes first")
+        else:
+            out.append(f"{v.precision}: on {best.target}, fp16 comes first")
+    if 5 in steps:
+        out.append("listed first in the bundle among equals")
+    return out
+
+
+def choose(
+    manifest: Manifest,
+    profile: HardwareProfile,
+    policy: ChoicePolicy | None = None,
+    *,
+    variant: str | None = None,
+) -> Choice:
+    """The variant to run here and its backend, with the reasons.
+
+    ``variant`` is one the deployment names: it is checked against the box, not ranked.
+    Raises InsufficientMemoryError when memory is the only reason nothing fits, and
+    BadContentError (a bundle for other hardware) when nothing fits for any other reason.
+    """
+    policy = policy or ChoicePolicy()
+    fits: list[_Candidate] = []
+    skipped: dict[str, str] = {}
+    memory_only = True
+    if variant is not None and variant not in [v.id for v in manifest.variants]:
+        raise BadContentError(
+            f"the deployment names variant {variant!r}; {manifest.name} {manifest.version} has "
+            f"{', '.join(v.id for v in manifest.variants)}"
+        )
+    for index, v in enumerate(manifest.variants):
+        backend = policy.backend_for(v.format)
+        target = _target(v, backend, profile)
+        if variant is not None and v.id != variant:
+            skipped[v.id] = f"the deployment names {variant}"
+            continue
+        misfit = _misfit(v, backend, target, profile, policy)
+        if misfit is not None and variant is not None:
+            error: type[EdgeAgentError] = InsufficientMemoryError if misfit[1] else BadContentError
+            raise error(
+                f"variant {variant} of {manifest.name} {manifest.version} cannot run on this box: "
+                f"{misfit[0]}"
+            )
+        if misfit is not None:
+            skipped[v.id] = misfit[0]
+            memory_only = memory_only and misfit[1]
+            continue
+        fits.append(_Candidate(v, backend, target, _rank(v, index, target, profile, policy)))
+    if not fits:
+        why = "; ".join(f"{k}: {r}" for k, r in skipped.items())
+        error = InsufficientMemoryError if memory_only else BadContentError
+        raise error(f"no variant of {manifest.name} {manifest.version} runs on this box: {why}")
+    fits.sort(key=lambda c: c.key)
+    best = fits[0]
+    v = best.variant
+    reasons = []
+    if variant is not None:
+        reasons.append("the deployment names this variant")
+    elif best.key[0] < len(policy.prefer):
+        reasons.append(f"the policy prefers {policy.prefer[best.key[0]]}")
+    reasons.append(_where(best.target, best.backend, profile))
+    reasons.extend(_why_chosen(best, fits[1:], profile))
+    free, what = _budget(best.target, profile)
+    reasons.append(f"needs {v.constraints.min_memory_mb} MB; {free} MB of {what}")
+    for other in fits[1:]:
+        skipped[other.variant.id] = _why_lower(other, best, profile, policy)
+    order = [x.id for x in manifest.variants if x.id != v.id]
+    return Choice(
+        variant_id=v.id,
+        backend=best.backend,
+        accelerator=best.target,
+        reasons=reasons,
+        skipped={k: skipped[k] for k in order},
+    )

@@ -1,0 +1,442 @@
+"""Model slots: load a candidate beside the active model, self-test it, swap, watch, commit or roll back.
+
+One :class:`Slot` per model name. Requests take a *lease* on the slot's active version
+(:meth:`SlotManager.lease`); the swap replaces the active pointer under the slot's lock, so every
+request runs start to end on exactly one version, and the old version is closed only once its
+last lease has ended (or after ``drain_timeout_s``).
+
+A deployment of a new version runs on a worker thread of its own (``slot-<name>``), while the
+active version keeps serving:
+
+    loading -> warming -> self-testing -> (swap) -> probation -> active
+         \\          \\            \\                     \\-> rolled-back (the last good version
+          `----------`------------`-> failed                   is loaded again and swapped back)
+
+A load that raises, hangs past ``load_timeout_s`` or fails its self-test never touches the active
+version. Phase changes go to the ``on_phase`` callback (called on the worker thread: the daemon
+passes one that only queues them for its own loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.bundle.manifest import Manifest, TensorSpec, Variant
+from agent.errors import BadContentError, EdgeAgentError, FormatError, ToolError
+from agent.runtime.base import BackendSettings, LoadedModel, get_backend
+from agent.transport.messages import Phase
+
+log = logging.getLogger("agent.serving")
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "litert": "litert"}
+
+
+class SelfTestError(BadContentError):
+    code = "self-test"
+
+
+class LoadTimeoutError(ToolError):
+    code = "load-timeout"
+
+
+class ProbationError(EdgeAgentError):
+    code = "probation"
+
+
+class SlotSettings(BaseModel):
+    """The ``[serving]`` table of agent.toml (swap and probation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    load_timeout_s: Annotated[float, Field(gt=0)] = 900.0  # a TensorRT engine build takes minutes
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    probation_s: Annotated[float, Field(ge=0)] = 60.0
+    probation_min_requests: Annotated[int, Field(ge=1)] = 20  # fewer: judged on what came
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_p99_ms: Annotated[float, Field(gt=0)] | None = None  # None: latency is not judged
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What to load: an unpacked, verified bundle and the variant and backend chosen for it."""
+
+    name: str
+    version: str
+    bundle_sha256: str
+    directory: Path  # the unpacked bundle
+    manifest: Manifest
+    variant: Variant
+    backend: str
+    settings: BackendSettings
+
+
+class _Stats:
+    """Outcomes and latencies of one version's requests (any thread; own lock)."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.errors = 0
+        self._latencies: deque[float] = deque(maxlen=keep)
+
+    def record(self, seconds: float, ok: bool) -> None:
+        with self._lock:
+            self.requests += 1
+            self.errors += 0 if ok else 1
+            self._latencies.append(seconds)
+
+    def snapshot(self) -> tuple[int, int, float | None]:
+        with self._lock:
+            lat = sorted(self._latencies)
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+            return self.requests, self.errors, p99
+
+
+class Version:
+    """One loaded version of a model; what a lease hands to a request (the API's ServedModel)."""
+
+    def __init__(self, candidate: Candidate, loaded: LoadedModel) -> None:
+        self.candidate = candidate
+        self.loaded = loaded
+        self.name = candidate.name
+        self.version = candidate.version
+        self.platform = PLATFORMS.get(candidate.backend, candidate.backend)
+        self.runtime = loaded.runtime
+        self.inputs: list[TensorSpec] = list(loaded.inputs)
+        self.outputs: list[TensorSpec] = list(loaded.outputs)
+        self.stats = _Stats()
+        self.leases = 0
+        self.retired = False
+        self.closed = threading.Event()
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        ok = False
+        try:
+            result = self.loaded.infer(inputs)
+            ok = True
+            return result
+        except FormatError:
+            ok = True  # the caller's input was wrong: not the model's failure
+            raise
+        finally:
+            self.stats.record(time.perf_counter() - start, ok)
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        try:
+            self.loaded.close()
+        except Exception:  # a runtime failing to free must not take the slot down
+            log.exception("closing %s %s", self.name, self.version)
+        self.closed.set()
+
+
+@dataclass
+class Slot:
+    name: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    active: Version | None = None
+    last_good: Candidate | None = None  # what a rollback loads again
+    job: Future[Phase] | None = None
+
+
+PhaseCallback = Callable[[str, Phase, "EdgeAgentError | None", float | None], None]
+
+
+class SlotManager:
+    """Every model slot of the box; implements the API's ``ModelSource``."""
+
+    def __init__(
+        self,
+        settings: SlotSettings | None = None,
+        *,
+        on_phase: PhaseCallback | None = None,
+        on_swap: Callable[[str, str, bool], None] | None = None,
+    ) -> None:
+        self.settings = settings or SlotSettings()
+        self._slots: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._on_phase = on_phase or (lambda *_: None)
+        self._on_swap = on_swap or (lambda *_: None)
+
+    # -- the API's ModelSource --------------------------------------------------------------
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, s in self._slots.items() if s.active is not None)
+
+    def ready(self, name: str) -> bool:
+        slot = self._slot(name)
+        return slot is not None and slot.active is not None
+
+    def describe(self, name: str) -> Version | None:
+        slot = self._slot(name)
+        return None if slot is None else slot.active
+
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[Version | None]:
+        """Pin the active version of ``name`` for one request."""
+        slot = self._slot(name)
+        if slot is None:
+            yield None
+            return
+        with slot.lock:
+            version = slot.active
+            if version is not None:
+                version.leases += 1
+        try:
+            yield version
+        finally:
+            if version is not None:
+                with slot.lock:
+                    version.leases -= 1
+                    done = version.retired and version.leases == 0
+                if done:
+                    version.close()
+
+    def _slot(self, name: str) -> Slot | None:
+        with self._lock:
+            return self._slots.get(name)
+
+    # -- deployments ----------------------------------------------------------------------
+    def deploy(self, candidate: Candidate) -> Future[Phase]:
+        """Load ``candidate`` beside the active version and swap it in; returns the final phase."""
+        with self._lock:
+            slot = self._slots.setdefault(candidate.name, Slot(candidate.name))
+        if slot.job is not None and not slot.job.done():
+            raise ToolError(f"{candidate.name} is being deployed already")
+        future: Future[Phase] = Future()
+        slot.job = future
+        thread = threading.Thread(
+            target=self._run,
+            args=(slot, candidate, future),
+            name=f"slot-{candidate.name}",
+            daemon=True,
+        )
+        thread.start()
+        return future
+
+    def remove(self, name: str) -> None:
+        """Stop serving ``name``; its version closes once its last request ends."""
+        with self._lock:
+            slot = self._slots.pop(name, None)
+        if slot is None:
+            return
+        with slot.lock:
+            old, slot.active = slot.active, None
+        if old is not None:
+            self._retire(slot, old)
+
+    def close(self) -> None:
+        for name in list(self._slots):
+            self.remove(name)
+
+    def _phase(
+        self,
+        name: str,
+        phase: Phase,
+        error: EdgeAgentError | None = None,
+        progress: float | None = None,
+    ) -> None:
+        try:
+            self._on_phase(name, phase, error, progress)
+        except Exception:
+            log.exception("phase callback")
+
+    def _run(self, slot: Slot, candidate: Candidate, future: Future[Phase]) -> None:
+        """The worker thread of one deployment."""
+        try:
+            version = self._prepare(candidate)
+        except EdgeAgentError as exc:
+            log.error("%s %s not loaded: %s", candidate.name, candidate.version, exc)
+            self._phase(candidate.name, Phase.FAILED, exc)
+            future.set_result(Phase.FAILED)
+            return
+        except Exception as exc:  # a runtime's own exception: the active version stays
+            log.exception("%s %s not loaded", candidate.name, candidate.version)
+            err = ToolError(f"{type(exc).__name__}: {exc}")
+            self._phase(candidate.name, Phase.FAILED, err)
+            future.set_result(Phase.FAILED)
+            return
+        previous = slot.last_good
+        self._swap(slot, version)
+        self._phase(candidate.name, Phase.PROBATION)
+        problem = self._probation(version)
+        if problem is None:
+            slot.last_good = candidate
+            self._on_swap(candidate.name, candidate.version, False)
+            self._phase(candidate.name, Phase.ACTIVE)
+            future.set_result(Phase.ACTIVE)
+            return
+        log.error("%s %s failed probation: %s", candidate.name, candidate.version, problem)
+        self._rollback(slot, version, previous, problem)
+        future.set_result(Phase.ROLLED_BACK)
+
+    def _prepare(self, candidate: Candidate, *, self_test: bool = True) -> Version:
+        self._phase(candidate.name, Phase.LOADING)
+        loaded = self._load_with_timeout(candidate)
+        try:
+            self._phase(candidate.name, Phase.WARMING)
+            loaded.warm_up(lambda p: self._phase(candidate.name, Phase.WARMING, None, p))
+            version = Version(candidate, loaded)
+            if self_test:
+                self._phase(candidate.name, Phase.SELF_TESTING)
+                self_test_version(version, candidate)
+        except BaseException:
+            loaded.close()
+            raise
+        return version
+
+    def _load_with_timeout(self, candidate: Candidate) -> LoadedModel:
+        """Load on a thread of its own; a load that hangs is abandoned (its thread is a daemon)."""
+        result: Future[LoadedModel] = Future()
+
+        def load() -> None:
+            try:
+                backend = get_backend(candidate.backend)
+                result.set_result(
+                    backend.load(candidate.directory, candidate.variant, candidate.settings)
+                )
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        threading.Thread(target=load, name=f"load-{candidate.name}", daemon=True).start()
+        try:
+            return result.result(timeout=self.settings.load_timeout_s)
+        except FutureTimeout:
+            # The runtime cannot be interrupted; when it returns at last, close what it made.
+            def close_late(f: Future[LoadedModel]) -> None:
+                if f.exception() is None:
+                    f.result().close()
+
+            result.add_done_callback(close_late)
+            raise LoadTimeoutError(
+                f"loading {candidate.name} {candidate.version} took more than "
+                f"{self.settings.load_timeout_s:.0f} s"
+            ) from None
+
+    def _swap(self, slot: Slot, version: Version) -> None:
+        with slot.lock:
+            old, slot.active = slot.active, version
+        log.info(
+            "%s now serves %s (%s)%s",
+            slot.name,
+            version.version,
+            version.runtime,
+            f", was {old.version}" if old else "",
+        )
+        if old is not None:
+            self._retire(slot, old)
+
+    def _retire(self, slot: Slot, old: Version) -> None:
+        """Close ``old`` once its in-flight requests end (bounded by the drain timeout)."""
+        with slot.lock:
+            old.retired = True
+            idle = old.leases == 0
+        if idle:
+            old.close()
+            return
+
+        def drain() -> None:
+            if not old.closed.wait(self.settings.drain_timeout_s):
+                log.warning(
+                    "%s %s: requests still running after the drain timeout", old.name, old.version
+                )
+                old.close()
+
+        threading.Thread(target=drain, name=f"drain-{old.name}", daemon=True).start()
+
+    def _probation(self, version: Version) -> str | None:
+        """Watch the new version; the reason to roll back, or None to commit."""
+        s = self.settings
+        deadline = time.monotonic() + s.probation_s
+        while time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            problem = self._judge(version, final=False)
+            if problem is not None:
+                return problem
+        return self._judge(version, final=True)
+
+    def _judge(self, version: Version, *, final: bool) -> str | None:
+        s = self.settings
+        requests, errors, p99 = version.stats.snapshot()
+        enough = requests >= s.probation_min_requests
+        if requests and (enough or final) and errors / requests > s.max_error_rate:
+            return (
+                f"{errors} of {requests} requests failed "
+                f"({100 * errors / requests:.0f}% > {100 * s.max_error_rate:.0f}%)"
+            )
+        if s.max_p99_ms is not None and p99 is not None and enough and p99 * 1000 > s.max_p99_ms:
+            return f"p99 latency {p99 * 1000:.1f} ms > {s.max_p99_ms:.1f} ms"
+        return None
+
+    def _rollback(self, slot: Slot, failed: Version, previous: Candidate | None, why: str) -> None:
+        error = ProbationError(why)
+        if previous is None:
+            # Nothing to go back to: keep serving the new version rather than nothing.
+            log.error(
+                "%s: no earlier version to roll back to; keeping %s", slot.name, failed.version
+            )
+            self._phase(slot.name, Phase.FAILED, error)
+            return
+        try:
+            restored = self._prepare(previous, self_test=False)
+        except Exception as exc:
+            log.exception("%s: rolling back to %s failed", slot.name, previous.version)
+            self._phase(slot.name, Phase.FAILED, ProbationError(f"{why}; rollback failed: {exc}"))
+            return
+        self._swap(slot, restored)
+        self._on_swap(slot.name, previous.version, True)
+        self._phase(slot.name, Phase.ROLLED_BACK, error)
+
+
+def self_test_version(version: Version, candidate: Candidate) -> None:
+    """Run the bundle's samples; SelfTestError unless every output is within tolerance."""
+    samples = candidate.manifest.samples
+    if samples is None:
+        return
+    tol = candidate.variant.tolerance
+    for case in samples.cases:
+        inputs = {k: _npy(candidate.directory / p) for k, p in case.inputs.items()}
+        try:
+            got = version.loaded.infer(inputs)
+        except EdgeAgentError as exc:
+            raise SelfTestError(f"sample {case.name}: {exc}") from None
+        for tensor, path in case.outputs.items():
+            want = _npy(candidate.directory / path)
+            have = got.get(tensor)
+            if have is None:
+                raise SelfTestError(f"sample {case.name}: no output {tensor!r}")
+            if have.shape != want.shape or not np.allclose(
+                have.astype(np.float64), want.astype(np.float64), atol=tol.atol, rtol=tol.rtol
+            ):
+                diff = (
+                    float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64))))
+                    if have.shape == want.shape
+                    else float("nan")
+                )
+                raise SelfTestError(
+                    f"sample {case.name}: output {tensor!r} differs from the reference "
+                    f"(max |error| {diff:.3g}; tolerance atol {tol.atol:g}, rtol {tol.rtol:g})"
+                )
+
+
+def _npy(path: Path) -> np.ndarray:
+    try:
+        value: np.ndarray = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SelfTestError(f"cannot read sample {path.name}: {exc}") from None
+    return value

@@ -1,0 +1,274 @@
+"""Listeners for the inference API: uvicorn on TCP (loopback by default) and on a Unix socket.
+
+One uvicorn server runs both listeners in one asyncio event loop, on a thread of its own
+(``edge-agent-api``); the daemon's threads only call :meth:`ApiServer.start` and
+:meth:`ApiServer.stop`::
+
+    api = InferenceApi(slots, settings, metrics=metrics)
+    server = serve_api(api, settings)     # returns once both listeners accept connections
+    ...
+    server.stop()                         # stop accepting, let requests finish, close the app
+
+The sockets are bound by :meth:`ApiServer.start` on the caller's thread, so a port in use or a
+socket path that cannot be created raises there, before anything runs. The Unix socket is bound
+under a temporary name, given its mode (0660 by default), then renamed into place, so it never
+exists at its path with wider permissions; a stale socket left by a killed agent is replaced,
+one another process still listens on is not.
+
+uvicorn is given no logging configuration of its own (its records go to the agent's handlers)
+and installs no signal handlers (it only does so on the main thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import os
+import socket
+import stat
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from agent.errors import ConfigError, EdgeAgentError, StorageError
+from agent.serving.api import ApiSettings, Receive, Scope, Send
+
+log = logging.getLogger("agent.serving.api")
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the starting thread once it listens."""
+
+    def __init__(self, config: uvicorn.Config, started: threading.Event) -> None:
+        super().__init__(config)
+        self._listening = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self._listening.set()
+
+
+class ApiServer:
+    """Runs ``app`` on the listeners ``settings`` names; see the module docstring."""
+
+    def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
+        if settings.port is None and settings.unix_socket is None:
+            raise ConfigError("the inference API needs a TCP port or a Unix socket (or both)")
+        self.app = app
+        self.settings = settings
+        self.tcp_address: tuple[str, int] | None = None  # (host, port) once started
+        self.unix_socket: Path | None = None
+        self._sockets: list[socket.socket] = []
+        self._unix_inode: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._server: _Server | None = None
+        self._listening = threading.Event()
+        self._failure: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Bind the listeners and start serving; returns once connections are accepted."""
+        if self._thread is not None:
+            raise RuntimeError("the inference API server is started already")
+        s = self.settings
+        try:
+            if s.port is not None:
+                tcp = _bind_tcp(s.host, s.port)
+                self._sockets.append(tcp)
+                self.tcp_address = (s.host, tcp.getsockname()[1])
+            if s.unix_socket is not None:
+                self._sockets.append(_bind_unix(s.unix_socket, s.unix_socket_mode))
+                st = os.stat(s.unix_socket)
+                self._unix_inode = (st.st_dev, st.st_ino)
+                self.unix_socket = s.unix_socket
+        except BaseException:
+            self._close_sockets()
+            raise
+
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,
+            access_log=s.access_log,
+            proxy_headers=False,
+            server_header=False,
+            ws="none",
+            limit_concurrency=s.max_connections,
+            timeout_graceful_shutdown=math.ceil(s.drain_timeout_s),
+        )
+        self._listening.clear()
+        self._failure = None
+        self._server = _Server(config, self._listening)
+        self._thread = threading.Thread(target=self._run, name="edge-agent-api", daemon=True)
+        self._thread.start()
+        if not self._listening.wait(timeout) or self._failure is not None:
+            failure = self._failure
+            self.stop()
+            raise EdgeAgentError(f"the inference API did not start: {failure!r}") from failure
+        where = []
+        if self.tcp_address:
+            where.append(f"http://{_url_host(self.tcp_address[0])}:{self.tcp_address[1]}")
+        if self.unix_socket:
+            where.append(f"unix:{self.unix_socket}")
+        log.info("inference API listening on %s", " and ".join(where))
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (``drain_timeout_s``), close the app.
+
+        Safe to call more than once, and from any thread but the server's own.
+        """
+        thread, server = self._thread, self._server
+        if thread is not None and server is not None:
+            server.should_exit = True  # polled by uvicorn's main loop every 0.1 s
+            thread.join(self.settings.drain_timeout_s + 10)
+            if thread.is_alive():
+                log.warning("the inference API did not stop in time; closing its connections")
+                server.force_exit = True
+                thread.join(5)
+        self._close_sockets()
+        self._remove_unix_socket()
+        self._thread = None
+        self._server = None
+
+    def __enter__(self) -> ApiServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- the server thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # uvicorn ends a failed startup with SystemExit
+            self._failure = exc
+            log.exception("the inference API server stopped on an error")
+        finally:
+            self._listening.set()  # wakes start() if it still waits
+
+    async def _serve(self) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve(sockets=self._sockets)
+        finally:
+            close: Any = getattr(self.app, "close", None)
+            if callable(close):
+                # The worker pool drains here, while this loop can still take its answers.
+                await asyncio.to_thread(close)
+
+    # -- sockets --------------------------------------------------------------------------
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def _remove_unix_socket(self) -> None:
+        path, inode = self.unix_socket, self._unix_inode
+        self._unix_inode = None
+        if path is None or inode is None:
+            return
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == inode:  # not one a newer agent has put there
+                path.unlink()
+
+
+def serve_api(app: ASGIApp, settings: ApiSettings, timeout: float = 30.0) -> ApiServer:
+    """Start an :class:`ApiServer` for ``app`` and return it once it listens."""
+    server = ApiServer(app, settings)
+    server.start(timeout)
+    return server
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"api.host {host!r} does not resolve: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"the inference API cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    if not ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback:
+        log.warning(
+            "the inference API listens on %s: reachable from the network, not only this box", host
+        )
+    return sock
+
+
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    if len(os.fsencode(tmp)) > _UNIX_PATH_MAX:
+        raise ConfigError(f"api.unix_socket {path} is too long for a Unix socket path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(os.fsencode(tmp))
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except OSError as exc:
+        raise StorageError(f"cannot create the API socket {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a socket nobody listens on any more; refuse anything else at ``path``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"api.unix_socket {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fsencode(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # left behind by an agent that did not stop cleanly
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot check the API socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"another process listens on {path}")

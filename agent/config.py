@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.bundle.limits import BundleLimits
 from agent.errors import ConfigError
+from agent.runtime.hardware import RuntimeConfig
+from agent.serving.api import ApiSettings
+from agent.serving.slots import SlotSettings
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
 from agent.transport.transfer import TransferSettings
@@ -48,6 +51,9 @@ class AgentConfig(BaseModel):
     trust: TrustSettings = TrustSettings()
     transfer: TransferSettings = TransferSettings()
     limits: BundleLimits = BundleLimits()
+    runtime: RuntimeConfig = RuntimeConfig()
+    serving: SlotSettings = SlotSettings()
+    api: ApiSettings = ApiSettings()  # port and unix_socket both unset: no local API
     report_interval_s: Annotated[float, Field(gt=0)] = 1.0  # least time between progress reports
 
     @property

@@ -19,16 +19,15 @@ and a message) and to a ``rejected`` event.
 Each model named by the effective document has its own slot that moves through the phases
 (``pending``, ``downloading``, ``verifying``, ``loading``, ..., ``active`` or ``failed``) on its
 own; one bundle is downloaded at a time. A model the document no longer names is removed once
-every model it does name is active. Loading here means unpacking into the state directory and
-recording the slot; serving the model is the runtime layer's job.
+every model it does name is active. After the download the bundle is unpacked and handed to the
+slot layer (agent.serving.slots), which loads the chosen variant beside the running one, warms
+it up, self-tests it, swaps it in and watches it; its phase changes come back through the inbox.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import queue
 import shutil
 import threading
@@ -41,6 +40,7 @@ from typing import Literal
 
 from agent import __version__
 from agent.bundle.blocks import BlockSource
+from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.bundle.unpack import unpack_bundle
 from agent.bundle.verify import check_bundle_structure
 from agent.config import AgentConfig
@@ -52,6 +52,11 @@ from agent.errors import (
     StorageError,
     TransferError,
 )
+from agent.runtime import hardware
+from agent.serving.api import InferenceApi
+from agent.serving.metrics import ApiMetrics
+from agent.serving.server import ApiServer, serve_api
+from agent.serving.slots import Candidate, SlotManager
 from agent.state.store import InstalledModel, StateStore
 from agent.transport.messages import (
     MAX_MESSAGE_BYTES,
@@ -85,16 +90,26 @@ def _error(exc: EdgeAgentError) -> ErrorInfo:
     return ErrorInfo(code=exc.code, message=str(exc)[:1024])
 
 
-def hardware_profile() -> HardwareProfile:
-    try:
-        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-    except (ValueError, OSError):
-        memory_mb = 0
+def reported_hardware(profile: hardware.HardwareProfile) -> HardwareProfile:
+    """The probe's findings in the reported state's terms."""
+    details = {k[:64]: v[:1024] for k, v in list(profile.details().items())[:32]}
     return HardwareProfile(
-        arch=platform.machine()[:32] or "unknown",
-        cpu_count=os.cpu_count() or 1,
-        memory_mb=memory_mb,
+        arch=profile.architecture[:32] or "unknown",
+        cpu_count=max(1, profile.cpu_cores),
+        memory_mb=profile.memory_total_mb,
+        accelerators=profile.accelerators[:16],
+        details=details,
     )
+
+
+@dataclass(frozen=True)
+class SlotEvent:
+    """A phase change of the slot layer, queued for the loop (from a slot worker thread)."""
+
+    name: str
+    phase: Phase
+    error: EdgeAgentError | None
+    progress: float | None
 
 
 @dataclass
@@ -110,18 +125,26 @@ class Slot:
     transfer: Transfer | None = None
     error: ErrorInfo | None = None
     retry_at: float | None = None  # monotonic time of the next attempt after a transient failure
+    loading: InstalledModel | None = None  # the record to write once the slot layer commits it
+    waiting: Path | None = None  # a verified bundle waiting for the slot's current deployment
+    runtime: str | None = None  # what runs the active version
+    warm_progress: float | None = None
 
     def status(self) -> ModelStatus:
         i = self.installed
+        progress = None
+        if self.phase == Phase.DOWNLOADING and self.transfer:
+            progress = self.transfer.progress
+        elif self.phase == Phase.WARMING and self.warm_progress is not None:
+            progress = round(100 * self.warm_progress, 1)
         return ModelStatus(
             phase=self.phase,
             version=i.version if i else None,
             release=i.release if i else None,
             variant=i.variant if i else None,
+            runtime=self.runtime[:64] if self.runtime else None,
             bundle_sha256=i.bundle_sha256 if i else None,
-            progress=self.transfer.progress
-            if self.phase == Phase.DOWNLOADING and self.transfer
-            else None,
+            progress=progress,
             error=self.error,
         )
 
@@ -157,13 +180,19 @@ class DeviceAgent:
         self.slots: dict[str, Slot] = {}
         self.deployment: VerifiedDeployment | None = None
         self.doc_error: ErrorInfo | None = None
-        self.hardware = hardware_profile()
-        self.inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+        self.profile = hardware.probe()
+        self.hardware = reported_hardware(self.profile)
+        self.inbox: queue.SimpleQueue[InboxItem | SlotEvent] = queue.SimpleQueue()
+        self.metrics = ApiMetrics()
+        self.models = SlotManager(
+            config.serving, on_phase=self._slot_phase, on_swap=self.metrics.on_swap
+        )
+        self.api: ApiServer | None = None
         self._out = _Outbox()
         self.session = Session(
             config.mqtt,
             config.device_id,
-            self.inbox,
+            self.inbox,  # type: ignore[arg-type]  # the session puts only its own items
             subscriptions=[
                 self.me.desired,
                 *(self.topics.group_desired(g) for g in config.groups),
@@ -189,9 +218,17 @@ class DeviceAgent:
 
     def _restore(self) -> None:
         for name, installed in self.store.load_installed().items():
-            self.slots[name] = Slot(name, installed=installed, phase=Phase.ACTIVE)
+            slot = self.slots[name] = Slot(name, installed=installed, phase=Phase.LOADING)
             # What runs is never above the floor (a crash between the two writes).
             self.trusted = self.trusted.with_release(name, installed.release)
+            try:
+                candidate = self._candidate(name, installed)
+                self.models.restore(candidate)
+            except (EdgeAgentError, OSError) as exc:
+                err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
+                log.error("cannot serve %s %s: %s", name, installed.version, err)
+                slot.error = _error(err)
+                slot.phase = Phase.FAILED
         now = self._now()
         for source, data in self.store.load_desired().items():
             try:
@@ -205,12 +242,31 @@ class DeviceAgent:
         self._reconcile()
 
     # -- the loop -----------------------------------------------------------------------------
+    def _start_api(self) -> None:
+        """The local inference API; the agent goes on without it if it cannot listen."""
+        settings = self.config.api
+        if settings.port is None and settings.unix_socket is None:
+            return
+        app = InferenceApi(
+            self.models,
+            settings,
+            metrics=self.metrics,
+            gpu_memory=hardware.gpu_memory_used if self.profile.nvidia_gpus else None,
+        )
+        try:
+            self.api = serve_api(app, settings)
+        except EdgeAgentError as exc:
+            log.error("the local inference API cannot listen: %s", exc)
+            self.doc_error = _error(exc)
+            app.close()
+
     def run(self, stop: threading.Event) -> None:
+        self._start_api()
         self.session.start()
         try:
             while not stop.is_set():
                 try:
-                    item: InboxItem | None = self.inbox.get(timeout=0.2)
+                    item: InboxItem | SlotEvent | None = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     item = None
                 while item is not None:
@@ -225,6 +281,76 @@ class DeviceAgent:
                 if slot.transfer is not None and not slot.transfer.finished:
                     slot.transfer.pause()
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
+            if self.api is not None:
+                self.api.stop()
+            self.models.close()
+
+    def _candidate(self, name: str, installed: InstalledModel) -> Candidate:
+        """What the slot layer loads for an installed (unpacked, verified) bundle."""
+        manifest = Manifest.from_bytes(
+            (installed.path / MANIFEST_NAME).read_bytes(),
+            max_bytes=self.config.limits.max_manifest_bytes,
+        )
+        backend = installed.backend
+        variant_id = installed.variant
+        if backend is None or variant_id is None:
+            choice = hardware.choose(
+                manifest, self.profile, self.config.runtime.policy, variant=variant_id
+            )
+            backend, variant_id = choice.backend, choice.variant_id
+        return Candidate(
+            name=name,
+            version=installed.version,
+            bundle_sha256=installed.bundle_sha256,
+            directory=installed.path,
+            manifest=manifest,
+            variant=manifest.variant(variant_id),
+            backend=backend,
+            settings=self.config.runtime.settings_for(backend),
+        )
+
+    def _slot_phase(
+        self, name: str, phase: Phase, error: EdgeAgentError | None, progress: float | None
+    ) -> None:
+        """Called on a slot worker thread: hand the change to the loop."""
+        self.inbox.put(SlotEvent(name, phase, error, progress))
+
+    def _on_slot_event(self, event: SlotEvent) -> None:
+        slot = self.slots.get(event.name)
+        if slot is None:
+            return
+        if event.progress is not None:
+            slot.warm_progress = event.progress
+            self._out.reported_dirty = True
+        if event.phase == Phase.ACTIVE:
+            if slot.loading is not None:
+                self._commit(slot, slot.loading)
+            served = self.models.describe(slot.name)
+            slot.runtime = served.runtime if served is not None else None
+            slot.error = None
+            self._phase(slot, Phase.ACTIVE)
+            return
+        if event.phase in (Phase.FAILED, Phase.ROLLED_BACK):
+            draft, slot.loading = slot.loading, None
+            if draft is not None and (slot.installed is None or draft.path != slot.installed.path):
+                shutil.rmtree(draft.path, ignore_errors=True)
+            if event.error is not None:
+                slot.error = _error(event.error)
+            served = self.models.describe(slot.name)
+            slot.runtime = served.runtime if served is not None else slot.runtime
+            self._phase(slot, event.phase)
+            return
+        self._phase(slot, event.phase)
+
+    def _commit(self, slot: Slot, installed: InstalledModel) -> None:
+        """The slot layer committed a new version: the floor first, then the record."""
+        trusted = self.trusted.with_release(slot.name, installed.release)
+        self.store.save_trust(trusted, self.points)
+        self.trusted = trusted
+        self.store.save_installed(installed)
+        slot.installed, slot.loading, slot.target = installed, None, None
+        log.info("%s %s (%s) is active", slot.name, installed.version, installed.bundle_sha256[:16])
+        self._collect_garbage()
 
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step of the loop; a failure is logged and reported, and the loop goes on.
@@ -240,7 +366,10 @@ class DeviceAgent:
             self.doc_error = _error(err)
             self._out.reported_dirty = True
 
-    def handle(self, item: InboxItem) -> None:
+    def handle(self, item: InboxItem | SlotEvent) -> None:
+        if isinstance(item, SlotEvent):
+            self._on_slot_event(item)
+            return
         if isinstance(item, Connection):
             now = self._mono()
             for slot in self.slots.values():
@@ -275,6 +404,9 @@ class DeviceAgent:
         now = self._mono()
         online = self.session.connected.is_set()
         for slot in list(self.slots.values()):
+            if slot.waiting is not None and not self.models.busy(slot.name):
+                bundle, slot.waiting = slot.waiting, None
+                self._install(slot, bundle)
             if slot.phase == Phase.FAILED and slot.retry_at is not None and now >= slot.retry_at:
                 log.info("trying the download of %s again", slot.name)
                 slot.retry_at = None
@@ -328,7 +460,7 @@ class DeviceAgent:
         self.doc_error = None
         self._out.reported_dirty = True
         for slot in self.slots.values():  # a new document is a new attempt
-            if slot.phase == Phase.FAILED:
+            if slot.phase in (Phase.FAILED, Phase.ROLLED_BACK):
                 slot.target = None
         self._reconcile()
 
@@ -493,55 +625,48 @@ class DeviceAgent:
         self._install(slot, stored)
 
     def _install(self, slot: Slot, bundle: Path) -> None:
-        """Unpack the verified bundle and make it the slot's model."""
+        """Unpack the verified bundle, choose its variant and runtime, hand it to the slot layer."""
         assert slot.target is not None
+        if self.models.busy(slot.name):  # the previous version is still on probation
+            slot.waiting = bundle
+            return
         d = slot.target.descriptor
         self._phase(slot, Phase.LOADING)
         dest = self.store.model_dir(slot.name, d.bundle_sha256)
         try:
-            if dest.exists():  # left by a run that stopped before recording it
-                shutil.rmtree(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            manifest = unpack_bundle(
-                bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
-            )
-            variants = [v.id for v in manifest.variants]
-            variant = slot.variant or variants[0]
-            if variant not in variants:
-                raise FormatError(
-                    f"the deployment asks for variant {variant!r}; the bundle has {variants}"
+            if slot.installed is None or slot.installed.path != dest:
+                if dest.exists():  # left by a run that stopped before recording it
+                    shutil.rmtree(dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                unpack_bundle(
+                    bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
                 )
-            previous = slot.installed.bundle_sha256 if slot.installed else None
-            installed = InstalledModel(
+            draft = InstalledModel(
                 model=slot.name,
                 bundle_sha256=d.bundle_sha256,
                 version=d.version,
                 release=d.release,
-                variant=variant,
+                variant=slot.variant,
                 deployment_id=slot.deployment_id,
                 path=dest,
-                previous_sha256=previous,
+                previous_sha256=slot.installed.bundle_sha256 if slot.installed else None,
             )
-            # The floor first: a crash between the two writes leaves the floor at or above
-            # what runs, never below it.
-            trusted = self.trusted.with_release(slot.name, d.release)
-            self.store.save_trust(trusted, self.points)
-            self.trusted = trusted
+            candidate = self._candidate(slot.name, draft)
+            hardware.check_memory(
+                candidate.variant, hardware.refresh_memory(self.profile), candidate.backend
+            )
         except (EdgeAgentError, OSError) as exc:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
-            shutil.rmtree(dest, ignore_errors=True)
+            if slot.installed is None or slot.installed.path != dest:
+                shutil.rmtree(dest, ignore_errors=True)
             if isinstance(exc, BadContentError):  # the stored copy is bad: fetch it again next time
                 bundle.unlink(missing_ok=True)
             self._fail(slot, err)
             return
-        # The record last: until it is written, the previous one (and its files) stay in force.
-        self.store.save_installed(installed)
-        slot.installed = installed
-        slot.target = None
-        slot.error = None
-        log.info("%s %s (%s) is active", slot.name, d.version, d.bundle_sha256[:16])
-        self._phase(slot, Phase.ACTIVE)
-        self._collect_garbage()
+        slot.loading = draft.model_copy(
+            update={"variant": candidate.variant.id, "backend": candidate.backend}
+        )
+        self.models.deploy(candidate)
 
     def _fail(self, slot: Slot, exc: EdgeAgentError) -> None:
         log.error("deployment of %s failed: %s", slot.name, exc)
@@ -563,6 +688,7 @@ class DeviceAgent:
         for name in [n for n in self.slots if n not in wanted]:
             log.info("removing %s: the deployment no longer names it", name)
             self._cancel(self.slots[name])
+            self.models.remove(name)
             self.store.remove_installed(name)
             del self.slots[name]
             self._event("info", model=name, phase=None)

@@ -26,6 +26,8 @@ from agent.daemon import DeviceAgent
 from agent.fleet.control import FleetView
 from agent.fleet.deploy import make_deployment
 from agent.fleet.server import BlockServer, serve
+from agent.serving.api import ApiSettings
+from agent.serving.slots import SlotSettings
 from agent.transport.messages import Event, Reported
 from agent.transport.session import InboxItem, Incoming, MqttSettings, Session
 from agent.transport.topics import Topics
@@ -80,6 +82,8 @@ def agent_config(
         transfer=transfer
         or TransferSettings(window=8, request_timeout_s=2.0, stall_timeout_s=30.0),
         report_interval_s=0.1,
+        serving=SlotSettings(probation_s=0.2, probation_min_requests=1),
+        api=ApiSettings(port=None, unix_socket=None),
     )
 
 
@@ -296,7 +300,14 @@ def write_agent_toml(config: AgentConfig, path: Path) -> Path:
         f"window = {t.window}",
         f"request_timeout_s = {t.request_timeout_s}",
         f"stall_timeout_s = {t.stall_timeout_s}",
+        "[serving]",
+        f"probation_s = {config.serving.probation_s}",
+        f"probation_min_requests = {config.serving.probation_min_requests}",
+        "[api]",
     ]
+    api = config.api
+    lines.append(f"port = {api.port}" if api.port is not None else "port = false")
+    lines.append(f"unix_socket = {q(api.unix_socket)}" if api.unix_socket else 'unix_socket = ""')
     path.write_text("\n".join(lines) + "\n")
     return path
 

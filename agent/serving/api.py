@@ -87,6 +87,12 @@ class ApiSettings(BaseModel):
     drain_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # stop(): time for in-flight requests
     access_log: bool = False
 
+    @field_validator("port", "unix_socket", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """TOML has no null: ``false`` (or ``""`` for the socket) turns a listener off."""
+        return None if value is False or value == "" else value
+
     @field_validator("unix_socket")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:

@@ -229,6 +229,40 @@ class SlotManager:
         thread.start()
         return future
 
+    def restore(self, candidate: Candidate) -> Future[Phase]:
+        """Serve a version that was committed before (at start-up): load and warm it, no
+        self-test, no probation. Phases go to ``on_phase`` as for :meth:`deploy`."""
+        with self._lock:
+            slot = self._slots.setdefault(candidate.name, Slot(candidate.name))
+        future: Future[Phase] = Future()
+        slot.job = future
+
+        def run() -> None:
+            try:
+                version = self._prepare(candidate, self_test=False)
+            except Exception as exc:
+                err = (
+                    exc
+                    if isinstance(exc, EdgeAgentError)
+                    else ToolError(f"{type(exc).__name__}: {exc}")
+                )
+                log.error("%s %s cannot be served: %s", candidate.name, candidate.version, err)
+                self._phase(candidate.name, Phase.FAILED, err)
+                future.set_result(Phase.FAILED)
+                return
+            self._swap(slot, version)
+            slot.last_good = candidate
+            self._phase(candidate.name, Phase.ACTIVE)
+            future.set_result(Phase.ACTIVE)
+
+        threading.Thread(target=run, name=f"slot-{candidate.name}", daemon=True).start()
+        return future
+
+    def busy(self, name: str) -> bool:
+        """A deployment of ``name`` is under way (a new one must wait for it)."""
+        slot = self._slot(name)
+        return slot is not None and slot.job is not None and not slot.job.done()
+
     def remove(self, name: str) -> None:
         """Stop serving ``name``; its version closes once its last request ends."""
         with self._lock:

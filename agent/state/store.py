@@ -66,6 +66,7 @@ class InstalledModel(BaseModel):
     version: str
     release: int
     variant: str | None = None
+    backend: str | None = None  # the runtime chosen for it (chosen again when missing)
     deployment_id: str | None = None
     path: Path  # the unpacked bundle
     previous_sha256: Hex64 | None = None

@@ -1,0 +1,139 @@
+"""From a deployment over MQTT to an answer on the local inference API, and across a restart.
+
+A real mosquitto, a bundle server and a device agent with its API on a free loopback port;
+tritonclient is the application.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from agent.serving.api import ApiSettings
+from agent.transport.messages import Phase, Reported
+from tests.broker import Broker, plain_broker
+from tests.conftest import Keys
+from tests.fleet import TOPICS, agent, agent_config, bundle_server, deployment, watcher
+from tests.models import make_onnx, reference
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with plain_broker(tmp_path) as b:
+        yield b
+
+
+def _active(version: str):  # type: ignore[no-untyped-def]
+    def check(r: Reported) -> bool:
+        m = r.models.get("tiny")
+        return m is not None and m.phase == Phase.ACTIVE and m.version == version
+
+    return check
+
+
+def _client(device) -> triton.InferenceServerClient:  # type: ignore[no-untyped-def]
+    """A client of the agent's API, once its loop has started it."""
+    started = threading.Event()
+    for _ in range(200):
+        if device.api is not None and device.api.tcp_address is not None:
+            break
+        started.wait(0.05)
+    assert device.api is not None
+    assert device.api.tcp_address is not None
+    host, port = device.api.tcp_address
+    return triton.InferenceServerClient(f"{host}:{port}")
+
+
+def _infer(client: triton.InferenceServerClient, x: np.ndarray) -> tuple[str, np.ndarray]:
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    result = client.infer(
+        "tiny", [tensor], outputs=[triton.InferRequestedOutput("y", binary_data=True)]
+    )
+    return result.get_response()["model_version"], result.as_numpy("y")
+
+
+def test_deployed_model_answers_on_the_local_api_and_swaps_without_a_failed_request(
+    tmp_path: Path, broker: Broker, keys: Keys, signed
+) -> None:  # type: ignore[no-untyped-def]
+    served = tmp_path / "served"
+    served.mkdir()
+    models = {v: make_onnx(tmp_path / f"m{v}.onnx", seed=seed) for v, seed in (("1", 1), ("2", 2))}
+    p1, e1 = signed("1.0.0", models=[models["1"]], block_size=4096)
+    p2, e2 = signed("2.0.0", models=[models["2"]], block_size=4096)
+    for p in (p1, p2):
+        shutil.copyfile(p, served / p.name)
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01").model_copy(
+        update={"api": ApiSettings(port=0, unix_socket=tmp_path / "api.sock")}
+    )
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    want = {"1.0.0": reference(models["1"], x), "2.0.0": reference(models["2"], x)}
+    desired = TOPICS.device("cam-01").desired
+    with watcher(broker) as fleet, bundle_server(broker, served), agent(config) as device:
+        fleet.publish(desired, deployment({"tiny": e1}, keys.release, device="cam-01", sequence=1))
+        reported = fleet.wait("cam-01", _active("1.0.0"))
+        assert reported.models["tiny"].runtime is not None
+        assert reported.models["tiny"].runtime.startswith("onnxruntime")
+        client = _client(device)
+        assert client.is_model_ready("tiny")
+        version, y = _infer(client, x)
+        assert version == "1.0.0"
+        np.testing.assert_allclose(y, want["1.0.0"], rtol=1e-5, atol=1e-5)
+
+        stop = threading.Event()
+        seen: list[str] = []
+        failures: list[BaseException] = []
+
+        def stream() -> None:
+            own = _client(device)
+            for _ in range(100_000):
+                if stop.is_set():
+                    return
+                try:
+                    v, out = _infer(own, x)
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
+                if not np.allclose(out, want[v], rtol=1e-5, atol=1e-5):
+                    failures.append(AssertionError(f"an answer of {v} is not {v}'s"))
+                seen.append(v)
+
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            fleet.publish(
+                desired, deployment({"tiny": e2}, keys.release, device="cam-01", sequence=2)
+            )
+            fleet.wait("cam-01", _active("2.0.0"))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert failures == []
+        assert {"1.0.0", "2.0.0"} <= set(seen)
+        assert _infer(client, x)[0] == "2.0.0"
+        phases = [e.phase for e in fleet.events if e.kind == "phase" and e.model == "tiny"]
+        assert [p for p in phases[-5:-1] if p is not None] == [
+            Phase.LOADING,
+            Phase.WARMING,
+            Phase.SELF_TESTING,
+            Phase.PROBATION,
+        ]
+
+    # Restarted, the agent serves the committed version before any message arrives.
+    with agent(config) as device:
+        client = _client(device)
+        for _ in range(200):
+            if client.is_model_ready("tiny"):
+                break
+            threading.Event().wait(0.05)
+        version, y = _infer(client, x)
+    assert version == "2.0.0"
+    np.testing.assert_allclose(y, want["2.0.0"], rtol=1e-5, atol=1e-5)

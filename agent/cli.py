@@ -788,6 +788,44 @@ def _agent_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from agent.serving.api import ApiSettings
+    from agent.standalone import serve_bundle
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        api = ApiSettings(host=args.host, port=args.port, unix_socket=args.socket)
+    except ValueError as exc:
+        raise ConfigError(f"listener settings: {exc}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    served = serve_bundle(args.bundle, args.trust, api, variant=args.variant)
+    c = served.candidate
+    print(
+        f"verified {args.bundle}: {c.name} {c.version}, variant {c.variant.id} on {served.runtime}"
+    )
+    for line in served.choice.lines()[1:]:
+        print(line)
+    if served.server.tcp_address is not None:
+        host, port = served.server.tcp_address
+        print(f"serving on http://{host}:{port}/v2/models/{c.name}", flush=True)
+    if served.server.unix_socket is not None:
+        print(f"serving on unix:{served.server.unix_socket}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        served.close()
+    return 0
+
+
 def _agent_hardware(args: argparse.Namespace) -> int:
     from agent.bundle.reader import read_index
     from agent.runtime.hardware import choose, probe
@@ -841,6 +879,23 @@ def agent_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, default=Path("/etc/edge-agent/agent.toml"))
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(handler=_agent_run)
+    sv = top.add_parser(
+        "serve", help="verify one bundle and serve it on the local API (no broker, no state)"
+    )
+    sv.add_argument("--bundle", type=Path, required=True, metavar="FILE")
+    sv.add_argument(
+        "--trust",
+        type=Path,
+        required=True,
+        metavar="ROOT_OR_KEYRING",
+        help="key directory, root.json or keyring.json",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="TCP address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="0: any free port")
+    sv.add_argument("--socket", type=Path, help="also listen on this Unix socket")
+    sv.add_argument("--variant", help="run this variant instead of the one chosen")
+    sv.add_argument("-v", "--verbose", action="store_true")
+    sv.set_defaults(handler=_agent_serve)
     h = top.add_parser(
         "hardware", help="show what this box has and, with a bundle, which variant it would run"
     )

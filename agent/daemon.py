@@ -78,8 +78,8 @@ from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
 log = logging.getLogger("agent")
 
 FINAL = (Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK)
-REJECT_EVENT_INTERVAL_S = 1.0
-MAX_REPORTED_MODELS = 16  # Reported.models holds at most this many  # at most one `rejected` event per topic and second
+REJECT_EVENT_INTERVAL_S = 1.0  # at most one `rejected` event per topic and second
+MAX_REPORTED_MODELS = 16  # Reported.models holds at most this many
 
 
 def _utcnow() -> datetime:

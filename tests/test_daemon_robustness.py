@@ -1,0 +1,333 @@
+"""The device agent keeps going: odd model names, crowded reports, outages, storage failures.
+
+A real mosquitto (plain loopback listener), a bundle server and a DeviceAgent on a thread. What
+the agent publishes is recorded where it is published (its session's ``publish``), so events and
+block requests are seen even while the broker is away.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from agent.bundle.limits import BundleLimits
+from agent.daemon import MAX_REPORTED_MODELS, DeviceAgent
+from agent.transport.messages import Event, Phase, Reported
+from agent.transport.transfer import TransferSettings
+from tests.broker import Broker, plain_broker
+from tests.conftest import Keys
+from tests.fleet import TOPICS, agent, agent_config, bundle_server, deployment, watcher
+from tests.models import make_onnx
+
+BLOCK = 4096
+DEVICE = "cam-01"
+DESIRED = TOPICS.device(DEVICE).desired
+# Short timeouts: a stalled transfer fails within a second or two.
+QUICK = TransferSettings(window=8, request_timeout_s=0.3, stall_timeout_s=1.0)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with plain_broker(tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+def bundles(tmp_path: Path) -> Path:
+    d = tmp_path / "served"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def big_model(tmp_path: Path) -> Path:
+    """About 1 MiB of weights: some 260 blocks of 4 KiB, four seconds at 256 KiB/s."""
+    return make_onnx(tmp_path / "big.onnx", inputs=512, outputs=512, seed=7)
+
+
+class Published:
+    """Everything a device agent publishes, in order, with block requests and events parsed."""
+
+    def __init__(self, device: DeviceAgent) -> None:
+        self.log: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        publish = device.session.publish
+
+        def recording(topic: str, payload: bytes, **kw: object) -> object:
+            with self._lock:
+                self.log.append((topic, payload))
+            return publish(topic, payload, **kw)
+
+        device.session.publish = recording  # type: ignore[method-assign]
+
+    def _items(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return list(self.log)
+
+    def requests(self) -> list[str]:
+        return [t for t, _ in self._items() if "/bundles/" in t]
+
+    def events(self, model: str | None = None) -> list[Event]:
+        found = [Event.from_bytes(p) for t, p in self._items() if t.endswith("/events") and p]
+        return [e for e in found if model is None or e.model == model]
+
+    def phases(self, model: str) -> list[Phase | None]:
+        return [e.phase for e in self.events(model) if e.kind == "phase"]
+
+
+def _serve(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:
+    path, envelope = signed_bundle
+    shutil.copyfile(path, bundles / path.name)
+    return envelope
+
+
+def _active(model: str, version: str = "1.0.0") -> Callable[[Reported], bool]:
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return m is not None and m.phase == Phase.ACTIVE and m.version == version
+
+    return check
+
+
+def _failed(model: str, code: str) -> Callable[[Reported], bool]:
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return (
+            m is not None
+            and m.phase == Phase.FAILED
+            and m.error is not None
+            and (m.error.code == code)
+        )
+
+    return check
+
+
+def _downloading_past(model: str, percent: float) -> Callable[[Reported], bool]:
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return m is not None and m.progress is not None and m.progress >= percent
+
+    return check
+
+
+def test_a_model_named_like_a_json_file_survives_a_restart(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    envelope = _serve(signed("1.0.0", name="x.json", block_size=BLOCK, samples="none"), bundles)
+    state = tmp_path / DEVICE
+    config = agent_config(state, keys.dir, broker, DEVICE)
+    with watcher(broker) as fleet, bundle_server(broker, bundles):
+        with agent(config):
+            fleet.publish(DESIRED, deployment({"x.json": envelope}, keys.release, device=DEVICE))
+            fleet.wait(DEVICE, _active("x.json"), what="x.json active")
+        assert (state / "models" / "x.json").is_dir(), "the unpacked bundle's directory"
+        restarted = datetime.now(timezone.utc)
+        with agent(config) as dev:
+            assert dev.slots["x.json"].phase == Phase.ACTIVE
+            reported = fleet.wait(
+                DEVICE,
+                lambda r: r.at >= restarted and _active("x.json")(r),
+                what="x.json active after the restart",
+            )
+    assert reported.error is None
+    assert json.loads((state / "slots" / "x.json.json").read_text())["model"] == "x.json"
+
+
+def test_a_report_holds_the_deployments_models_first_when_old_ones_linger(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    """One model installed, then a document naming 16 others: 17 slots, a report holds 16."""
+    old = _serve(signed("1.0.0", name="a-old", block_size=BLOCK, samples="none"), bundles)
+    names = [f"m{i:02d}" for i in range(MAX_REPORTED_MODELS)]
+    unserved = names[-1]  # never served: its failure keeps the old model installed
+    new = {}
+    for name in names:
+        built = signed("1.0.0", name=name, block_size=BLOCK, samples="none")
+        new[name] = built[1] if name == unserved else _serve(built, bundles)
+    state = tmp_path / DEVICE
+    config = agent_config(state, keys.dir, broker, DEVICE, transfer=QUICK)
+    with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config) as dev:
+        fleet.publish(DESIRED, deployment({"a-old": old}, keys.release, device=DEVICE, sequence=1))
+        fleet.wait(DEVICE, _active("a-old"), what="a-old active")
+        fleet.publish(DESIRED, deployment(new, keys.release, device=DEVICE, sequence=2))
+        reported = fleet.wait(
+            DEVICE,
+            lambda r: (
+                r.sequence == 2
+                and all(_active(n)(r) for n in names[:-1])
+                and _failed(unserved, "bundle-unavailable")(r)
+            ),
+            what="15 new models active and the unserved one failed",
+        )
+        assert len(dev.slots) == MAX_REPORTED_MODELS + 1
+        assert dev.slots["a-old"].installed is not None
+    assert len(reported.models) == MAX_REPORTED_MODELS
+    assert set(reported.models) == set(names), "the deployment's models come first"
+    assert (state / "slots" / "a-old.json").is_file(), "the old model still runs"
+
+
+def test_a_broker_outage_longer_than_the_stall_timeout_does_not_fail_the_transfer(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
+) -> None:
+    envelope = _serve(
+        signed("1.0.0", models=[big_model], block_size=BLOCK, samples="none"), bundles
+    )
+    settings = TransferSettings(window=8, request_timeout_s=0.3, stall_timeout_s=1.5)
+    config = agent_config(tmp_path / DEVICE, keys.dir, broker, DEVICE, transfer=settings)
+    with (
+        watcher(broker) as fleet,
+        bundle_server(broker, bundles, rate_bytes_s=256 << 10),
+        agent(config) as dev,
+    ):
+        published = Published(dev)
+        fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
+        fleet.wait(DEVICE, _downloading_past("tiny", 20), what="a fifth downloaded")
+        broker.stop()
+        transfer = dev.slots["tiny"].transfer
+        assert transfer is not None
+        assert 0 < transfer.have_count < transfer.count, "cut mid-transfer"
+        time.sleep(2 * settings.stall_timeout_s)  # the outage
+        broker.start()
+        fleet.wait(DEVICE, _active("tiny"), what="tiny active after the outage")
+    assert Phase.FAILED not in published.phases("tiny")
+
+
+def test_a_model_dropped_while_it_downloads_is_never_installed(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
+) -> None:
+    slow = _serve(
+        signed("1.0.0", name="aaa", models=[big_model], block_size=BLOCK, samples="none"),
+        bundles,
+    )
+    other = _serve(signed("1.0.0", name="bbb", block_size=BLOCK, samples="none"), bundles)
+    state = tmp_path / DEVICE
+    config = agent_config(state, keys.dir, broker, DEVICE)
+    with (
+        watcher(broker) as fleet,
+        bundle_server(broker, bundles, rate_bytes_s=256 << 10),
+        agent(config) as dev,
+    ):
+        published = Published(dev)
+        fleet.publish(DESIRED, deployment({"aaa": slow}, keys.release, device=DEVICE, sequence=1))
+        fleet.wait(DEVICE, _downloading_past("aaa", 5), what="aaa downloading")
+        fleet.publish(DESIRED, deployment({"bbb": other}, keys.release, device=DEVICE, sequence=2))
+        reported = fleet.wait(
+            DEVICE,
+            lambda r: r.sequence == 2 and _active("bbb")(r) and "aaa" not in r.models,
+            what="bbb active, aaa gone",
+        )
+        assert "aaa" not in dev.slots
+    assert set(reported.models) == {"bbb"}
+    floors = json.loads((state / "trust" / "floors.json").read_text())
+    assert "aaa" not in floors["release_floor"], floors
+    assert floors["release_floor"]["bbb"] == reported.models["bbb"].release
+    assert not {Phase.VERIFYING, Phase.LOADING, Phase.ACTIVE} & set(published.phases("aaa"))
+    assert not (state / "slots" / "aaa.json").exists()
+    assert not (state / "models" / "aaa").exists()
+
+
+def test_a_storage_failure_is_reported_and_the_agent_goes_on(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    envelope = _serve(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    state = tmp_path / DEVICE
+    config = agent_config(state, keys.dir, broker, DEVICE)
+    desired = state / "desired"
+    with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config):
+        # A directory the agent cannot write in (root ignores permissions: a file in its place).
+        shutil.rmtree(desired)
+        desired.write_bytes(b"")
+        fleet.publish(
+            DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE, sequence=1)
+        )
+        reported = fleet.wait(
+            DEVICE,
+            lambda r: r.error is not None and r.error.code == "storage",
+            what="a storage error reported",
+        )
+        assert reported.sequence is None, "the document was not taken"
+        assert fleet.online(DEVICE) is True
+        desired.unlink()
+        desired.mkdir()
+        fleet.publish(
+            DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE, sequence=2)
+        )
+        reported = fleet.wait(
+            DEVICE,
+            lambda r: r.sequence == 2 and _active("tiny")(r),
+            what="the next document taken",
+        )
+        assert fleet.online(DEVICE) is True
+    assert reported.error is None
+    assert (desired / "device.dsse").is_file()
+
+
+def test_a_bundle_above_the_size_limit_fails_before_any_request(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    path, envelope = signed("1.0.0", block_size=BLOCK, samples="none")
+    shutil.copyfile(path, bundles / path.name)
+    limit = path.stat().st_size - 1
+    config = agent_config(tmp_path / DEVICE, keys.dir, broker, DEVICE).model_copy(
+        update={"limits": BundleLimits(max_bundle_bytes=limit)}
+    )
+    with watcher(broker) as fleet, bundle_server(broker, bundles) as served, agent(config) as dev:
+        published = Published(dev)
+        fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
+        reported = fleet.wait(DEVICE, _failed("tiny", "size-limit"), what="size-limit")
+        assert dev.slots["tiny"].transfer is None
+    error = reported.models["tiny"].error
+    assert error is not None
+    assert str(limit) in error.message
+    assert published.requests() == [], "no block request published"
+    assert served[0].stats.blocks == 0
+    assert not list((tmp_path / DEVICE).rglob("bundle.part"))
+
+
+def test_a_transfer_that_timed_out_is_tried_again_without_a_new_document(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    envelope = _serve(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    settings = QUICK.model_copy(update={"retry_after_s": 1.0})
+    config = agent_config(tmp_path / DEVICE, keys.dir, broker, DEVICE, transfer=settings)
+    with watcher(broker) as fleet, agent(config) as dev:
+        published = Published(dev)
+        fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
+        failed = fleet.wait(
+            DEVICE, _failed("tiny", "transfer-timeout"), what="no server: timed out"
+        )
+        with bundle_server(broker, bundles):
+            reported = fleet.wait(DEVICE, _active("tiny"), what="tiny active on a retry")
+    assert reported.sequence == failed.sequence, "no new document was needed"
+    phases = published.phases("tiny")
+    assert phases.index(Phase.FAILED) < phases.index(Phase.ACTIVE)
+
+
+def test_a_failed_deployment_is_tried_again_when_a_new_document_names_it(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    envelope = _serve(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    config = agent_config(tmp_path / DEVICE, keys.dir, broker, DEVICE, transfer=QUICK)
+    assert QUICK.retry_after_s >= 60, "no retry by the clock within the test"
+    with watcher(broker) as fleet, agent(config):
+        fleet.publish(
+            DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE, sequence=1)
+        )
+        fleet.wait(DEVICE, _failed("tiny", "transfer-timeout"), what="no server: timed out")
+        with bundle_server(broker, bundles):
+            fleet.publish(
+                DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE, sequence=2)
+            )
+            reported = fleet.wait(
+                DEVICE,
+                lambda r: r.sequence == 2 and _active("tiny")(r),
+                what="tiny active after the new document",
+            )
+    assert reported.models["tiny"].error is None

@@ -66,7 +66,9 @@ class SlotSettings(BaseModel):
     probation_s: Annotated[float, Field(ge=0)] = 60.0
     probation_min_requests: Annotated[int, Field(ge=1)] = 20  # fewer: judged on what came
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
-    max_p99_ms: Annotated[float, Field(gt=0)] | None = None  # None: latency is not judged
+    max_p99_ms: Annotated[float, Field(gt=0)] | None = None  # an absolute bound, if any
+    # The new version's p99 against the one it replaced (when that one served enough requests).
+    max_p99_ratio: Annotated[float, Field(gt=1)] | None = 3.0
 
 
 @dataclass(frozen=True)
@@ -306,9 +308,17 @@ class SlotManager:
             future.set_result(Phase.FAILED)
             return
         previous = slot.last_good
+        with slot.lock:
+            replaced = slot.active
+        baseline = replaced.stats.snapshot() if replaced is not None else None
         self._swap(slot, version)
         self._phase(candidate.name, Phase.PROBATION)
-        problem = self._probation(version)
+        steady = (
+            baseline[2]
+            if baseline is not None and baseline[0] >= self.settings.probation_min_requests
+            else None
+        )
+        problem = self._probation(version, steady)
         if problem is None:
             slot.last_good = candidate
             self._on_swap(candidate.name, candidate.version, False)
@@ -393,18 +403,18 @@ class SlotManager:
 
         threading.Thread(target=drain, name=f"drain-{old.name}", daemon=True).start()
 
-    def _probation(self, version: Version) -> str | None:
+    def _probation(self, version: Version, steady_p99: float | None) -> str | None:
         """Watch the new version; the reason to roll back, or None to commit."""
         s = self.settings
         deadline = time.monotonic() + s.probation_s
         while time.monotonic() < deadline:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-            problem = self._judge(version, final=False)
+            problem = self._judge(version, steady_p99, final=False)
             if problem is not None:
                 return problem
-        return self._judge(version, final=True)
+        return self._judge(version, steady_p99, final=True)
 
-    def _judge(self, version: Version, *, final: bool) -> str | None:
+    def _judge(self, version: Version, steady_p99: float | None, *, final: bool) -> str | None:
         s = self.settings
         requests, errors, p99 = version.stats.snapshot()
         enough = requests >= s.probation_min_requests
@@ -415,6 +425,18 @@ class SlotManager:
             )
         if s.max_p99_ms is not None and p99 is not None and enough and p99 * 1000 > s.max_p99_ms:
             return f"p99 latency {p99 * 1000:.1f} ms > {s.max_p99_ms:.1f} ms"
+        if (
+            s.max_p99_ratio is not None
+            and steady_p99
+            and p99 is not None
+            and enough
+            and final
+            and p99 > s.max_p99_ratio * steady_p99
+        ):
+            return (
+                f"p99 latency {p99 * 1000:.1f} ms is {p99 / steady_p99:.1f}x the replaced "
+                f"version's {steady_p99 * 1000:.1f} ms (limit {s.max_p99_ratio:g}x)"
+            )
         return None
 
     def _rollback(self, slot: Slot, failed: Version, previous: Candidate | None, why: str) -> None:

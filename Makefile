@@ -8,7 +8,7 @@ UV := .tools/uv/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := --extra cpu --extra openvino --extra tflite --extra build --extra systemd --extra dev
-DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config
+DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config curl
 # Never let uv fetch an interpreter: use the system's.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))

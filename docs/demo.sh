@@ -113,6 +113,10 @@ export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_CA=$OUT/certs/ca.crt
 export EDGE_FLEET_CERT=$OUT/certs/fleet.crt EDGE_FLEET_CERT_KEY=$OUT/certs/fleet.key
 echo "mosquitto on 127.0.0.1:$PORT; the fleet tools use the 'fleet' certificate (EDGE_FLEET_*)"
 
+step "What this box would run: its hardware, and the variant chosen for it"
+show .venv/bin/edge-agent hardware --bundle "$OUT/classifier-1.1.0.emb"
+API_PORT=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+
 step "A bundle server, and the device cam-01 (edge-agent run), trusting root.json + keyring.json"
 mkdir -p "$OUT/served"
 .venv/bin/edge-fleet serve --bundles "$OUT/served" 2>"$OUT/serve.log" & PIDS+=($!)
@@ -129,6 +133,11 @@ key_file = "$PWD/$OUT/certs/cam-01.key"
 [trust]
 root = "$PWD/$OUT/keys/root.json"
 keyring = "$PWD/$OUT/keys/keyring.json"
+[serving]
+probation_s = 3.0
+[api]
+port = $API_PORT
+unix_socket = "$PWD/$OUT/api.sock"
 TOML
 cat "$OUT/agent.toml"
 .venv/bin/edge-agent run --config "$OUT/agent.toml" 2>"$OUT/agent.log" & PIDS+=($!)
@@ -136,6 +145,18 @@ cat "$OUT/agent.toml"
 step "Deploy classifier 1.1.0 to cam-01 and follow it (the device pulls the bundle in blocks)"
 show $FLEET deploy "$OUT/classifier-1.1.0.emb" --device cam-01 --key "$NEW_KEY" --bundles "$OUT/served" --wait 120
 show $FLEET status
+
+step "An application on the box asks the model (KServe v2 over loopback HTTP)"
+show curl -s "http://127.0.0.1:$API_PORT/v2/models/classifier"
+echo
+X=$($PY -c "print(','.join(['0.5'] * 64))")
+show curl -s "http://127.0.0.1:$API_PORT/v2/models/classifier/infer" \
+  -d "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[1,64],\"data\":[$X]}]}"
+echo
+step "A request with the wrong shape gets a 400 that says why"
+show curl -s -w ' (HTTP %{http_code})' "http://127.0.0.1:$API_PORT/v2/models/classifier/infer" \
+  -d '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}'
+echo
 
 step "A deployment signed by the rogue key: published, refused by the device, nothing changes"
 show $FLEET deploy "$OUT/rogue.emb" --device cam-01 --key "$OUT/rogue.pem" --bundles "$OUT/served" -o "$OUT/rogue-deployment.json" --no-publish
@@ -148,6 +169,6 @@ done
 show $FLEET status
 
 step "What the device logged"
-grep -E "accepted|active|rejected" "$OUT/agent.log" | sed 's/^/  /'
+grep -E "accepted|now serves|active|rejected" "$OUT/agent.log" | sed 's/^/  /'
 
-printf '\n\033[1mdemo done:\033[0m the genuine bundle verified and ran on cam-01 over MQTT; tampered, rogue, rolled-back, expired and revoked ones were refused.\n'
+printf '\n\033[1mdemo done:\033[0m the genuine bundle verified, reached cam-01 over MQTT and answered on its local API; tampered, rogue, rolled-back, expired and revoked ones were refused.\n'

@@ -55,11 +55,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-import onnx
 import paho.mqtt
 import paho.mqtt.client as mqtt
-from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -91,6 +88,7 @@ from tests.fleet import (
     mqtt_settings,
     write_agent_toml,
 )
+from tests.models import make_onnx
 
 MiB = 1 << 20
 WAIT_S = 30.0  # connecting, subscribing, a process starting or stopping
@@ -127,28 +125,6 @@ def say(message: str) -> None:
 
 
 # -- bundles ------------------------------------------------------------------------------------
-def make_onnx(path: Path, *, inputs: int, outputs: int, seed: int) -> Path:
-    """y = relu(x @ W + B) with a random FP32 W of inputs * outputs (4 bytes each)."""
-    rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array(rng.standard_normal((inputs, outputs), dtype=np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal((outputs,), dtype=np.float32), "B")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W"], ["h"]),
-            helper.make_node("Add", ["h", "B"], ["h2"]),
-            helper.make_node("Relu", ["h2"], ["y"]),
-        ],
-        "bench",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])],
-        [w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
 @dataclass(frozen=True)
 class SignedBundle:
     name: str

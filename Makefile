@@ -59,6 +59,8 @@ docs: venv
 bench: venv
 	$(PY) bench/verify.py
 	$(PY) bench/transfer.py
+	$(PY) bench/serve.py
+	$(PY) bench/swap.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build demo-out

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from agent.bundle.unpack import unpack_bundle
+from agent.fleet.build import BuildOptions, build_bundle
+from agent.runtime.base import OnnxRuntimeSettings
+from agent.serving.slots import Candidate
 
 
 def make_onnx(
@@ -175,3 +181,27 @@ def reference_tflite(path: Path, x: np.ndarray) -> np.ndarray:
             shape = tuple(int(d) for d in t.ShapeAsNumpy())
             consts[t.Name().decode()] = np.frombuffer(data.tobytes(), "<f4").reshape(shape)
     return np.maximum(x @ consts["W"].T + consts["B"], 0)
+
+
+def slot_candidate(
+    model: Path, workdir: Path, *, version: str, name: str = "tiny", intra_op_threads: int = 0
+) -> Candidate:
+    """Build ``model`` into a bundle (with self-test samples), unpack it as a device does, and
+    describe it for the slot layer (ONNX Runtime on the CPU)."""
+    built = build_bundle(
+        [model], workdir / f"{name}-{version}.emb", BuildOptions(name=name, version=version)
+    )
+    dest = workdir / f"unpacked-{name}-{version}"
+    manifest = unpack_bundle(
+        built.path, dest, manifest_sha256=hashlib.sha256(built.manifest.to_bytes()).hexdigest()
+    )
+    return Candidate(
+        name=name,
+        version=version,
+        bundle_sha256=built.sha256,
+        directory=dest,
+        manifest=manifest,
+        variant=manifest.variants[0],
+        backend="onnxruntime",
+        settings=OnnxRuntimeSettings(providers=["cpu"], intra_op_threads=intra_op_threads),
+    )

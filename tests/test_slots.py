@@ -7,7 +7,6 @@ load call), the backend's ``load`` is wrapped for that test only, and the test s
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -18,11 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.bundle.unpack import unpack_bundle
-from agent.runtime.base import OnnxRuntimeSettings, get_backend
+from agent.runtime.base import get_backend
 from agent.serving.slots import Candidate, SlotManager, SlotSettings
 from agent.transport.messages import Phase
-from tests.models import make_onnx, reference
+from tests.models import make_onnx, reference, slot_candidate
 
 FAST = SlotSettings(probation_s=0.3, probation_min_requests=5, drain_timeout_s=5, load_timeout_s=30)
 
@@ -48,25 +46,12 @@ class Phases:
 
 
 @pytest.fixture
-def candidate(tmp_path: Path, build) -> Callable[..., Candidate]:  # type: ignore[no-untyped-def]
-    """candidate(version, model=None) -> a Candidate from a freshly built and unpacked bundle."""
+def candidate(tmp_path: Path) -> Callable[..., Candidate]:
+    """candidate(version, model=None, seed=1) -> a Candidate from a built and unpacked bundle."""
 
     def make(version: str, model: Path | None = None, seed: int = 1) -> Candidate:
         model = model or make_onnx(tmp_path / f"m-{version}.onnx", seed=seed)
-        result = build(version, models=[model])
-        dest = tmp_path / f"unpacked-{version}"
-        manifest_sha256 = hashlib.sha256(result.manifest.to_bytes()).hexdigest()
-        manifest = unpack_bundle(result.path, dest, manifest_sha256=manifest_sha256)
-        return Candidate(
-            name="tiny",
-            version=version,
-            bundle_sha256=result.sha256,
-            directory=dest,
-            manifest=manifest,
-            variant=manifest.variants[0],
-            backend="onnxruntime",
-            settings=OnnxRuntimeSettings(providers=["cpu"]),
-        )
+        return slot_candidate(model, tmp_path, version=version)
 
     return make
 

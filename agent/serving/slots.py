@@ -216,12 +216,12 @@ class SlotManager:
     # -- deployments ----------------------------------------------------------------------
     def deploy(self, candidate: Candidate) -> Future[Phase]:
         """Load ``candidate`` beside the active version and swap it in; returns the final phase."""
+        future: Future[Phase] = Future()
         with self._lock:
             slot = self._slots.setdefault(candidate.name, Slot(candidate.name))
-        if slot.job is not None and not slot.job.done():
-            raise ToolError(f"{candidate.name} is being deployed already")
-        future: Future[Phase] = Future()
-        slot.job = future
+            if slot.job is not None and not slot.job.done():
+                raise ToolError(f"{candidate.name} is being deployed already")
+            slot.job = future
         thread = threading.Thread(
             target=self._run,
             args=(slot, candidate, future),

@@ -339,7 +339,8 @@ class Session:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=min(timeout, 2.0))
         self._stop.set()
-        self._thread.join(timeout)
+        # A connect in progress may block the network thread for up to connect_timeout_s.
+        self._thread.join(timeout + self.settings.connect_timeout_s)
         self._client.disconnect()
         self._client.loop(timeout=0.1)  # flush the DISCONNECT
         self.connected.clear()

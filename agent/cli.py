@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent._strictjson import loads
@@ -25,6 +25,9 @@ from agent.errors import BadContentError, ConfigError, EdgeAgentError
 from agent.transport.messages import Phase
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -871,6 +874,134 @@ def _agent_hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_state_dir(state_dir: Path) -> str | None:
+    """None when the agent can use (or create) ``state_dir``; else why not."""
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            return f"state_dir: {state_dir} is not a directory"
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            return f"state_dir: {state_dir} is not writable"
+        return None
+    parent = state_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"state_dir: cannot create {state_dir}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"state_dir: cannot create {state_dir}: {parent} is not writable"
+    return None
+
+
+def _check_trust(config: AgentConfig) -> list[str]:
+    from agent.trust.verifier import TrustedState
+
+    problems = []
+    try:
+        state = TrustedState.from_root(config.trust.root.read_bytes())
+    except OSError as exc:
+        return [f"trust.root: cannot read {config.trust.root}: {exc.strerror}"]
+    except BadContentError as exc:
+        return [f"trust.root: {config.trust.root} is not a usable root ({exc.code}): {exc}"]
+    if config.trust.keyring is not None:
+        try:
+            state.update_keyring(config.trust.keyring.read_bytes(), _now(None))
+        except OSError as exc:
+            problems.append(f"trust.keyring: cannot read {config.trust.keyring}: {exc.strerror}")
+        except BadContentError as exc:
+            problems.append(
+                f"trust.keyring: {config.trust.keyring} does not verify against "
+                f"{config.trust.root} ({exc.code}): {exc}"
+            )
+    return problems
+
+
+def _check_tls(settings: MqttSettings) -> list[str]:
+    from agent.transport.session import _tls_context
+
+    if not settings.tls:
+        return []
+    missing = [
+        f"mqtt.{name}: {path} does not exist"
+        for name, path in (
+            ("ca_file", settings.ca_file),
+            ("cert_file", settings.cert_file),
+            ("key_file", settings.key_file),
+        )
+        if path is not None and not path.is_file()
+    ]
+    if missing:
+        return missing
+    try:
+        _tls_context(settings)
+    except ConfigError as exc:
+        return [f"mqtt: {exc}"]
+    return []
+
+
+def _config_summary(config: AgentConfig, overrides: list[str]) -> dict[str, Any]:
+    api = config.api
+    listeners = []
+    if api.port is not None:
+        listeners.append(f"http://{api.host}:{api.port}")
+    if api.unix_socket is not None:
+        listeners.append(f"unix:{api.unix_socket}")
+    return {
+        "device_id": config.device_id,
+        "groups": list(config.groups),
+        "broker": f"{config.mqtt.host}:{config.mqtt.port}",
+        "protocol": config.mqtt.protocol,
+        "tls": config.mqtt.tls,
+        "state_dir": str(config.state_dir),
+        "api": listeners,
+        "overrides": overrides,
+    }
+
+
+def _agent_check_config(args: argparse.Namespace) -> int:
+    from agent.config import ConfigProblems, env_overrides, load_config
+
+    problems: list[str] = []
+    load_problems: tuple[str, ...] = ()
+    summary: dict[str, Any] | None = None
+    try:
+        config = load_config(args.file)
+    except ConfigProblems as exc:
+        problems = exc.problems
+        load_problems = tuple(problems)
+    else:
+        overrides = [o.variable for o in env_overrides(os.environ)]
+        summary = _config_summary(config, overrides)
+        problems += _check_trust(config)
+        problems += _check_tls(config.mqtt)
+        state_problem = _check_state_dir(config.state_dir)
+        if state_problem:
+            problems.append(state_problem)
+    if args.json:
+        doc = {"file": str(args.file), "ok": not problems, "problems": problems, "config": summary}
+        print(json.dumps(doc, indent=2))
+    if problems:
+        for line in problems:
+            # load_config's problems name their file or variable; the checks here, the file.
+            where = "" if line.startswith(load_problems) else f"{args.file}: "
+            print(f"edge-agent: error: {where}{line}", file=sys.stderr)
+        return 2
+    if not args.json and summary is not None:
+        s = summary
+        print(f"{args.file}: ok")
+        print(
+            f"  device     {s['device_id']}"
+            + (f" (groups {', '.join(s['groups'])})" if s["groups"] else "")
+        )
+        print(
+            f"  broker     {s['broker']}, MQTT {s['protocol']}, {'TLS' if s['tls'] else 'no TLS'}"
+        )
+        print(f"  state dir  {s['state_dir']}")
+        print(f"  api        {', '.join(s['api']) or 'off'}")
+        if s["overrides"]:
+            print(f"  overrides  {', '.join(s['overrides'])}")
+    return 0
+
+
 def agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge Model Agent on the box.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -902,6 +1033,13 @@ def agent_parser() -> argparse.ArgumentParser:
     h.add_argument("--bundle", type=Path, metavar="FILE", help="a bundle (.emb) to choose for")
     h.add_argument("--json", action="store_true")
     h.set_defaults(handler=_agent_hardware)
+    c = top.add_parser(
+        "check-config",
+        help="check agent.toml and EDGE_AGENT_* overrides, trust root, TLS files, state dir",
+    )
+    c.add_argument("file", type=Path, metavar="FILE", help="agent.toml")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(handler=_agent_check_config)
     return p
 
 

@@ -1,14 +1,19 @@
 """``/etc/edge-agent/agent.toml``: the agent's configuration (pydantic, no extras).
 
 Only the device id is required; everything else has a default (see config/agent.toml, which
-lists them all with comments). Validation never touches the network.
+lists them all with comments). ``EDGE_AGENT_<TABLE>__<KEY>=value`` environment variables override
+the file (see :func:`load_config`). Validation never touches the network; ``edge-agent
+check-config FILE`` also checks the files the settings name.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -61,23 +66,137 @@ class AgentConfig(BaseModel):
         return Topics(self.topic_prefix)
 
 
-def load_config(path: Path) -> AgentConfig:
-    """Read and check agent.toml; ConfigError names the file and the bad field."""
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+class ConfigProblems(ConfigError):
+    """Every problem found in one configuration, each a line naming its source and key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``EDGE_AGENT_<SECTION>__<KEY>=value`` environment variable."""
+
+    variable: str
+    key: tuple[str, ...]  # ("mqtt", "host")
+    raw: str
+    value: object  # the raw text parsed as a TOML value, or the raw text itself
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.key)
+
+
+def _toml_value(raw: str) -> object:
+    """``16`` -> 16, ``true`` -> True, ``["a","b"]`` -> a list, ``"x"`` -> x; else the text."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    return parsed["v"] if list(parsed) == ["v"] else raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[Override]:
+    """The ``EDGE_AGENT_...`` variables in ``environ``, sorted by name; a malformed name is refused."""
+    overrides = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+        if not all(key):
+            raise ConfigProblems(
+                [f"{name}: not a setting (EDGE_AGENT_<KEY> or EDGE_AGENT_<TABLE>__<KEY>)"]
+            )
+        overrides.append(Override(name, key, environ[name], _toml_value(environ[name])))
+    return overrides
+
+
+def _apply(data: dict[str, Any], overrides: list[Override]) -> list[str]:
+    """Set each override in ``data`` (tables created as needed); the clashes, as problems."""
+    problems = []
+    for o in overrides:
+        table = data
+        for depth, part in enumerate(o.key[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                where = ".".join(o.key[: depth + 1])
+                problems.append(f"{o.variable}: {o.dotted}: {where} is not a table")
+                break
+        else:
+            table[o.key[-1]] = o.value
+    return problems
+
+
+def _source(loc: tuple[str | int, ...], kind: str, overrides: list[Override]) -> Override | None:
+    """The override an error is about: at or under its key, or an unknown table on its way."""
+    for o in overrides:
+        if loc[: len(o.key)] == o.key or (kind == "extra_forbidden" and o.key[: len(loc)] == loc):
+            return o
+    return None
+
+
+def _validate(
+    data: dict[str, Any], path: Path, overrides: list[Override]
+) -> AgentConfig | list[str]:
     try:
         config = AgentConfig.model_validate(data)
         config.topics  # noqa: B018 - checks the prefix
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+        problems = []
+        for e in exc.errors():
+            loc = tuple(e["loc"])
+            dotted = ".".join(str(p) for p in loc) or "(top)"
+            o = _source(loc, e["type"], overrides)
+            if o is not None and len(o.key) > len(loc):  # an unknown table: name the whole key
+                dotted = o.dotted
+            problems.append(f"{o.variable if o else path}: {dotted}: {e['msg']}")
+        return problems
     return config
+
+
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> AgentConfig:
+    """Read and check agent.toml, then the ``EDGE_AGENT_...`` overrides in ``environ``.
+
+    ``EDGE_AGENT_<TABLE>__<KEY>=value`` sets ``[table] key`` (``__`` separates each level;
+    ``EDGE_AGENT_DEVICE_ID`` a top-level key). The value is read as a TOML value when it is one
+    (``16``, ``true``, ``["a", "b"]``, ``"quoted"``), else as a string; a bare number or boolean
+    given to a text setting (``EDGE_AGENT_MQTT__PROTOCOL=5``) stays the text it was.
+
+    ConfigProblems (a ConfigError) names, for each problem, the file or the variable, the dotted
+    key and the reason.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigProblems([f"{path} does not exist"]) from None
+    except IsADirectoryError:
+        raise ConfigProblems([f"{path} is a directory"]) from None
+    except OSError as exc:
+        raise ConfigProblems([f"cannot read {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigProblems([f"{path} is not valid TOML: {exc}"]) from None
+    overrides = env_overrides(environ)
+    clashes = _apply(data, overrides)
+    if clashes:
+        raise ConfigProblems(clashes)
+    result = _validate(data, path, overrides)
+    if isinstance(result, list):
+        # A number or boolean where text is wanted (a protocol "5", a client id 1234): the text.
+        failing = [
+            o
+            for o in overrides
+            if not isinstance(o.value, (str, list, dict))
+            and any(p.startswith(f"{o.variable}: ") for p in result)
+        ]
+        if failing:
+            for o in failing:
+                _apply(data, [replace(o, value=o.raw)])
+            result = _validate(data, path, overrides)
+    if isinstance(result, list):
+        raise ConfigProblems(result)
+    return result

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, ConfigProblems, load_config
 from agent.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agent.toml"
@@ -50,3 +50,123 @@ def test_listeners_can_be_turned_off(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.api.port is None
     assert config.api.unix_socket is None
+
+
+# -- environment overrides: EDGE_AGENT_<TABLE>__<KEY>=value -------------------------------------
+@pytest.fixture
+def minimal(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "cam-01"\n[transfer]\nwindow = 8\n')
+    return path
+
+
+def test_overrides_set_nested_list_bool_number_and_string_values(minimal: Path) -> None:
+    config = load_config(
+        minimal,
+        {
+            "EDGE_AGENT_DEVICE_ID": "cam-02",
+            "EDGE_AGENT_MQTT__HOST": "broker.local",
+            "EDGE_AGENT_MQTT__PORT": "1884",
+            "EDGE_AGENT_MQTT__TLS": "false",
+            "EDGE_AGENT_TRANSFER__WINDOW": "16",
+            "EDGE_AGENT_REPORT_INTERVAL_S": "2.5",
+            "EDGE_AGENT_RUNTIME__OPENVINO__PRECISION": "f16",
+            "EDGE_AGENT_GROUPS": '["a", "b"]',
+            "EDGE_AGENT_TOPIC_PREFIX": '"site/v1"',
+            "EDGE_FLEET_BROKER": "elsewhere:1",  # not ours: ignored
+            "PATH": "/usr/bin",
+        },
+    )
+    assert config.device_id == "cam-02"
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.tls) == ("broker.local", 1884, False)
+    assert config.transfer.window == 16  # the variable wins over the file
+    assert config.report_interval_s == 2.5
+    assert config.runtime.openvino.precision == "f16"
+    assert config.groups == ["a", "b"]
+    assert config.topic_prefix == "site/v1"
+
+
+def test_a_number_given_to_a_text_setting_stays_text(minimal: Path) -> None:
+    config = load_config(
+        minimal, {"EDGE_AGENT_MQTT__PROTOCOL": "5", "EDGE_AGENT_MQTT__CLIENT_ID": "1234"}
+    )
+    assert config.mqtt.protocol == "5"
+    assert config.mqtt.client_id == "1234"
+
+
+def test_an_override_can_turn_a_listener_off(minimal: Path) -> None:
+    config = load_config(minimal, {"EDGE_AGENT_API__PORT": "false"})
+    assert config.api.port is None
+
+
+def test_overrides_come_from_the_process_environment_by_default(
+    minimal: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT_MQTT__HOST", "from-env.local")
+    assert load_config(minimal).mqtt.host == "from-env.local"
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        (
+            "EDGE_AGENT_MQTT__HOTS",
+            "EDGE_AGENT_MQTT__HOTS: mqtt.hots: Extra inputs are not permitted",
+        ),
+        ("EDGE_AGENT_NOPE__X", "EDGE_AGENT_NOPE__X: nope.x: Extra inputs are not permitted"),
+        ("EDGE_AGENT_SURPRISE", "EDGE_AGENT_SURPRISE: surprise: Extra inputs are not permitted"),
+        (
+            "EDGE_AGENT_RUNTIME__OPENVINO__PRECISON",
+            "EDGE_AGENT_RUNTIME__OPENVINO__PRECISON: runtime.openvino.precison: Extra inputs",
+        ),
+        (
+            "EDGE_AGENT_DEVICE_ID__X",
+            "EDGE_AGENT_DEVICE_ID__X: device_id.x: device_id is not a table",
+        ),
+        ("EDGE_AGENT_MQTT____HOST", "EDGE_AGENT_MQTT____HOST: not a setting"),
+    ],
+)
+def test_an_unknown_override_is_refused_naming_the_variable(
+    minimal: Path, variable: str, message: str
+) -> None:
+    with pytest.raises(ConfigProblems) as info:
+        load_config(minimal, {variable: "1"})
+    assert str(info.value).startswith(message)
+    assert len(info.value.problems) == 1
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_override_value_names_the_variable_and_the_key(minimal: Path) -> None:
+    with pytest.raises(ConfigProblems) as info:
+        load_config(minimal, {"EDGE_AGENT_TRANSFER__WINDOW": "0", "EDGE_AGENT_MQTT__PROTOCOL": "4"})
+    assert info.value.problems == [
+        "EDGE_AGENT_MQTT__PROTOCOL: mqtt.protocol: Input should be '5' or '3.1.1'",
+        "EDGE_AGENT_TRANSFER__WINDOW: transfer.window: Input should be greater than or equal to 1",
+    ]
+
+
+def test_a_bad_value_in_the_file_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "cam-01"\n[transfer]\nwindow = 0\n[mqtt]\nport = 70000\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value) == (
+        f"{path}: mqtt.port: Input should be less than or equal to 65535; "
+        f"{path}: transfer.window: Input should be greater than or equal to 1"
+    )
+
+
+def test_an_override_does_not_hide_a_bad_value_elsewhere_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "cam-01"\n[transfer]\nwindow = 0\n')
+    with pytest.raises(ConfigProblems) as info:
+        load_config(path, {"EDGE_AGENT_MQTT__HOST": "broker.local"})
+    assert info.value.problems == [
+        f"{path}: transfer.window: Input should be greater than or equal to 1"
+    ]
+
+
+def test_a_missing_file_is_one_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigProblems) as info:
+        load_config(tmp_path / "nope.toml", {})
+    assert info.value.problems == [f"{tmp_path / 'nope.toml'} does not exist"]

@@ -772,22 +772,21 @@ def fleet_parser() -> argparse.ArgumentParser:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    import logging
     import signal
     import threading
 
     from agent.config import load_config
     from agent.daemon import DeviceAgent
+    from agent.logs import setup_logging
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose)
     config = load_config(args.config)
     stop = threading.Event()
+    agent = DeviceAgent(config, reload_config=lambda: load_config(args.config))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    DeviceAgent(config).run(stop)
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
+    agent.run(stop)
     return 0
 
 

@@ -52,6 +52,8 @@ from agent.errors import (
     StorageError,
     TransferError,
 )
+from agent.logs import log_fields
+from agent.notify import Notifier
 from agent.runtime import hardware
 from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
@@ -167,8 +169,12 @@ class DeviceAgent:
         *,
         clock: Callable[[], datetime] = _utcnow,
         monotonic: Callable[[], float] = time.monotonic,
+        reload_config: Callable[[], AgentConfig] | None = None,
     ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self._reload = threading.Event()
+        self._restoring: set[str] = set()  # restored at start, not yet active or failed
         self.topics = config.topics
         self.me = self.topics.device(config.device_id)
         self._now = clock
@@ -224,6 +230,7 @@ class DeviceAgent:
             try:
                 candidate = self._candidate(name, installed)
                 self.models.restore(candidate)
+                self._restoring.add(name)
             except (EdgeAgentError, OSError) as exc:
                 err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
                 log.error("cannot serve %s %s: %s", name, installed.version, err)
@@ -260,9 +267,15 @@ class DeviceAgent:
             self.doc_error = _error(exc)
             app.close()
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, notifier: Notifier | None = None) -> None:
+        """Serve until ``stop`` is set, telling systemd how it stands (``notifier``; by default
+        from ``$NOTIFY_SOCKET``): READY=1 once every model restored at start is active or
+        failed, STATUS= lines, WATCHDOG=1 from this loop while healthy, STOPPING=1 at the end."""
+        notify = notifier if notifier is not None else Notifier()
+        notify.status("starting")
         self._start_api()
         self.session.start()
+        ready = False
         try:
             while not stop.is_set():
                 try:
@@ -271,12 +284,25 @@ class DeviceAgent:
                     item = None
                 while item is not None:
                     self._guarded(self.handle, item)
+                    self._ping(notify)
                     try:
                         item = self.inbox.get_nowait()
                     except queue.Empty:
                         item = None
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._apply_reload(notify)
                 self._guarded(self.tick)
+                if not ready and not self._restoring:
+                    ready = True
+                    log.info("ready: %s", self.status_line())
+                    notify.ready()
+                notify.status(self.status_line())
+                self._ping(notify)
         finally:
+            notify.stopping()
+            notify.status("stopping: draining")
+            log.info("stopping")
             for slot in self.slots.values():
                 if slot.transfer is not None and not slot.transfer.finished:
                     slot.transfer.pause()
@@ -284,6 +310,68 @@ class DeviceAgent:
             if self.api is not None:
                 self.api.stop()
             self.models.close()
+
+    # -- service manager hooks ----------------------------------------------------------------
+    def request_reload(self) -> None:
+        """Ask the loop to re-read the config (safe from a signal handler: sets a flag)."""
+        self._reload.set()
+
+    def _apply_reload(self, notify: Notifier) -> None:
+        """Re-read the config; ``report_interval_s`` and ``[transfer]`` apply at once (to the
+        next download), anything else changed is logged as waiting for a restart."""
+        log.info("reload requested")
+        if self._reload_config is None:
+            log.info("no config source to re-read: nothing reloaded")
+            return
+        notify.reloading()
+        try:
+            try:
+                new = self._reload_config()
+            except (EdgeAgentError, OSError) as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                return
+            live = {"report_interval_s": new.report_interval_s, "transfer": new.transfer}
+            old = self.config.model_dump()
+            after = new.model_dump()
+            later = sorted(k for k in after if k not in live and after[k] != old.get(k))
+            if later:
+                log.warning("config changes that take effect on restart: %s", ", ".join(later))
+            self.config = self.config.model_copy(update=live)
+            self._out.reported_dirty = True
+            log.info(
+                "reloaded: report_interval_s=%s, transfer window=%d",
+                new.report_interval_s,
+                new.transfer.window,
+            )
+        finally:
+            notify.ready()
+
+    def healthy(self) -> bool:
+        """What WATCHDOG=1 vouches for besides the loop itself: the MQTT session's thread is
+        alive and the inference API, when it was started, still serves."""
+        if not self.session.alive:
+            return False
+        return self.api is None or self.api.running
+
+    def _ping(self, notify: Notifier) -> None:
+        if notify.watchdog_due() and self.healthy():
+            notify.watchdog()
+
+    def status_line(self) -> str:
+        """What the agent does, for STATUS=: "serving tiny 1.0.0; downloading detector 42%"."""
+        parts: list[str] = []
+        for name in sorted(self.slots):
+            slot = self.slots[name]
+            i = slot.installed
+            if slot.phase == Phase.DOWNLOADING and slot.transfer is not None:
+                parts.append(f"downloading {name} {int(slot.transfer.progress)}%")
+            elif slot.phase == Phase.ACTIVE and i is not None:
+                parts.append(f"serving {name} {i.version}")
+            else:
+                parts.append(f"{name} {slot.phase.value}")
+        if not self.session.connected.is_set():
+            parts.append("connecting to broker")
+        return "; ".join(parts) or "no models"
 
     def _candidate(self, name: str, installed: InstalledModel) -> Candidate:
         """What the slot layer loads for an installed (unpacked, verified) bundle."""
@@ -316,6 +404,14 @@ class DeviceAgent:
         self.inbox.put(SlotEvent(name, phase, error, progress))
 
     def _on_slot_event(self, event: SlotEvent) -> None:
+        if event.phase in FINAL and event.name in self._restoring:
+            self._restoring.discard(event.name)
+            log.info(
+                "restored %s: %s",
+                event.name,
+                event.phase.value,
+                extra=log_fields(model=event.name, phase=event.phase),
+            )
         slot = self.slots.get(event.name)
         if slot is None:
             return
@@ -349,7 +445,19 @@ class DeviceAgent:
         self.trusted = trusted
         self.store.save_installed(installed)
         slot.installed, slot.loading, slot.target = installed, None, None
-        log.info("%s %s (%s) is active", slot.name, installed.version, installed.bundle_sha256[:16])
+        log.info(
+            "%s %s (%s) is active",
+            slot.name,
+            installed.version,
+            installed.bundle_sha256[:16],
+            extra=log_fields(
+                model=slot.name,
+                version=installed.version,
+                deployment_id=installed.deployment_id,
+                bundle_id=installed.bundle_sha256,
+                phase=Phase.ACTIVE,
+            ),
+        )
         self._collect_garbage()
 
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
@@ -452,6 +560,7 @@ class DeviceAgent:
             verified.document.deployment_id,
             verified.document.sequence,
             item.topic,
+            extra=log_fields(deployment_id=verified.document.deployment_id),
         )
         self.store.save_desired(source, item.payload)
         self.points[source] = verified.point
@@ -495,6 +604,9 @@ class DeviceAgent:
             if slot.installed is not None and slot.installed.bundle_sha256 == want:
                 if slot.target is not None:
                     self._cancel(slot)
+                if name in self._restoring:  # loading what it ran before: the slot layer says when
+                    slot.deployment_id = doc.document.deployment_id
+                    continue
                 if slot.phase != Phase.ACTIVE or slot.deployment_id != doc.document.deployment_id:
                     slot.deployment_id = doc.document.deployment_id
                     slot.error = None
@@ -669,7 +781,12 @@ class DeviceAgent:
         self.models.deploy(candidate)
 
     def _fail(self, slot: Slot, exc: EdgeAgentError) -> None:
-        log.error("deployment of %s failed: %s", slot.name, exc)
+        log.error(
+            "deployment of %s failed: %s",
+            slot.name,
+            exc,
+            extra=log_fields(model=slot.name, deployment_id=slot.deployment_id, phase=Phase.FAILED),
+        )
         slot.error = _error(exc)
         slot.transfer = None
         # A transfer that timed out or found no server, or a full disk, may work later.
@@ -758,6 +875,21 @@ class DeviceAgent:
         if slot.phase == phase and not force:
             return
         slot.phase = phase
+        target = slot.target.descriptor if slot.target is not None else None
+        shown = target or slot.installed
+        log.log(
+            logging.WARNING if phase in (Phase.FAILED, Phase.ROLLED_BACK) else logging.INFO,
+            "%s: %s",
+            slot.name,
+            phase.value,
+            extra=log_fields(
+                model=slot.name,
+                version=shown.version if shown is not None else None,
+                deployment_id=slot.deployment_id,
+                bundle_id=shown.bundle_sha256 if shown is not None else None,
+                phase=phase,
+            ),
+        )
         self._out.reported_dirty = True
         self._out.last_reported = float("-inf")  # phase changes go out at once
         self._event("phase", model=slot.name, phase=phase, error=slot.error)

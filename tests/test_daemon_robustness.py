@@ -130,7 +130,7 @@ def test_a_model_named_like_a_json_file_survives_a_restart(
         assert (state / "models" / "x.json").is_dir(), "the unpacked bundle's directory"
         restarted = datetime.now(timezone.utc)
         with agent(config) as dev:
-            assert dev.slots["x.json"].phase == Phase.ACTIVE
+            assert "x.json" in dev.slots, "the record was read back"
             reported = fleet.wait(
                 DEVICE,
                 lambda r: r.at >= restarted and _active("x.json")(r),

@@ -372,6 +372,11 @@ class Session:
         if self.connected.is_set():
             self._client.unsubscribe(topic)
 
+    @property
+    def alive(self) -> bool:
+        """The network thread runs (connected or reconnecting)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def pending(self) -> int:
         """Outgoing messages paho holds (queued or in flight)."""
         return len(self._client._out_messages)

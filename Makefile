@@ -61,6 +61,7 @@ bench: venv
 	$(PY) bench/transfer.py
 	$(PY) bench/serve.py
 	$(PY) bench/swap.py
+	$(PY) bench/footprint.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build demo-out

@@ -1001,6 +1001,41 @@ def _agent_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_socket(args: argparse.Namespace) -> Path:
+    """--socket, else the config's status_socket (--config, else the default file if there is
+    one; a default file that cannot be read falls back), else the default socket."""
+    from agent.config import DEFAULT_CONFIG, load_config
+    from agent.statusd import DEFAULT_SOCKET
+
+    if args.socket is not None:
+        return Path(args.socket)
+    file: Path | None = args.config
+    if file is None and not DEFAULT_CONFIG.is_file():
+        return DEFAULT_SOCKET
+    try:
+        config = load_config(file or DEFAULT_CONFIG)
+    except ConfigError:
+        if file is not None:
+            raise
+        return DEFAULT_SOCKET
+    if config.status_socket is None:
+        raise ConfigError(f'{file or DEFAULT_CONFIG}: status_socket is off ("")')
+    return config.status_socket
+
+
+def _agent_status(args: argparse.Namespace) -> int:
+    from agent.statusd import NotRunningError, query, render
+
+    path = _status_socket(args)
+    try:
+        doc = query(path, timeout=args.timeout)
+    except NotRunningError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    return 0
+
+
 def agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge Model Agent on the box.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -1039,6 +1074,18 @@ def agent_parser() -> argparse.ArgumentParser:
     c.add_argument("file", type=Path, metavar="FILE", help="agent.toml")
     c.add_argument("--json", action="store_true")
     c.set_defaults(handler=_agent_check_config)
+    st = top.add_parser("status", help="ask the running agent how it stands (its status socket)")
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, metavar="PATH", help="the agent's status socket")
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="take status_socket from this agent.toml (default /etc/edge-agent/agent.toml)",
+    )
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    st.set_defaults(handler=_agent_status)
     return p
 
 

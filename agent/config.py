@@ -15,17 +15,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.bundle.limits import BundleLimits
 from agent.errors import ConfigError
 from agent.runtime.hardware import RuntimeConfig
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
+from agent.statusd import DEFAULT_SOCKET
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
 from agent.transport.transfer import TransferSettings
 from agent.trust.metadata import TargetId
+from agent.upstream import TelemetrySettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,8 +60,25 @@ class AgentConfig(BaseModel):
     limits: BundleLimits = BundleLimits()
     runtime: RuntimeConfig = RuntimeConfig()
     serving: SlotSettings = SlotSettings()
-    api: ApiSettings = ApiSettings()  # port and unix_socket both unset: no local API
+    api: ApiSettings = ApiSettings()
+    telemetry: TelemetrySettings = (
+        TelemetrySettings()
+    )  # port and unix_socket both unset: no local API
     report_interval_s: Annotated[float, Field(gt=0)] = 1.0  # least time between progress reports
+    status_socket: Path | None = DEFAULT_SOCKET  # `edge-agent status` asks here; None: no socket
+
+    @field_validator("status_socket", mode="before")
+    @classmethod
+    def _status_off(cls, value: object) -> object:
+        """TOML has no null: ``""`` (or ``false``) turns the status socket off."""
+        return None if value is False or value == "" else value
+
+    @field_validator("status_socket")
+    @classmethod
+    def _status_absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
 
     @property
     def topics(self) -> Topics:

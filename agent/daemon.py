@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from agent import __version__
 from agent.bundle.blocks import BlockSource
@@ -60,6 +60,7 @@ from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
 from agent.serving.slots import Candidate, SlotManager
 from agent.state.store import InstalledModel, StateStore
+from agent.statusd import StatusServer
 from agent.transport.messages import (
     MAX_MESSAGE_BYTES,
     ErrorInfo,
@@ -76,6 +77,7 @@ from agent.transport.session import Connection, InboxItem, Incoming, Session, Wi
 from agent.transport.transfer import Transfer
 from agent.trust.metadata import MAX_METADATA_BYTES, DeploymentTarget
 from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment, VerifiedDescriptor
+from agent.upstream import Upstream
 
 log = logging.getLogger("agent")
 
@@ -186,7 +188,7 @@ class DeviceAgent:
         self.slots: dict[str, Slot] = {}
         self.deployment: VerifiedDeployment | None = None
         self.doc_error: ErrorInfo | None = None
-        self.profile = hardware.probe()
+        self.profile = hardware.probe_isolated()
         self.hardware = reported_hardware(self.profile)
         self.inbox: queue.SimpleQueue[InboxItem | SlotEvent] = queue.SimpleQueue()
         self.metrics = ApiMetrics()
@@ -209,6 +211,16 @@ class DeviceAgent:
             online_payload=Online(
                 state="online", agent_version=__version__, since=self._now().replace(microsecond=0)
             ).to_bytes(),
+        )
+        # Events and telemetry go through a queue on disk: nothing recorded offline is lost.
+        self.upstream = Upstream(
+            config.telemetry,
+            state_dir=self.store.root,
+            device_id=config.device_id,
+            telemetry_topic=self.me.telemetry,
+            session=self.session,
+            metrics=self.metrics,
+            clock=self._now,
         )
         self._restore()
 
@@ -267,6 +279,71 @@ class DeviceAgent:
             self.doc_error = _error(exc)
             app.close()
 
+    # -- edge-agent status ---------------------------------------------------------------------
+    _run_since: float | None = None  # monotonic time run() began
+
+    def _start_status(self) -> StatusServer | None:
+        """The status socket (agent.statusd); the agent goes on without it if it cannot listen."""
+        self._run_since = self._mono()
+        path = self.config.status_socket
+        if path is None:
+            return None
+        server = StatusServer(path, self.status_snapshot())
+        try:
+            server.start()
+        except EdgeAgentError as exc:
+            log.error("the status socket cannot listen: %s", exc)
+            return None
+        return server
+
+    def _publish_status(self, server: StatusServer, ready: bool) -> None:
+        server.update(self.status_snapshot(ready=ready))
+
+    def status_snapshot(self, *, ready: bool = False) -> dict[str, Any]:
+        """What ``edge-agent status`` shows (JSON-able; built on the loop's thread)."""
+        doc = self.deployment
+        source = next((s for s, d in self.documents.items() if d is doc), None)
+        mqtt = self.config.mqtt
+        models: dict[str, Any] = {}
+        for name in sorted(self.slots):
+            slot = self.slots[name]
+            models[name] = slot.status().model_dump(mode="json")
+            models[name]["deployment_id"] = slot.deployment_id
+        api: list[str] = []
+        if self.api is not None and self.api.tcp_address is not None:
+            host, port = self.api.tcp_address
+            api.append(f"http://{host}:{port}")
+        if self.api is not None and self.api.unix_socket is not None:
+            api.append(f"unix:{self.api.unix_socket}")
+        since = self._run_since
+        return {
+            "device_id": self.config.device_id,
+            "agent_version": __version__,
+            "at": self._now().isoformat(),
+            "uptime_s": round(self._mono() - since, 3) if since is not None else 0.0,
+            "ready": ready,
+            "summary": self.status_line(),
+            "broker": {
+                "host": mqtt.host,
+                "port": mqtt.port,
+                "tls": mqtt.tls,
+                "connected": self.session.connected.is_set(),
+                "connects": self.session.connects,
+            },
+            "deployment": (
+                {
+                    "id": doc.document.deployment_id,
+                    "sequence": doc.document.sequence,
+                    "source": source,
+                }
+                if doc is not None
+                else None
+            ),
+            "error": self.doc_error.model_dump(mode="json") if self.doc_error else None,
+            "models": models,
+            "api": api,
+        }
+
     def run(self, stop: threading.Event, notifier: Notifier | None = None) -> None:
         """Serve until ``stop`` is set, telling systemd how it stands (``notifier``; by default
         from ``$NOTIFY_SOCKET``): READY=1 once every model restored at start is active or
@@ -274,7 +351,9 @@ class DeviceAgent:
         notify = notifier if notifier is not None else Notifier()
         notify.status("starting")
         self._start_api()
+        status = self._start_status()
         self.session.start()
+        self.upstream.start()
         ready = False
         try:
             while not stop.is_set():
@@ -298,14 +377,19 @@ class DeviceAgent:
                     log.info("ready: %s", self.status_line())
                     notify.ready()
                 notify.status(self.status_line())
+                if status is not None:
+                    self._guarded(self._publish_status, status, ready)
                 self._ping(notify)
         finally:
+            if status is not None:
+                status.stop()
             notify.stopping()
             notify.status("stopping: draining")
             log.info("stopping")
             for slot in self.slots.values():
                 if slot.transfer is not None and not slot.transfer.finished:
                     slot.transfer.pause()
+            self.upstream.stop()  # what it could not send stays queued on disk for next time
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
@@ -479,6 +563,8 @@ class DeviceAgent:
             self._on_slot_event(item)
             return
         if isinstance(item, Connection):
+            if item.up:
+                self.upstream.connected()
             now = self._mono()
             for slot in self.slots.values():
                 if slot.transfer is None:
@@ -915,7 +1001,7 @@ class DeviceAgent:
             error=error,
         )
         self._out.event_seq += 1
-        self.session.publish(self.me.events, event.to_bytes())
+        self.upstream.put(self.me.events, event.to_bytes())
 
     def reported(self) -> Reported:
         doc = self.deployment

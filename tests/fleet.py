@@ -82,8 +82,9 @@ def agent_config(
         transfer=transfer
         or TransferSettings(window=8, request_timeout_s=2.0, stall_timeout_s=30.0),
         report_interval_s=0.1,
-        serving=SlotSettings(probation_s=0.2, probation_min_requests=1),
+        serving=SlotSettings(probation_s=0.2, probation_min_requests=1, max_p99_ratio=None),
         api=ApiSettings(port=None, unix_socket=None),
+        status_socket=None,
     )
 
 
@@ -280,6 +281,7 @@ def write_agent_toml(config: AgentConfig, path: Path) -> Path:
         f"groups = [{', '.join(q(g) for g in config.groups)}]",
         f"state_dir = {q(config.state_dir)}",
         f"report_interval_s = {config.report_interval_s}",
+        f"status_socket = {q(config.status_socket or '')}",
         "[mqtt]",
         f"host = {q(m.host)}",
         f"port = {m.port}",
@@ -303,6 +305,7 @@ def write_agent_toml(config: AgentConfig, path: Path) -> Path:
         "[serving]",
         f"probation_s = {config.serving.probation_s}",
         f"probation_min_requests = {config.serving.probation_min_requests}",
+        "max_p99_ratio = false" if config.serving.max_p99_ratio is None else "",
         "[api]",
     ]
     api = config.api

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -621,3 +622,20 @@ def test_probe_module_reads_no_real_file_with_a_fake_root(tmp_path: Path) -> Non
     )
     assert profile.jetson is None
     assert hardware.FORMAT_BACKENDS["tflite"] == "litert"
+
+
+def test_the_isolated_probe_leaves_the_runtimes_out_of_the_caller() -> None:
+    """The daemon probes in a child: the same profile, and OpenVINO and ONNX Runtime are not
+    loaded into the caller by it."""
+    code = (
+        "import sys, json; from agent.runtime.hardware import probe_isolated;"
+        "p = probe_isolated();"
+        "print(json.dumps([p.architecture, p.cpu_cores, 'openvino' in sys.modules,"
+        " 'onnxruntime' in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    arch, cores, openvino_loaded, ort_loaded = json.loads(done.stdout.splitlines()[-1])
+    here = probe()
+    assert (arch, cores) == (here.architecture, here.cpu_cores)
+    assert not openvino_loaded
+    assert not ort_loaded

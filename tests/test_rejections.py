@@ -680,6 +680,10 @@ def test_new_version_still_arrives_over_the_blocks_topic(world: World) -> None:
     assert reported.error is None
     assert reported.sequence == sequence
     assert reported.models["tiny"].bundle_sha256 == _payload(w.upgrade)["bundle_sha256"]
+    # Events come through the device's store-and-forward queue, the report does not.
+    w.fleet.wait_event(
+        lambda e: e.kind == "phase" and e.phase == Phase.ACTIVE and e.at >= t1, what="active"
+    )
     events = w.events_since(t0)
     refused = {(e.topic, _code(e.error)) for e in events if e.kind == "rejected"}
     assert refused == {(TOPIC["blocks"], "format")}

@@ -119,12 +119,24 @@ def test_deployed_model_answers_on_the_local_api_and_swaps_without_a_failed_requ
         assert failures == []
         assert {"1.0.0", "2.0.0"} <= set(seen)
         assert _infer(client, x)[0] == "2.0.0"
+
+        # Events travel through the device's store-and-forward queue: wait for the second
+        # `active`, then read the swap's phases between the last `pending` and it.
+        def actives() -> int:
+            return sum(1 for e in fleet.events if e.model == "tiny" and e.phase == Phase.ACTIVE)
+
+        fleet.wait_event(lambda e: actives() >= 2, what="the second active")
         phases = [e.phase for e in fleet.events if e.kind == "phase" and e.model == "tiny"]
-        assert [p for p in phases[-5:-1] if p is not None] == [
+        last_pending = len(phases) - 1 - phases[::-1].index(Phase.PENDING)
+        assert phases[last_pending:] == [
+            Phase.PENDING,
+            Phase.DOWNLOADING,
+            Phase.VERIFYING,
             Phase.LOADING,
             Phase.WARMING,
             Phase.SELF_TESTING,
             Phase.PROBATION,
+            Phase.ACTIVE,
         ]
 
     # Restarted, the agent serves the committed version before any message arrives.

@@ -33,9 +33,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import platform
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +462,26 @@ def probe(probes: Probes | None = None) -> HardwareProfile:
         onnxruntime_providers=probes.onnxruntime(),
         notes=notes,
     )
+
+
+def probe_isolated(timeout: float = 120.0) -> HardwareProfile:
+    """:func:`probe` in a child process, for the daemon.
+
+    Probing imports OpenVINO (its device list) and ONNX Runtime (its providers); in the daemon
+    they would stay mapped for good, some 45 MiB, before any model needs them. The child's
+    answer is the same profile; if the child fails, the probe runs here after all.
+    """
+    code = "from agent.runtime.hardware import probe; print(probe().model_dump_json())"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, timeout=timeout, check=True
+        )
+        return HardwareProfile.model_validate_json(done.stdout.splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        logging.getLogger("agent.runtime").warning(
+            "probing in a child failed (%s); probing here", exc
+        )
+        return probe()
 
 
 def refresh_memory(profile: HardwareProfile, probes: Probes | None = None) -> HardwareProfile:

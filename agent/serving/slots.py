@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent.bundle.manifest import Manifest, TensorSpec, Variant
 from agent.errors import BadContentError, EdgeAgentError, FormatError, ToolError
@@ -40,6 +40,9 @@ from agent.runtime.base import BackendSettings, LoadedModel, get_backend
 from agent.transport.messages import Phase
 
 log = logging.getLogger("agent.serving")
+
+# Requests on each side before p99s are compared: fewer, and one slow request is the p99.
+LATENCY_SAMPLES = 200
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "litert": "litert"}
 
@@ -69,6 +72,12 @@ class SlotSettings(BaseModel):
     max_p99_ms: Annotated[float, Field(gt=0)] | None = None  # an absolute bound, if any
     # The new version's p99 against the one it replaced (when that one served enough requests).
     max_p99_ratio: Annotated[float, Field(gt=1)] | None = 3.0
+
+    @field_validator("max_p99_ms", "max_p99_ratio", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """TOML has no null: ``false`` turns a latency check off."""
+        return None if value is False else value
 
 
 @dataclass(frozen=True)
@@ -313,11 +322,7 @@ class SlotManager:
         baseline = replaced.stats.snapshot() if replaced is not None else None
         self._swap(slot, version)
         self._phase(candidate.name, Phase.PROBATION)
-        steady = (
-            baseline[2]
-            if baseline is not None and baseline[0] >= self.settings.probation_min_requests
-            else None
-        )
+        steady = baseline[2] if baseline is not None and baseline[0] >= LATENCY_SAMPLES else None
         problem = self._probation(version, steady)
         if problem is None:
             slot.last_good = candidate
@@ -429,7 +434,7 @@ class SlotManager:
             s.max_p99_ratio is not None
             and steady_p99
             and p99 is not None
-            and enough
+            and requests >= LATENCY_SAMPLES
             and final
             and p99 > s.max_p99_ratio * steady_p99
         ):

@@ -343,6 +343,12 @@ class Session:
         self._thread.join(timeout + self.settings.connect_timeout_s)
         self._client.disconnect()
         self._client.loop(timeout=0.1)  # flush the DISCONNECT
+        # If the DISCONNECT could not be written (the connection was already failing), paho
+        # keeps its socket open: close it here rather than leave the descriptor behind.
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
         self.connected.clear()
         self._thread = None
 

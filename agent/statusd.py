@@ -20,20 +20,19 @@ import json
 import logging
 import os
 import socket
-import stat
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from agent._strictjson import loads
-from agent.errors import ConfigError, EdgeAgentError, StorageError
+from agent._unixsock import bind_unix
+from agent.errors import EdgeAgentError, StorageError
 
 log = logging.getLogger("agent.status")
 
 DEFAULT_SOCKET = Path("/run/edge-agent/status.sock")
 MAX_STATUS_BYTES = 1 << 20  # a snapshot is a few KiB; a client reads at most this much
-_UNIX_PATH_MAX = 107  # sun_path less its terminating NUL (Linux)
 
 
 class NotRunningError(StorageError):
@@ -83,7 +82,7 @@ class StatusServer:
 
     def start(self) -> None:
         """Listen on the socket; StorageError or ConfigError if that cannot be done."""
-        self._sock = _bind_unix(self.path, self.mode)
+        self._sock = bind_unix(self.path, self.mode, "status_socket")
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         self._sock.listen(16)
@@ -194,54 +193,6 @@ def query(path: Path, timeout: float = 5.0) -> dict[str, Any]:
 
 def _encode(snapshot: Mapping[str, Any]) -> bytes:
     return json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-
-
-def _bind_unix(path: Path, mode: int) -> socket.socket:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    if len(os.fsencode(tmp)) > _UNIX_PATH_MAX:
-        raise ConfigError(f"status_socket {path} is too long for a Unix socket path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fsencode(tmp))
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-    except OSError as exc:
-        raise StorageError(
-            f"cannot create the status socket {path}: {exc.strerror or exc}"
-        ) from None
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove a socket nobody answers on any more; refuse anything else at ``path``."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"status_socket {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fsencode(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # left behind by an agent that did not stop cleanly
-        return
-    except OSError as exc:
-        raise StorageError(f"cannot check the status socket {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"another process answers on {path}: is the agent already running?")
 
 
 def _duration(seconds: float) -> str:

@@ -263,7 +263,7 @@ def test_unix_socket_stale_replaced_live_refused(tmp_path: Path, tiny: Path) -> 
         assert api.request("GET", "/v2/health/ready", unix=True).status == 200
 
         second = ApiServer(InferenceApi(StaticSource()), ApiSettings(port=None, unix_socket=path))
-        with pytest.raises(ConfigError, match="another process listens"):
+        with pytest.raises(ConfigError, match="another process answers"):
             second.start()
         assert api.server.tcp_address is not None
         busy_port = ApiSettings(port=api.server.tcp_address[1], unix_socket=None)

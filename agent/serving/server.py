@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import socket
-import stat
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,14 +36,13 @@ from typing import Any
 
 import uvicorn
 
-from agent.errors import ConfigError, EdgeAgentError, StorageError
+from agent._unixsock import bind_unix
+from agent.errors import ConfigError, EdgeAgentError
 from agent.serving.api import ApiSettings, Receive, Scope, Send
 
 log = logging.getLogger("agent.serving.api")
 
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
 
 
 class _Server(uvicorn.Server):
@@ -91,7 +89,9 @@ class ApiServer:
                 self._sockets.append(tcp)
                 self.tcp_address = (s.host, tcp.getsockname()[1])
             if s.unix_socket is not None:
-                self._sockets.append(_bind_unix(s.unix_socket, s.unix_socket_mode))
+                self._sockets.append(
+                    bind_unix(s.unix_socket, s.unix_socket_mode, "api.unix_socket")
+                )
                 st = os.stat(s.unix_socket)
                 self._unix_inode = (st.st_dev, st.st_ino)
                 self.unix_socket = s.unix_socket
@@ -226,49 +226,3 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
             "the inference API listens on %s: reachable from the network, not only this box", host
         )
     return sock
-
-
-def _bind_unix(path: Path, mode: int) -> socket.socket:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    if len(os.fsencode(tmp)) > _UNIX_PATH_MAX:
-        raise ConfigError(f"api.unix_socket {path} is too long for a Unix socket path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(path)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(os.fsencode(tmp))
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            sock.close()
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-    except OSError as exc:
-        raise StorageError(f"cannot create the API socket {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove a socket nobody listens on any more; refuse anything else at ``path``."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"api.unix_socket {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fsencode(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)  # left behind by an agent that did not stop cleanly
-        return
-    except OSError as exc:
-        raise StorageError(f"cannot check the API socket {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"another process listens on {path}")

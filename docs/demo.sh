@@ -124,6 +124,7 @@ cat > "$OUT/agent.toml" <<TOML
 device_id = "cam-01"
 groups = ["lobby"]
 state_dir = "$PWD/$OUT/cam-01"
+status_socket = "$PWD/$OUT/status.sock"
 [mqtt]
 host = "127.0.0.1"
 port = $PORT
@@ -145,6 +146,9 @@ cat "$OUT/agent.toml"
 step "Deploy classifier 1.1.0 to cam-01 and follow it (the device pulls the bundle in blocks)"
 show $FLEET deploy "$OUT/classifier-1.1.0.emb" --device cam-01 --key "$NEW_KEY" --bundles "$OUT/served" --wait 120
 show $FLEET status
+
+step "The technician on the box asks the agent"
+show .venv/bin/edge-agent status --socket "$OUT/status.sock"
 
 step "An application on the box asks the model (KServe v2 over loopback HTTP)"
 show curl -s "http://127.0.0.1:$API_PORT/v2/models/classifier"

@@ -44,6 +44,16 @@ def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         raise
 
 
+def read_if_exists(path: Path) -> bytes | None:
+    """The file's bytes, or None if there is no such file; StorageError if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     with atomic_writer(path, mode) as f:
         f.write(data)

@@ -30,7 +30,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent._fsutil import atomic_write_bytes, fsync_dir
+from agent._fsutil import atomic_write_bytes, fsync_dir, read_if_exists
 from agent._strictjson import dump_model, parse_model
 from agent.bundle.blocks import LocalBlock, blocks_of
 from agent.errors import BadContentError, StorageError
@@ -91,7 +91,7 @@ class StateStore:
         logged and skipped; the floors still hold, so an older keyring cannot come back.
         """
         state = TrustedState.from_root(shipped_root)
-        stored = self._read(self.root / "trust" / "root.json")
+        stored = read_if_exists(self.root / "trust" / "root.json")
         if stored is not None:
             try:
                 candidate = TrustedState.from_root(stored)
@@ -122,15 +122,15 @@ class StateStore:
         )
 
     def stored_keyring(self) -> bytes | None:
-        return self._read(self.root / "trust" / "keyring.json")
+        return read_if_exists(self.root / "trust" / "keyring.json")
 
     def save_trust(self, state: TrustedState, points: dict[str, SequencePoint]) -> None:
         trust = self.root / "trust"
-        if self._read(trust / "root.json") != state.root_bytes:
+        if read_if_exists(trust / "root.json") != state.root_bytes:
             atomic_write_bytes(trust / "root.json", state.root_bytes)
         if (
             state.keyring_bytes is not None
-            and self._read(trust / "keyring.json") != state.keyring_bytes
+            and read_if_exists(trust / "keyring.json") != state.keyring_bytes
         ):
             atomic_write_bytes(trust / "keyring.json", state.keyring_bytes)
         floors = Floors(
@@ -144,7 +144,7 @@ class StateStore:
         atomic_write_bytes(trust / "floors.json", dump_model(floors))
 
     def load_floors(self) -> Floors:
-        data = self._read(self.root / "trust" / "floors.json")
+        data = read_if_exists(self.root / "trust" / "floors.json")
         if data is None:
             return Floors()
         try:
@@ -169,7 +169,7 @@ class StateStore:
         for path in sorted((self.root / "desired").glob("*.dsse")):
             if not re.fullmatch(_SOURCE, path.stem) or not path.is_file():
                 continue  # not a file this store wrote
-            data = self._read(path)
+            data = read_if_exists(path)
             if data is not None:
                 found[path.stem] = data
         return found
@@ -197,7 +197,7 @@ class StateStore:
         found: dict[bytes, LocalBlock] = {}
         for blocks in (self.root / "bundles").glob("*.blocks"):
             bundle = blocks.with_suffix(".emb")
-            data = self._read(blocks)
+            data = read_if_exists(blocks)
             try:
                 size = bundle.stat().st_size
             except OSError:
@@ -263,12 +263,3 @@ class StateStore:
             if download.name not in keep:
                 shutil.rmtree(download, ignore_errors=True)
         return removed
-
-    @staticmethod
-    def _read(path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}") from None

@@ -33,13 +33,13 @@ import logging
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent._fsutil import atomic_write_bytes, fsync_dir
+from agent._fsutil import atomic_write_bytes, fsync_dir, read_if_exists
 from agent.bundle.blocks import BlockSource
 from agent.errors import (
     BundleUnavailableError,
@@ -173,12 +173,9 @@ class Transfer:
         self._pump(now)
 
     def _load_block_list(self) -> None:
-        try:
-            data = self.block_list_path.read_bytes()
-        except FileNotFoundError:
+        data = read_if_exists(self.block_list_path)
+        if data is None:
             return
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.block_list_path}: {exc.strerror}") from None
         if hashlib.sha256(data).hexdigest() == self.descriptor.block_list_sha256:
             self._block_list = data
             self.state = "blocks"
@@ -213,12 +210,9 @@ class Transfer:
 
     def _load_bitmap(self) -> None:
         """Take the bitmap an earlier run left, counting only blocks that still check out."""
-        try:
-            data = self.bitmap_path.read_bytes()
-        except FileNotFoundError:
+        data = read_if_exists(self.bitmap_path)
+        if data is None:
             return
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.bitmap_path}: {exc.strerror}") from None
         if len(data) != len(self._have):
             if data:
                 log.warning("ignoring a bitmap of the wrong length in %s", self.dir)
@@ -537,8 +531,3 @@ class Transfer:
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.dir.parent.exists():
             fsync_dir(self.dir.parent)
-
-
-def pending_indexes(transfer: Transfer) -> Iterable[int]:
-    """Indexes asked for and not yet received (for tests and status)."""
-    return list(transfer._outstanding)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from agent.fleet.deploy import make_deployment
 from agent.fleet.server import BlockServer, serve
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
-from agent.transport.messages import Event, Reported
+from agent.transport.messages import Event, Phase, Reported
 from agent.transport.session import InboxItem, Incoming, MqttSettings, Session
 from agent.transport.topics import Topics
 from agent.transport.transfer import TransferSettings
@@ -337,3 +338,41 @@ def agent_process(config_file: Path, log: Path) -> Iterator[subprocess.Popen[byt
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
+
+
+# -- what the tests wait for ----------------------------------------------------------------------
+def active(model: str, version: str) -> Callable[[Reported], bool]:
+    """``model`` runs ``version`` and its deployment is done."""
+
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return m is not None and m.phase == Phase.ACTIVE and m.version == version
+
+    return check
+
+
+def failed(model: str, code: str | None = None) -> Callable[[Reported], bool]:
+    """``model``'s deployment failed (with the reason ``code``, when given)."""
+
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        if m is None or m.phase != Phase.FAILED:
+            return False
+        return code is None or (m.error is not None and m.error.code == code)
+
+    return check
+
+
+def downloading_past(model: str, percent: float) -> Callable[[Reported], bool]:
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return m is not None and m.progress is not None and m.progress >= percent
+
+    return check
+
+
+def serve_copy(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:
+    """Put a signed bundle in a bundle server's directory; return its descriptor envelope."""
+    path, envelope = signed_bundle
+    shutil.copyfile(path, bundles / path.name)
+    return envelope

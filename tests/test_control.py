@@ -7,21 +7,22 @@ otherwise; devices cam-01 and cam-02 in group "lobby", the fleet identity "fleet
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.transport.messages import Phase, Reported
+from agent.transport.messages import Phase
 from tests.broker import Broker, make_certs, tls_broker
 from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
+    active,
     agent,
     agent_config,
     bundle_server,
     deployment,
+    serve_copy,
     watcher,
 )
 
@@ -44,31 +45,17 @@ def bundles(tmp_path: Path) -> Path:
     return d
 
 
-def _serve(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:
-    path, envelope = signed_bundle
-    shutil.copyfile(path, bundles / path.name)
-    return envelope
-
-
-def _active(model: str, version: str):  # type: ignore[no-untyped-def]
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.phase == Phase.ACTIVE and m.version == version
-
-    return check
-
-
 def test_device_converges_on_its_desired_document(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    envelope = _serve(signed("1.0.0", block_size=4096), bundles)
+    envelope = serve_copy(signed("1.0.0", block_size=4096), bundles)
     config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
     with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config):
         fleet.publish(
             TOPICS.device("cam-01").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
-        reported = fleet.wait("cam-01", _active("tiny", "1.0.0"), what="tiny 1.0.0 active")
+        reported = fleet.wait("cam-01", active("tiny", "1.0.0"), what="tiny 1.0.0 active")
         assert fleet.online("cam-01") is True
     assert reported.error is None
     phases = [e.phase for e in fleet.events if e.kind == "phase" and e.model == "tiny"]
@@ -84,8 +71,8 @@ def test_offline_device_converges_when_it_comes_back(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
     """Desired documents are retained: a device that was away picks up the latest on connect."""
-    env1 = _serve(signed("1.0.0", block_size=4096), bundles)
-    env2 = _serve(signed("1.1.0", block_size=4096), bundles)
+    env1 = serve_copy(signed("1.0.0", block_size=4096), bundles)
+    env2 = serve_copy(signed("1.1.0", block_size=4096), bundles)
     desired = TOPICS.device("cam-01").desired
     config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
     with watcher(broker) as fleet, bundle_server(broker, bundles):
@@ -93,29 +80,29 @@ def test_offline_device_converges_when_it_comes_back(
             desired, deployment({"tiny": env1}, keys.release, device="cam-01", sequence=1)
         )
         with agent(config):  # first boot: only the retained document tells it what to run
-            fleet.wait("cam-01", _active("tiny", "1.0.0"))
+            fleet.wait("cam-01", active("tiny", "1.0.0"))
         assert fleet.online("cam-01") is False, "a clean stop says offline"
         fleet.publish(
             desired, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=2)
         )
         with agent(config):
-            reported = fleet.wait("cam-01", _active("tiny", "1.1.0"))
+            reported = fleet.wait("cam-01", active("tiny", "1.1.0"))
     assert reported.sequence == 2
 
 
 def test_device_document_overrides_its_groups(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    env1 = _serve(signed("1.0.0", block_size=4096), bundles)
-    env2 = _serve(signed("2.0.0", block_size=4096), bundles)
-    env3 = _serve(signed("3.0.0", block_size=4096), bundles)
+    env1 = serve_copy(signed("1.0.0", block_size=4096), bundles)
+    env2 = serve_copy(signed("2.0.0", block_size=4096), bundles)
+    env3 = serve_copy(signed("3.0.0", block_size=4096), bundles)
     config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01", groups=("lobby",))
     group, device = TOPICS.group_desired("lobby"), TOPICS.device("cam-01").desired
     with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config):
         fleet.publish(group, deployment({"tiny": env1}, keys.release, group="lobby", sequence=1))
-        fleet.wait("cam-01", _active("tiny", "1.0.0"), what="the group's model")
+        fleet.wait("cam-01", active("tiny", "1.0.0"), what="the group's model")
         fleet.publish(device, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=2))
-        fleet.wait("cam-01", _active("tiny", "2.0.0"), what="the device's own model")
+        fleet.wait("cam-01", active("tiny", "2.0.0"), what="the device's own model")
         fleet.publish(group, deployment({"tiny": env3}, keys.release, group="lobby", sequence=3))
         # A control message after the group document: the device's own document still wins.
         fleet.publish(device, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=4))
@@ -127,9 +114,9 @@ def test_device_document_overrides_its_groups(
 def test_two_models_side_by_side_and_a_dropped_model_is_removed(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    detector = _serve(signed("1.0.0", name="detector", block_size=4096), bundles)
-    classifier = _serve(signed("1.0.0", name="classifier", block_size=4096), bundles)
-    classifier2 = _serve(signed("1.1.0", name="classifier", block_size=4096), bundles)
+    detector = serve_copy(signed("1.0.0", name="detector", block_size=4096), bundles)
+    classifier = serve_copy(signed("1.0.0", name="classifier", block_size=4096), bundles)
+    classifier2 = serve_copy(signed("1.1.0", name="classifier", block_size=4096), bundles)
     config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
     desired = TOPICS.device("cam-01").desired
     both = {"detector": detector, "classifier": classifier}
@@ -137,7 +124,7 @@ def test_two_models_side_by_side_and_a_dropped_model_is_removed(
         fleet.publish(desired, deployment(both, keys.release, device="cam-01", sequence=1))
         fleet.wait(
             "cam-01",
-            lambda r: _active("detector", "1.0.0")(r) and _active("classifier", "1.0.0")(r),
+            lambda r: active("detector", "1.0.0")(r) and active("classifier", "1.0.0")(r),
             what="both active",
         )
         fleet.publish(
@@ -146,7 +133,7 @@ def test_two_models_side_by_side_and_a_dropped_model_is_removed(
         )
         reported = fleet.wait(
             "cam-01",
-            lambda r: "detector" not in r.models and _active("classifier", "1.1.0")(r),
+            lambda r: "detector" not in r.models and active("classifier", "1.1.0")(r),
             what="detector dropped, classifier updated",
         )
     assert set(reported.models) == {"classifier"}
@@ -160,7 +147,7 @@ def test_mqtt_311_end_to_end(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
     """Device, bundle server and fleet all on MQTT 3.1.1 (no shared subscription)."""
-    envelope = _serve(signed("1.0.0", block_size=4096), bundles)
+    envelope = serve_copy(signed("1.0.0", block_size=4096), bundles)
     config = agent_config(tmp_path / "cam-02", keys.dir, broker, "cam-02", protocol="3.1.1")
     with (
         watcher(broker, protocol="3.1.1") as fleet,
@@ -172,7 +159,7 @@ def test_mqtt_311_end_to_end(
             TOPICS.device("cam-02").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-02"),
         )
-        fleet.wait("cam-02", _active("tiny", "1.0.0"))
+        fleet.wait("cam-02", active("tiny", "1.0.0"))
     assert served[0].stats.blocks > 0
     log = broker.log()
     assert "ema/v1/bundles/+/request/+" in log, "the server subscribed to the plain filter"

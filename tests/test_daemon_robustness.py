@@ -11,7 +11,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,11 +19,22 @@ import pytest
 
 from agent.bundle.limits import BundleLimits
 from agent.daemon import MAX_REPORTED_MODELS, DeviceAgent
-from agent.transport.messages import Event, Phase, Reported
+from agent.transport.messages import Event, Phase
 from agent.transport.transfer import TransferSettings
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
-from tests.fleet import TOPICS, agent, agent_config, bundle_server, deployment, watcher
+from tests.fleet import (
+    TOPICS,
+    active,
+    agent,
+    agent_config,
+    bundle_server,
+    deployment,
+    downloading_past,
+    failed,
+    serve_copy,
+    watcher,
+)
 from tests.models import make_onnx
 
 BLOCK = 4096
@@ -82,58 +93,23 @@ class Published:
         return [e.phase for e in self.events(model) if e.kind == "phase"]
 
 
-def _serve(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:
-    path, envelope = signed_bundle
-    shutil.copyfile(path, bundles / path.name)
-    return envelope
-
-
-def _active(model: str, version: str = "1.0.0") -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.phase == Phase.ACTIVE and m.version == version
-
-    return check
-
-
-def _failed(model: str, code: str) -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return (
-            m is not None
-            and m.phase == Phase.FAILED
-            and m.error is not None
-            and (m.error.code == code)
-        )
-
-    return check
-
-
-def _downloading_past(model: str, percent: float) -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.progress is not None and m.progress >= percent
-
-    return check
-
-
 def test_a_model_named_like_a_json_file_survives_a_restart(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    envelope = _serve(signed("1.0.0", name="x.json", block_size=BLOCK, samples="none"), bundles)
+    envelope = serve_copy(signed("1.0.0", name="x.json", block_size=BLOCK, samples="none"), bundles)
     state = tmp_path / DEVICE
     config = agent_config(state, keys.dir, broker, DEVICE)
     with watcher(broker) as fleet, bundle_server(broker, bundles):
         with agent(config):
             fleet.publish(DESIRED, deployment({"x.json": envelope}, keys.release, device=DEVICE))
-            fleet.wait(DEVICE, _active("x.json"), what="x.json active")
+            fleet.wait(DEVICE, active("x.json", "1.0.0"), what="x.json active")
         assert (state / "models" / "x.json").is_dir(), "the unpacked bundle's directory"
         restarted = datetime.now(timezone.utc)
         with agent(config) as dev:
             assert "x.json" in dev.slots, "the record was read back"
             reported = fleet.wait(
                 DEVICE,
-                lambda r: r.at >= restarted and _active("x.json")(r),
+                lambda r: r.at >= restarted and active("x.json", "1.0.0")(r),
                 what="x.json active after the restart",
             )
     assert reported.error is None
@@ -144,25 +120,25 @@ def test_a_report_holds_the_deployments_models_first_when_old_ones_linger(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
     """One model installed, then a document naming 16 others: 17 slots, a report holds 16."""
-    old = _serve(signed("1.0.0", name="a-old", block_size=BLOCK, samples="none"), bundles)
+    old = serve_copy(signed("1.0.0", name="a-old", block_size=BLOCK, samples="none"), bundles)
     names = [f"m{i:02d}" for i in range(MAX_REPORTED_MODELS)]
     unserved = names[-1]  # never served: its failure keeps the old model installed
     new = {}
     for name in names:
         built = signed("1.0.0", name=name, block_size=BLOCK, samples="none")
-        new[name] = built[1] if name == unserved else _serve(built, bundles)
+        new[name] = built[1] if name == unserved else serve_copy(built, bundles)
     state = tmp_path / DEVICE
     config = agent_config(state, keys.dir, broker, DEVICE, transfer=QUICK)
     with watcher(broker) as fleet, bundle_server(broker, bundles), agent(config) as dev:
         fleet.publish(DESIRED, deployment({"a-old": old}, keys.release, device=DEVICE, sequence=1))
-        fleet.wait(DEVICE, _active("a-old"), what="a-old active")
+        fleet.wait(DEVICE, active("a-old", "1.0.0"), what="a-old active")
         fleet.publish(DESIRED, deployment(new, keys.release, device=DEVICE, sequence=2))
         reported = fleet.wait(
             DEVICE,
             lambda r: (
                 r.sequence == 2
-                and all(_active(n)(r) for n in names[:-1])
-                and _failed(unserved, "bundle-unavailable")(r)
+                and all(active(n, "1.0.0")(r) for n in names[:-1])
+                and failed(unserved, "bundle-unavailable")(r)
             ),
             what="15 new models active and the unserved one failed",
         )
@@ -176,7 +152,7 @@ def test_a_report_holds_the_deployments_models_first_when_old_ones_linger(
 def test_a_broker_outage_longer_than_the_stall_timeout_does_not_fail_the_transfer(
     tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
 ) -> None:
-    envelope = _serve(
+    envelope = serve_copy(
         signed("1.0.0", models=[big_model], block_size=BLOCK, samples="none"), bundles
     )
     settings = TransferSettings(window=8, request_timeout_s=0.3, stall_timeout_s=1.5)
@@ -188,25 +164,25 @@ def test_a_broker_outage_longer_than_the_stall_timeout_does_not_fail_the_transfe
     ):
         published = Published(dev)
         fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
-        fleet.wait(DEVICE, _downloading_past("tiny", 20), what="a fifth downloaded")
+        fleet.wait(DEVICE, downloading_past("tiny", 20), what="a fifth downloaded")
         broker.stop()
         transfer = dev.slots["tiny"].transfer
         assert transfer is not None
         assert 0 < transfer.have_count < transfer.count, "cut mid-transfer"
         time.sleep(2 * settings.stall_timeout_s)  # the outage
         broker.start()
-        fleet.wait(DEVICE, _active("tiny"), what="tiny active after the outage")
+        fleet.wait(DEVICE, active("tiny", "1.0.0"), what="tiny active after the outage")
     assert Phase.FAILED not in published.phases("tiny")
 
 
 def test_a_model_dropped_while_it_downloads_is_never_installed(
     tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
 ) -> None:
-    slow = _serve(
+    slow = serve_copy(
         signed("1.0.0", name="aaa", models=[big_model], block_size=BLOCK, samples="none"),
         bundles,
     )
-    other = _serve(signed("1.0.0", name="bbb", block_size=BLOCK, samples="none"), bundles)
+    other = serve_copy(signed("1.0.0", name="bbb", block_size=BLOCK, samples="none"), bundles)
     state = tmp_path / DEVICE
     config = agent_config(state, keys.dir, broker, DEVICE)
     with (
@@ -216,11 +192,11 @@ def test_a_model_dropped_while_it_downloads_is_never_installed(
     ):
         published = Published(dev)
         fleet.publish(DESIRED, deployment({"aaa": slow}, keys.release, device=DEVICE, sequence=1))
-        fleet.wait(DEVICE, _downloading_past("aaa", 5), what="aaa downloading")
+        fleet.wait(DEVICE, downloading_past("aaa", 5), what="aaa downloading")
         fleet.publish(DESIRED, deployment({"bbb": other}, keys.release, device=DEVICE, sequence=2))
         reported = fleet.wait(
             DEVICE,
-            lambda r: r.sequence == 2 and _active("bbb")(r) and "aaa" not in r.models,
+            lambda r: r.sequence == 2 and active("bbb", "1.0.0")(r) and "aaa" not in r.models,
             what="bbb active, aaa gone",
         )
         assert "aaa" not in dev.slots
@@ -236,7 +212,7 @@ def test_a_model_dropped_while_it_downloads_is_never_installed(
 def test_a_storage_failure_is_reported_and_the_agent_goes_on(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    envelope = _serve(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    envelope = serve_copy(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
     state = tmp_path / DEVICE
     config = agent_config(state, keys.dir, broker, DEVICE)
     desired = state / "desired"
@@ -261,7 +237,7 @@ def test_a_storage_failure_is_reported_and_the_agent_goes_on(
         )
         reported = fleet.wait(
             DEVICE,
-            lambda r: r.sequence == 2 and _active("tiny")(r),
+            lambda r: r.sequence == 2 and active("tiny", "1.0.0")(r),
             what="the next document taken",
         )
         assert fleet.online(DEVICE) is True
@@ -281,7 +257,7 @@ def test_a_bundle_above_the_size_limit_fails_before_any_request(
     with watcher(broker) as fleet, bundle_server(broker, bundles) as served, agent(config) as dev:
         published = Published(dev)
         fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
-        reported = fleet.wait(DEVICE, _failed("tiny", "size-limit"), what="size-limit")
+        reported = fleet.wait(DEVICE, failed("tiny", "size-limit"), what="size-limit")
         assert dev.slots["tiny"].transfer is None
     error = reported.models["tiny"].error
     assert error is not None
@@ -294,18 +270,18 @@ def test_a_bundle_above_the_size_limit_fails_before_any_request(
 def test_a_transfer_that_timed_out_is_tried_again_without_a_new_document(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    envelope = _serve(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    envelope = serve_copy(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
     settings = QUICK.model_copy(update={"retry_after_s": 1.0})
     config = agent_config(tmp_path / DEVICE, keys.dir, broker, DEVICE, transfer=settings)
     with watcher(broker) as fleet, agent(config) as dev:
         published = Published(dev)
         fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
-        failed = fleet.wait(
-            DEVICE, _failed("tiny", "transfer-timeout"), what="no server: timed out"
+        timed_out = fleet.wait(
+            DEVICE, failed("tiny", "transfer-timeout"), what="no server: timed out"
         )
         with bundle_server(broker, bundles):
-            reported = fleet.wait(DEVICE, _active("tiny"), what="tiny active on a retry")
-    assert reported.sequence == failed.sequence, "no new document was needed"
+            reported = fleet.wait(DEVICE, active("tiny", "1.0.0"), what="tiny active on a retry")
+    assert reported.sequence == timed_out.sequence, "no new document was needed"
     phases = published.phases("tiny")
     assert phases.index(Phase.FAILED) < phases.index(Phase.ACTIVE)
 
@@ -313,21 +289,21 @@ def test_a_transfer_that_timed_out_is_tried_again_without_a_new_document(
 def test_a_failed_deployment_is_tried_again_when_a_new_document_names_it(
     tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
 ) -> None:
-    envelope = _serve(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    envelope = serve_copy(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
     config = agent_config(tmp_path / DEVICE, keys.dir, broker, DEVICE, transfer=QUICK)
     assert QUICK.retry_after_s >= 60, "no retry by the clock within the test"
     with watcher(broker) as fleet, agent(config):
         fleet.publish(
             DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE, sequence=1)
         )
-        fleet.wait(DEVICE, _failed("tiny", "transfer-timeout"), what="no server: timed out")
+        fleet.wait(DEVICE, failed("tiny", "transfer-timeout"), what="no server: timed out")
         with bundle_server(broker, bundles):
             fleet.publish(
                 DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE, sequence=2)
             )
             reported = fleet.wait(
                 DEVICE,
-                lambda r: r.sequence == 2 and _active("tiny")(r),
+                lambda r: r.sequence == 2 and active("tiny", "1.0.0")(r),
                 what="tiny active after the new document",
             )
     assert reported.models["tiny"].error is None

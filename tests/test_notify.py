@@ -19,12 +19,13 @@ import pytest
 
 from agent.daemon import DeviceAgent, SlotEvent
 from agent.notify import Notifier, watchdog_interval
-from agent.transport.messages import Phase, Reported
+from agent.transport.messages import Phase
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
     WAIT,
+    active,
     agent_config,
     agent_process,
     bundle_server,
@@ -170,14 +171,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
 
 
-def _active(model: str, version: str) -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.phase == Phase.ACTIVE and m.version == version
-
-    return check
-
-
 def test_daemon_process_ready_after_restore_watchdog_and_stopping(
     tmp_path: Path,
     broker: Broker,
@@ -199,7 +192,7 @@ def test_daemon_process_ready_after_restore_watchdog_and_stopping(
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
         with agent_process(toml, log) as proc:  # not under systemd: no NOTIFY_SOCKET
-            fleet.wait("cam-01", _active("tiny", "1.0.0"), what="tiny active")
+            fleet.wait("cam-01", active("tiny", "1.0.0"), what="tiny active")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
         assert listener.drain() == []

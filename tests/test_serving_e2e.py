@@ -16,10 +16,10 @@ import pytest
 import tritonclient.http as triton
 
 from agent.serving.api import ApiSettings
-from agent.transport.messages import Phase, Reported
+from agent.transport.messages import Phase
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
-from tests.fleet import TOPICS, agent, agent_config, bundle_server, deployment, watcher
+from tests.fleet import TOPICS, active, agent, agent_config, bundle_server, deployment, watcher
 from tests.models import make_onnx, reference
 
 
@@ -27,14 +27,6 @@ from tests.models import make_onnx, reference
 def broker(tmp_path: Path) -> Iterator[Broker]:
     with plain_broker(tmp_path) as b:
         yield b
-
-
-def _active(version: str):  # type: ignore[no-untyped-def]
-    def check(r: Reported) -> bool:
-        m = r.models.get("tiny")
-        return m is not None and m.phase == Phase.ACTIVE and m.version == version
-
-    return check
 
 
 def _client(device) -> triton.InferenceServerClient:  # type: ignore[no-untyped-def]
@@ -77,7 +69,7 @@ def test_deployed_model_answers_on_the_local_api_and_swaps_without_a_failed_requ
     desired = TOPICS.device("cam-01").desired
     with watcher(broker) as fleet, bundle_server(broker, served), agent(config) as device:
         fleet.publish(desired, deployment({"tiny": e1}, keys.release, device="cam-01", sequence=1))
-        reported = fleet.wait("cam-01", _active("1.0.0"))
+        reported = fleet.wait("cam-01", active("tiny", "1.0.0"))
         assert reported.models["tiny"].runtime is not None
         assert reported.models["tiny"].runtime.startswith("onnxruntime")
         client = _client(device)
@@ -111,7 +103,7 @@ def test_deployed_model_answers_on_the_local_api_and_swaps_without_a_failed_requ
             fleet.publish(
                 desired, deployment({"tiny": e2}, keys.release, device="cam-01", sequence=2)
             )
-            fleet.wait("cam-01", _active("2.0.0"))
+            fleet.wait("cam-01", active("tiny", "2.0.0"))
         finally:
             stop.set()
             for t in threads:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.fleet.server import BlockServer, BundleCatalog
-from agent.transport.messages import BlockRequest, Phase, Reported, decode_block_reply
+from agent.transport.messages import BlockRequest, decode_block_reply
 from agent.transport.session import InboxItem, Incoming, Session
 from agent.transport.transfer import TransferSettings
 from tests.broker import Broker, plain_broker
@@ -31,11 +31,14 @@ from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
     WAIT,
+    active,
     agent,
     agent_config,
     agent_process,
     bundle_server,
     deployment,
+    downloading_past,
+    failed,
     mqtt_settings,
     watcher,
     write_agent_toml,
@@ -63,30 +66,6 @@ def bundles(tmp_path: Path) -> Path:
     d = tmp_path / "served"
     d.mkdir()
     return d
-
-
-def _active(model: str, version: str) -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.phase == Phase.ACTIVE and m.version == version
-
-    return check
-
-
-def _downloading_past(model: str, percent: float) -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.progress is not None and m.progress >= percent
-
-    return check
-
-
-def _failed(model: str) -> Callable[[Reported], bool]:
-    def check(r: Reported) -> bool:
-        m = r.models.get(model)
-        return m is not None and m.phase == Phase.FAILED
-
-    return check
 
 
 class Requests:
@@ -137,7 +116,7 @@ def test_transfer_completes_with_stock_broker_limits(
             TOPICS.device("cam-01").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
-        fleet.wait("cam-01", _active("tiny", "1.0.0"), what="tiny 1.0.0 active")
+        fleet.wait("cam-01", active("tiny", "1.0.0"), what="tiny 1.0.0 active")
     stored = tmp_path / "cam-01" / "bundles"
     [bundle] = stored.glob("*.emb")
     assert bundle.read_bytes() == path.read_bytes()
@@ -166,7 +145,7 @@ def test_transfer_resumes_after_a_broker_restart_without_refetching(
             TOPICS.device("cam-01").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
-        fleet.wait("cam-01", _downloading_past("tiny", 25), what="a quarter downloaded")
+        fleet.wait("cam-01", downloading_past("tiny", 25), what="a quarter downloaded")
         broker.stop()
         cut = time.monotonic()
         transfer = dev.slots["tiny"].transfer
@@ -175,7 +154,7 @@ def test_transfer_resumes_after_a_broker_restart_without_refetching(
         assert 0 < len(verified) < blocks
         time.sleep(1.0)
         broker.start()
-        fleet.wait("cam-01", _active("tiny", "1.0.0"), what="tiny active after the outage")
+        fleet.wait("cam-01", active("tiny", "1.0.0"), what="tiny active after the outage")
     again = set(requests.blocks(since=cut)) & verified
     assert not again, f"verified blocks fetched again: {sorted(again)[:10]}"
     assert set(requests.blocks()) == set(range(blocks))
@@ -201,14 +180,14 @@ def test_agent_killed_mid_transfer_resumes_from_its_bitmap(
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
         with agent_process(toml, log) as proc:
-            fleet.wait("cam-01", _downloading_past("tiny", 40), what="40% downloaded")
+            fleet.wait("cam-01", downloading_past("tiny", 40), what="40% downloaded")
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             killed = time.monotonic()
         persisted = _bitmap(tmp_path / "cam-01" / "downloads" / sha / "bitmap")
         assert 0 < len(persisted) < blocks
         with agent_process(toml, log):
-            fleet.wait("cam-01", _active("tiny", "1.0.0"), what="active after the restart")
+            fleet.wait("cam-01", active("tiny", "1.0.0"), what="active after the restart")
         # The will said offline when the process died without a DISCONNECT.
         assert any(
             m.topic.endswith("/online") and json.loads(m.payload)["state"] == "offline"
@@ -325,7 +304,7 @@ def test_block_with_a_flipped_byte_is_rejected_and_fetched_again(
             TOPICS.device("cam-01").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
-        fleet.wait("cam-01", _active("tiny", "1.0.0"), what="active despite the bad block")
+        fleet.wait("cam-01", active("tiny", "1.0.0"), what="active despite the bad block")
     assert flipped == [5]
     assert requests.blocks().count(5) == 2, "block 5 was asked for again"
     stored = next((tmp_path / "cam-01" / "bundles").glob("*.emb"))
@@ -348,12 +327,12 @@ def test_blocks_held_from_an_earlier_bundle_are_not_fetched(
         fleet.publish(
             desired, deployment({"tiny": env1}, keys.release, device="cam-01", sequence=1)
         )
-        fleet.wait("cam-01", _active("tiny", "1.0.0"))
+        fleet.wait("cam-01", active("tiny", "1.0.0"))
         mark = time.monotonic()
         fleet.publish(
             desired, deployment({"tiny": env2}, keys.release, device="cam-01", sequence=2)
         )
-        fleet.wait("cam-01", _active("tiny", "1.1.0"))
+        fleet.wait("cam-01", active("tiny", "1.1.0"))
     fetched = requests.blocks(since=mark)
     # Only the manifest and headers changed; the model's blocks came from the first bundle.
     assert 0 < len(fetched) <= 4, fetched
@@ -384,7 +363,7 @@ def test_not_enough_disk_fails_before_the_first_block(
             TOPICS.device("cam-01").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
-        reported = fleet.wait("cam-01", _failed("tiny"), what="failed")
+        reported = fleet.wait("cam-01", failed("tiny"), what="failed")
     error = reported.models["tiny"].error
     assert error is not None
     assert error.code == "disk-full"
@@ -415,7 +394,7 @@ def test_no_answer_fails_with_a_clear_error_after_a_bounded_time(
                 TOPICS.device("cam-01").desired,
                 deployment({"tiny": envelope}, keys.release, device="cam-01"),
             )
-            reported = fleet.wait("cam-01", _failed("tiny"), timeout=15, what="failed")
+            reported = fleet.wait("cam-01", failed("tiny"), timeout=15, what="failed")
     error = reported.models["tiny"].error
     assert error is not None
     assert error.code == code
@@ -453,5 +432,5 @@ def test_largest_block_size_transfers(
             TOPICS.device("cam-01").desired,
             deployment({"tiny": envelope}, keys.release, device="cam-01"),
         )
-        fleet.wait("cam-01", _active("tiny", "1.0.0"))
+        fleet.wait("cam-01", active("tiny", "1.0.0"))
     assert served[0].stats.blocks == -(-path.stat().st_size // (1 << 20))

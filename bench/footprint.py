@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import cpu_s, say
+
 if TYPE_CHECKING:
     from tests.broker import Broker
     from tests.fleet import Watcher
@@ -93,10 +95,6 @@ IMPORTS = {
         "import agent.daemon; from agent.runtime import hardware; hardware.probe()"
     ),
 }
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- /proc --------------------------------------------------------------------------------------
@@ -160,16 +158,6 @@ def native_packages(pid: int) -> list[str] | None:
     except OSError:
         return None
     return sorted(set(re.findall(r"site-packages/([^/\s]+)/\S*\.so", text)))
-
-
-def cpu_s(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of process ``pid`` (or its thread ``tid``) so far."""
-    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def threads(pid: int) -> dict[int, str]:

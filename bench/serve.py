@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import onnxruntime as ort
 import tritonclient.http as triton  # type: ignore[import-untyped]
+from _common import cpu_s, say
 
 from agent.runtime.base import OnnxRuntimeSettings
 from agent.serving.api import ApiSettings, InferenceApi
@@ -83,10 +84,6 @@ MLSERVER_VERSION = "1.7.1"
 MLSERVER_MODEL = Path(__file__).resolve().parent / "mlserver_model" / "ort_model.py"
 DEFAULT_VENV = ROOT / ".bench-venvs" / "mlserver"
 WAIT_S = 60.0
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -128,14 +125,6 @@ def _proc_stat(pid: int) -> list[str] | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = _proc_stat(pid)
-    if fields is None:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_s(root: int) -> float:

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import tritonclient.http as triton  # type: ignore[import-untyped]
+from _common import say
 
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import serve_api
@@ -68,10 +69,6 @@ from tests.models import make_onnx, reference, slot_candidate
 MODEL_NAME = "tiny"
 VERSIONS = ("1.0.0", "2.0.0")
 WAIT_S = 60.0
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- models -----------------------------------------------------------------------------------------

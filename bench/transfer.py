@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paho.mqtt
 import paho.mqtt.client as mqtt
+from _common import cpu_s, say
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -118,10 +119,6 @@ def shipped_tuning() -> list[str]:
     except OSError:
         return []
     return [line.strip() for line in lines if line.split(" ", 1)[0] in SHIPPED_TUNING]
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- bundles ------------------------------------------------------------------------------------
@@ -321,16 +318,6 @@ def stop_process(proc: subprocess.Popen[Any], *, kill: bool = False) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(WAIT_S)
-
-
-def cpu_s(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of process ``pid`` (or its thread ``tid``) so far."""
-    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:

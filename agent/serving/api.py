@@ -254,7 +254,17 @@ class InferenceApi:
 
     def _model(self, name: str, version: str | None) -> ServedModel:
         """The active version of ``name`` (matching ``version`` when given), or an HTTP error."""
-        model = self.source.describe(name)
+        return self._present(
+            name,
+            version,
+            self.source.describe(name),
+            "has no version {version!r} (the active version is {active})",
+        )
+
+    def _present(
+        self, name: str, version: str | None, model: ServedModel | None, other_version: str
+    ) -> ServedModel:
+        """``model`` if it is there and is ``version`` (when given); the HTTP error otherwise."""
         if model is None:
             if name in self.source.names():
                 raise self._not_ready(name)
@@ -262,8 +272,7 @@ class InferenceApi:
         if version is not None and version != model.version:
             raise _HttpError(
                 404,
-                f"model {name!r} has no version {version!r} (the active version is "
-                f"{model.version})",
+                f"model {name!r} " + other_version.format(version=version, active=model.version),
                 "not-found",
                 model=name,
             )
@@ -378,18 +387,8 @@ class InferenceApi:
             data = tensors.decompress(
                 body, headers.get("content-encoding"), self.settings.max_body_bytes
             )
-            with self.source.lease(name) as model:
-                if model is None:
-                    if name in self.source.names():
-                        raise self._not_ready(name)
-                    raise _HttpError(404, f"unknown model {name!r}", "not-found")
-                if version is not None and version != model.version:
-                    raise _HttpError(
-                        404,
-                        f"model {name!r} no longer serves version {version!r}",
-                        "not-found",
-                        model=name,
-                    )
+            with self.source.lease(name) as leased:
+                model = self._present(name, version, leased, "no longer serves version {version!r}")
                 request = tensors.decode_request(data, header_length, model)
                 results = model.infer(request.inputs)
                 try:

@@ -17,11 +17,18 @@ Anything refused changes no state: the reason goes to ``Reported.error`` (machin
 and a message) and to a ``rejected`` event.
 
 Each model named by the effective document has its own slot that moves through the phases
-(``pending``, ``downloading``, ``verifying``, ``loading``, ..., ``active`` or ``failed``) on its
-own; one bundle is downloaded at a time. A model the document no longer names is removed once
-every model it does name is active. After the download the bundle is unpacked and handed to the
-slot layer (agent.serving.slots), which loads the chosen variant beside the running one, warms
-it up, self-tests it, swaps it in and watches it; its phase changes come back through the inbox.
+(``pending``, ``downloading``, ``verifying``, ``unpacking``, ``loading``, ..., ``active`` or
+``failed``) on its own; one bundle is downloaded at a time. A model the document no longer names
+is removed once every model it does name is active. After the download the bundle's structure is
+checked and it is unpacked on a worker thread (``prepare``: the loop, and with it the watchdog,
+never waits on a disk), then handed to the slot layer (agent.serving.slots), which loads the
+chosen variant beside the running one, warms it up, self-tests it, swaps it in and watches it.
+Both report back through the inbox.
+
+What is on disk after a crash in any phase is enough to go on: a partial download resumes from
+its bitmap, a stored bundle is unpacked again, a half-unpacked copy is thrown away, and a version
+not yet committed is deployed again from its stored bundle after the last committed one is
+restored (the crash-recovery tests kill the process in each phase through agent._failpoints).
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from agent import __version__
+from agent._failpoints import failpoint
 from agent.bundle.blocks import BlockSource
 from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.bundle.unpack import unpack_bundle
@@ -50,6 +59,7 @@ from agent.errors import (
     FormatError,
     SizeLimitError,
     StorageError,
+    ToolError,
     TransferError,
 )
 from agent.logs import log_fields
@@ -114,6 +124,17 @@ class SlotEvent:
     phase: Phase
     error: EdgeAgentError | None
     progress: float | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A step the ``prepare`` worker finished for a bundle: checked and stored, or unpacked."""
+
+    name: str
+    bundle_sha256: str
+    stage: Literal["stored", "unpacked"]
+    path: Path | None  # the stored bundle, or the unpacked directory
+    error: EdgeAgentError | None
 
 
 @dataclass
@@ -190,7 +211,9 @@ class DeviceAgent:
         self.doc_error: ErrorInfo | None = None
         self.profile = hardware.probe_isolated()
         self.hardware = reported_hardware(self.profile)
-        self.inbox: queue.SimpleQueue[InboxItem | SlotEvent] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[InboxItem | SlotEvent | Prepared] = queue.SimpleQueue()
+        # Checks and unpacks bundles, one at a time, off the loop.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.metrics = ApiMetrics()
         self.models = SlotManager(
             config.serving, on_phase=self._slot_phase, on_swap=self.metrics.on_swap
@@ -358,7 +381,7 @@ class DeviceAgent:
         try:
             while not stop.is_set():
                 try:
-                    item: InboxItem | SlotEvent | None = self.inbox.get(timeout=0.2)
+                    item: InboxItem | SlotEvent | Prepared | None = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     item = None
                 while item is not None:
@@ -393,6 +416,8 @@ class DeviceAgent:
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
+            # An unpack cut short leaves only a temporary directory, collected later.
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
             self.models.close()
 
     # -- service manager hooks ----------------------------------------------------------------
@@ -488,7 +513,8 @@ class DeviceAgent:
         self.inbox.put(SlotEvent(name, phase, error, progress))
 
     def _on_slot_event(self, event: SlotEvent) -> None:
-        if event.phase in FINAL and event.name in self._restoring:
+        restoring = event.name in self._restoring
+        if restoring and event.phase in FINAL:
             self._restoring.discard(event.name)
             log.info(
                 "restored %s: %s",
@@ -502,6 +528,13 @@ class DeviceAgent:
         if event.progress is not None:
             slot.warm_progress = event.progress
             self._out.reported_dirty = True
+        if restoring and slot.target is not None:
+            # A newer version is on its way (its document came while this one was restored):
+            # the phase reported is that deployment's.
+            served = self.models.describe(slot.name)
+            slot.runtime = served.runtime if served is not None else None
+            self._out.reported_dirty = True
+            return
         if event.phase == Phase.ACTIVE:
             if slot.loading is not None:
                 self._commit(slot, slot.loading)
@@ -527,6 +560,7 @@ class DeviceAgent:
         trusted = self.trusted.with_release(slot.name, installed.release)
         self.store.save_trust(trusted, self.points)
         self.trusted = trusted
+        failpoint("committing")
         self.store.save_installed(installed)
         slot.installed, slot.loading, slot.target = installed, None, None
         log.info(
@@ -558,9 +592,12 @@ class DeviceAgent:
             self.doc_error = _error(err)
             self._out.reported_dirty = True
 
-    def handle(self, item: InboxItem | SlotEvent) -> None:
+    def handle(self, item: InboxItem | SlotEvent | Prepared) -> None:
         if isinstance(item, SlotEvent):
             self._on_slot_event(item)
+            return
+        if isinstance(item, Prepared):
+            self._on_prepared(item)
             return
         if isinstance(item, Connection):
             if item.up:
@@ -720,7 +757,7 @@ class DeviceAgent:
         self._start_next()
 
     def _cancel(self, slot: Slot) -> None:
-        if slot.transfer is not None:
+        if slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
             slot.transfer.pause()  # its download stays until the next garbage collection
             slot.transfer = None
         slot.target = None
@@ -789,7 +826,7 @@ class DeviceAgent:
 
     def _after_transfer(self, slot: Slot) -> None:
         t = slot.transfer
-        if t is None:
+        if t is None or slot.phase != Phase.DOWNLOADING:
             return
         if t.state == "failed":
             assert t.error is not None
@@ -802,43 +839,103 @@ class DeviceAgent:
                 self._out.reported_dirty = True
             return
         self._phase(slot, Phase.VERIFYING)
+        self._prepare(slot, "stored", self._check_and_store, t)
+
+    # -- on the prepare worker ------------------------------------------------------------------
+    def _prepare(
+        self,
+        slot: Slot,
+        stage: Literal["stored", "unpacked"],
+        job: Callable[..., Path],
+        *args: Any,
+    ) -> None:
+        """Run ``job`` on the prepare worker; its result comes back as a :class:`Prepared`."""
         assert slot.target is not None
-        d = slot.target.descriptor
-        try:
-            # The bytes are the signed ones (each block was checked on arrival): check the rest.
-            check_bundle_structure(t.part_path, d, self.config.limits)
-        except EdgeAgentError as exc:
-            self._fail(slot, exc)
-            return
-        try:
-            stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
-        except EdgeAgentError as exc:
-            self._fail(slot, exc)
-            return
-        slot.transfer = None
+        name, sha = slot.name, slot.target.descriptor.bundle_sha256
+
+        def run() -> None:
+            path: Path | None = None
+            error: EdgeAgentError | None = None
+            try:
+                path = job(*args)
+            except EdgeAgentError as exc:
+                error = exc
+            except OSError as exc:
+                error = StorageError(str(exc))
+            except Exception as exc:  # a bug must fail the deployment, not leave it hanging
+                log.exception("%s of %s", stage, name)
+                error = ToolError(f"{type(exc).__name__}: {exc}")
+            self.inbox.put(Prepared(name, sha, stage, path, error))
+
+        self._prepare_pool.submit(run)
+
+    def _check_and_store(self, t: Transfer) -> Path:
+        """The bytes are the signed ones (each block was checked on arrival): check the archive's
+        structure against the signed manifest, then move it to ``bundles/``."""
+        d = t.descriptor
+        check_bundle_structure(t.part_path, d, self.config.limits)
+        failpoint("verifying")
+        stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
         try:
             t.discard()
         except OSError as exc:
             log.warning("cannot remove %s: %s", t.dir, exc)
-        self._install(slot, stored)
+        return stored
+
+    def _unpack(self, bundle: Path, dest: Path, manifest_sha256: str) -> Path:
+        if dest.exists():  # left by a run that stopped before recording it
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            unpack_bundle(bundle, dest, manifest_sha256=manifest_sha256, limits=self.config.limits)
+        except BadContentError:
+            bundle.unlink(missing_ok=True)  # the stored copy is bad: fetch it again next time
+            raise
+        return dest
+
+    def _on_prepared(self, item: Prepared) -> None:
+        slot = self.slots.get(item.name)
+        if (
+            slot is None
+            or slot.target is None
+            or slot.target.descriptor.bundle_sha256 != item.bundle_sha256
+        ):
+            # The deployment moved on meanwhile; what was written is collected as garbage.
+            log.info(
+                "%s of %s %s: no longer wanted", item.stage, item.name, item.bundle_sha256[:16]
+            )
+            return
+        if item.stage == "stored":
+            slot.transfer = None
+        if item.error is not None:
+            self._fail(slot, item.error)
+            return
+        assert item.path is not None
+        if item.stage == "stored":
+            self._install(slot, item.path)
+        else:
+            self._load(slot, item.path)
 
     def _install(self, slot: Slot, bundle: Path) -> None:
-        """Unpack the verified bundle, choose its variant and runtime, hand it to the slot layer."""
+        """Unpack the verified bundle (on the prepare worker), then :meth:`_load` it."""
         assert slot.target is not None
         if self.models.busy(slot.name):  # the previous version is still on probation
             slot.waiting = bundle
             return
         d = slot.target.descriptor
-        self._phase(slot, Phase.LOADING)
         dest = self.store.model_dir(slot.name, d.bundle_sha256)
+        if slot.installed is not None and slot.installed.path == dest:
+            self._load(slot, dest)  # unpacked already: it runs (or ran) here
+            return
+        self._phase(slot, Phase.UNPACKING)
+        self._prepare(slot, "unpacked", self._unpack, bundle, dest, d.manifest_sha256)
+
+    def _load(self, slot: Slot, dest: Path) -> None:
+        """Choose the unpacked bundle's variant and runtime, and hand it to the slot layer."""
+        assert slot.target is not None
+        d = slot.target.descriptor
+        self._phase(slot, Phase.LOADING)
         try:
-            if slot.installed is None or slot.installed.path != dest:
-                if dest.exists():  # left by a run that stopped before recording it
-                    shutil.rmtree(dest)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                unpack_bundle(
-                    bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
-                )
             draft = InstalledModel(
                 model=slot.name,
                 bundle_sha256=d.bundle_sha256,
@@ -857,8 +954,6 @@ class DeviceAgent:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
             if slot.installed is None or slot.installed.path != dest:
                 shutil.rmtree(dest, ignore_errors=True)
-            if isinstance(exc, BadContentError):  # the stored copy is bad: fetch it again next time
-                bundle.unlink(missing_ok=True)
             self._fail(slot, err)
             return
         slot.loading = draft.model_copy(
@@ -907,10 +1002,15 @@ class DeviceAgent:
                     keep.add(slot.installed.previous_sha256)
             if slot.target is not None:
                 keep.add(slot.target.descriptor.bundle_sha256)
-        try:
-            self.store.collect_garbage(keep)
-        except OSError as exc:
-            log.warning("garbage collection: %s", exc)
+
+        def collect() -> None:
+            try:
+                self.store.collect_garbage(keep)
+            except OSError as exc:
+                log.warning("garbage collection: %s", exc)
+
+        # On the prepare worker: never beside an unpack, whose temporary directory it would take.
+        self._prepare_pool.submit(collect)
 
     # -- trust ----------------------------------------------------------------------------
     def _on_trust(self, item: Incoming) -> None:

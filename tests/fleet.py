@@ -7,10 +7,12 @@ side watches the retained topics with its own MQTT session (``Watcher``). Every 
 
 from __future__ import annotations
 
+import http.client
 import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -317,8 +319,11 @@ def write_agent_toml(config: AgentConfig, path: Path) -> Path:
 
 
 @contextmanager
-def agent_process(config_file: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``edge-agent run --config FILE`` as a real process; killed (SIGKILL) on exit if alive."""
+def agent_process(
+    config_file: Path, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``edge-agent run --config FILE`` as a real process; killed (SIGKILL) on exit if alive.
+    ``env`` adds to this process's environment."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [
@@ -331,6 +336,7 @@ def agent_process(config_file: Path, log: Path) -> Iterator[subprocess.Popen[byt
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env={**os.environ, **(env or {})},
         )
     try:
         yield proc
@@ -338,6 +344,20 @@ def agent_process(config_file: Path, log: Path) -> Iterator[subprocess.Popen[byt
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to the agent's API on its Unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=WAIT)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(WAIT)
+        sock.connect(str(self.unix_path))
+        self.sock = sock
 
 
 # -- what the tests wait for ----------------------------------------------------------------------

@@ -15,7 +15,6 @@ import gzip
 import http.client
 import json
 import re
-import socket
 import stat
 import threading
 from collections.abc import Iterator, Mapping
@@ -38,6 +37,7 @@ from agent.serving.admission import MemoryReader
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import ApiServer, serve_api
 from agent.serving.source import StaticSource
+from tests.fleet import UnixHTTPConnection
 from tests.models import make_onnx, reference
 
 WAIT = 10.0  # seconds; the bound of every wait in these tests
@@ -122,18 +122,6 @@ def make_pair(path: Path) -> Path:
 
 
 # -- plain HTTP over TCP or a Unix socket ----------------------------------------------------
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=WAIT)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(WAIT)
-        sock.connect(str(self.unix_path))
-        self.sock = sock
 
 
 @dataclass

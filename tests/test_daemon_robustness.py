@@ -204,7 +204,9 @@ def test_a_model_dropped_while_it_downloads_is_never_installed(
     floors = json.loads((state / "trust" / "floors.json").read_text())
     assert "aaa" not in floors["release_floor"], floors
     assert floors["release_floor"]["bbb"] == reported.models["bbb"].release
-    assert not {Phase.VERIFYING, Phase.LOADING, Phase.ACTIVE} & set(published.phases("aaa"))
+    assert not {Phase.VERIFYING, Phase.UNPACKING, Phase.LOADING, Phase.ACTIVE} & set(
+        published.phases("aaa")
+    )
     assert not (state / "slots" / "aaa.json").exists()
     assert not (state / "models" / "aaa").exists()
 

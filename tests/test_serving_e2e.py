@@ -124,6 +124,7 @@ def test_deployed_model_answers_on_the_local_api_and_swaps_without_a_failed_requ
             Phase.PENDING,
             Phase.DOWNLOADING,
             Phase.VERIFYING,
+            Phase.UNPACKING,
             Phase.LOADING,
             Phase.WARMING,
             Phase.SELF_TESTING,

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from agent._failpoints import failpoint
 from agent._fsutil import fsync_dir
 from agent.bundle.archive import copy_range
 from agent.bundle.limits import BundleLimits
@@ -58,6 +59,7 @@ def unpack_bundle(
                         raise DigestMismatchError(
                             f"member {name!r} does not match the SHA-256 its manifest signs"
                         )
+                    failpoint("unpacking")
                 with os.fdopen(os.open(tmp / MANIFEST_NAME, _CREATE, 0o644), "wb") as out:
                     out.write(index.manifest_bytes)
                     out.flush()

@@ -34,6 +34,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent._failpoints import failpoint
 from agent.bundle.manifest import Manifest, TensorSpec, Variant
 from agent.errors import BadContentError, EdgeAgentError, FormatError, ToolError
 from agent.runtime.base import BackendSettings, LoadedModel, get_backend
@@ -322,6 +323,7 @@ class SlotManager:
         baseline = replaced.stats.snapshot() if replaced is not None else None
         self._swap(slot, version)
         self._phase(candidate.name, Phase.PROBATION)
+        failpoint("probation")
         steady = baseline[2] if baseline is not None and baseline[0] >= LATENCY_SAMPLES else None
         problem = self._probation(version, steady)
         if problem is None:
@@ -337,6 +339,8 @@ class SlotManager:
     def _prepare(self, candidate: Candidate, *, self_test: bool = True) -> Version:
         self._phase(candidate.name, Phase.LOADING)
         loaded = self._load_with_timeout(candidate)
+        if self_test:  # a new version's load (not a restore or a rollback's)
+            failpoint("loading")
         try:
             self._phase(candidate.name, Phase.WARMING)
             loaded.warm_up(lambda p: self._phase(candidate.name, Phase.WARMING, None, p))

@@ -37,6 +37,7 @@ class Phase(str, Enum):
     PENDING = "pending"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
+    UNPACKING = "unpacking"
     LOADING = "loading"
     WARMING = "warming"
     SELF_TESTING = "self-testing"

@@ -93,7 +93,8 @@ the deployment id and sequence it follows, and for each model slot what it runs 
 release, variant, bundle) and where its deployment stands (`phase`, `progress` while
 downloading, `error`). Each model moves on its own through the phases
 
-    pending -> downloading -> verifying -> loading -> warming -> self-testing -> probation -> active
+    pending -> downloading -> verifying -> unpacking -> loading -> warming -> self-testing
+            -> probation -> active
     (any of them) -> failed;  probation -> rolled-back
 
 and every change is also sent to `{d.events}` (`kind: "phase"`). A refused message sends a

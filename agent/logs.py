@@ -77,13 +77,13 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields: dict[str, str] = {
+            fields: dict[str, object] = {
                 "PRIORITY": str(syslog_priority(record.levelno)),
                 "SYSLOG_IDENTIFIER": self.identifier,
                 "LOGGER": record.name,
                 "THREAD_NAME": record.threadName or "",
                 "CODE_FILE": record.pathname,
-                "CODE_LINE": str(record.lineno),
+                "CODE_LINE": record.lineno,  # systemd.journal.send formats it with {:d}
                 "CODE_FUNC": record.funcName,
             }
             for key in FIELDS:

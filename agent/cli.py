@@ -349,7 +349,12 @@ def _add_broker_options(p: argparse.ArgumentParser) -> None:
         "--cert-key", type=Path, default=env("EDGE_FLEET_CERT_KEY"), help="client certificate key"
     )
     g.add_argument("--mqtt", choices=["5", "3.1.1"], default=env("EDGE_FLEET_MQTT", "5"))
-    g.add_argument("--no-tls", action="store_true", help="plain TCP (a test broker on loopback)")
+    g.add_argument(
+        "--no-tls",
+        action="store_true",
+        default=env("EDGE_FLEET_TLS", "true").lower() in ("0", "false", "no", "off"),
+        help="plain TCP, for a test broker on loopback (default: TLS unless $EDGE_FLEET_TLS=false)",
+    )
     g.add_argument(
         "--prefix", default=env("EDGE_FLEET_PREFIX", DEFAULT_PREFIX), help="topic prefix"
     )

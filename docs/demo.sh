@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The fleet manager's path, end to end: keys, build, sign, verify -- tampered and replayed
-# bundles refused, each with its reason -- then over MQTT: a TLS broker with the shipped ACL, a
-# bundle server, a device agent; a deployment pulled in blocks and active, a rogue one refused.
-# Everything runs on loopback. Run with `make demo`.
+# bundles refused, each with its reason -- then over MQTT: a broker (mosquitto with TLS and the
+# shipped ACL; without mosquitto, an embedded Python broker), a bundle server and a device agent;
+# 1.0.0 deployed and asked over the local API, 1.1.0 swapped in under a stream of requests with
+# none failed, a broken 1.2.0 rolled back on its own, a rogue deployment refused.
+# Everything runs on loopback. Run with `make demo` (DEMO_BROKER=embedded forces the fallback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 FLEET=.venv/bin/edge-fleet
 OUT=demo-out
 rm -rf "$OUT" && mkdir -p "$OUT"
+START=$SECONDS
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
@@ -18,16 +21,27 @@ refused() {  # run a command that must fail; print its one-line reason
   cat "$OUT/err"
 }
 
-step "A model to ship: a tiny ONNX classifier, generated here"
+step "Models to ship: a tiny ONNX classifier in two versions, and a broken third, generated here"
 $PY - "$OUT" <<'PYEOF'
 import sys
 from pathlib import Path
 sys.path.insert(0, ".")
+import onnx
+from onnx import helper
 from tests.models import make_onnx
 out = Path(sys.argv[1])
 make_onnx(out / "classifier-v1.onnx", inputs=64, outputs=10, seed=1)
 make_onnx(out / "classifier-v2.onnx", inputs=64, outputs=10, seed=2)
-print("wrote", out / "classifier-v1.onnx", "and", out / "classifier-v2.onnx")
+# v3 is broken the way real models are: it reshapes to a batch of one, so its self-test (one
+# sample at a time) passes and every request with a larger batch fails.
+m = onnx.load(str(make_onnx(out / "classifier-v3.onnx", inputs=64, outputs=10, seed=3)))
+g = m.graph
+g.node[-1].output[0] = "r"
+g.initializer.append(onnx.numpy_helper.from_array(__import__("numpy").array([1, 10]), "shape"))
+g.node.append(helper.make_node("Reshape", ["r", "shape"], ["y"]))
+onnx.checker.check_model(m)
+onnx.save(m, str(out / "classifier-v3.onnx"))
+print("wrote classifier-v1.onnx, classifier-v2.onnx and classifier-v3.onnx in", out)
 PYEOF
 
 step "Keys: 3 root keys (any 2 sign), one release key, a signed keyring"
@@ -82,17 +96,27 @@ refused $FLEET bundle verify "$OUT/classifier-1.1.0.emb" --trust "$OUT/keys/root
 step "Release key rotated: the old key is revoked, its signatures no longer count"
 show $FLEET keys rotate "$OUT/keys" --release
 refused $FLEET bundle verify "$OUT/classifier-1.1.0.emb" --trust "$OUT/keys/root.json"
-show $FLEET bundle sign "$OUT/classifier-1.1.0.emb" --key "$(ls -t "$OUT"/keys/private/release-*.pem | head -1)" -o "$OUT/classifier-1.1.0.emb.dsse"
-show $FLEET bundle verify "$OUT/classifier-1.1.0.emb" --trust "$OUT/keys/root.json"
-
 NEW_KEY=$(ls -t "$OUT"/keys/private/release-*.pem | head -1)
+show $FLEET bundle sign "$OUT/classifier-1.1.0.emb" --key "$NEW_KEY" -o "$OUT/classifier-1.1.0.emb.dsse"
+show $FLEET bundle verify "$OUT/classifier-1.1.0.emb" --trust "$OUT/keys/root.json"
+$FLEET bundle sign "$OUT/classifier-1.0.0.emb" --key "$NEW_KEY" -o "$OUT/classifier-1.0.0.emb.dsse" >/dev/null
+$FLEET bundle build --name classifier --version 1.2.0 -o "$OUT/classifier-1.2.0.emb" "$OUT/classifier-v3.onnx" >/dev/null
+$FLEET bundle sign "$OUT/classifier-1.2.0.emb" --key "$NEW_KEY" >/dev/null
+echo "(1.0.0 signed again and the broken 1.2.0 built and signed, with the new key)"
 
-step "Over MQTT: a broker with TLS client certificates and the shipped ACL, on loopback"
-show bash config/broker/make-certs.sh "$OUT/certs" cam-01 --fleet fleet >/dev/null
-PORT=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-mkdir -p "$OUT/broker"
-cp config/broker/acl "$OUT/broker/acl"
-cat > "$OUT/broker/mosquitto.conf" <<CONF
+
+free_port() { $PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
+PORT=$(free_port)
+API_PORT=$(free_port)
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+MOSQUITTO=$(command -v mosquitto || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; } || true)
+if [ -n "$MOSQUITTO" ] && [ "${DEMO_BROKER:-}" != embedded ]; then
+  step "Over MQTT: mosquitto with TLS client certificates and the shipped ACL, on loopback"
+  show bash config/broker/make-certs.sh "$OUT/certs" cam-01 --fleet fleet >/dev/null
+  mkdir -p "$OUT/broker"
+  cp config/broker/acl "$OUT/broker/acl"
+  cat > "$OUT/broker/mosquitto.conf" <<CONF
 $( [ "$(id -u)" = 0 ] && echo "user root" || echo "user $(id -un)" )
 per_listener_settings false
 persistence false
@@ -106,18 +130,28 @@ use_identity_as_username true
 allow_anonymous false
 acl_file $PWD/$OUT/broker/acl
 CONF
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-$(command -v mosquitto || echo /usr/sbin/mosquitto) -c "$OUT/broker/mosquitto.conf" 2>"$OUT/broker/stderr" & PIDS+=($!)
-export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_CA=$OUT/certs/ca.crt
-export EDGE_FLEET_CERT=$OUT/certs/fleet.crt EDGE_FLEET_CERT_KEY=$OUT/certs/fleet.key
-echo "mosquitto on 127.0.0.1:$PORT; the fleet tools use the 'fleet' certificate (EDGE_FLEET_*)"
+  "$MOSQUITTO" -c "$OUT/broker/mosquitto.conf" 2>"$OUT/broker/stderr" & PIDS+=($!)
+  export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_CA=$OUT/certs/ca.crt
+  export EDGE_FLEET_CERT=$OUT/certs/fleet.crt EDGE_FLEET_CERT_KEY=$OUT/certs/fleet.key
+  echo "mosquitto on 127.0.0.1:$PORT; the fleet tools use the 'fleet' certificate (EDGE_FLEET_*)"
+  BROKER_TOML="port = $PORT
+ca_file = \"$PWD/$OUT/certs/ca.crt\"
+cert_file = \"$PWD/$OUT/certs/cam-01.crt\"
+key_file = \"$PWD/$OUT/certs/cam-01.key\""
+else
+  step "Over MQTT: no mosquitto here, so an embedded Python broker (MQTT 3.1.1, plain TCP, loopback)"
+  $PY -m tests.embedded_broker --port "$PORT" >"$OUT/broker.log" 2>&1 & PIDS+=($!)
+  export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_TLS=false EDGE_FLEET_MQTT=3.1.1
+  BROKER_TOML="port = $PORT
+protocol = \"3.1.1\"
+tls = false"
+fi
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.05; done
 
 step "What this box would run: its hardware, and the variant chosen for it"
 show .venv/bin/edge-agent hardware --bundle "$OUT/classifier-1.1.0.emb"
-API_PORT=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-step "A bundle server, and the device cam-01 (edge-agent run), trusting root.json + keyring.json"
+step "A bundle server, and the device cam-01 (edge-agent run, state in $OUT/cam-01)"
 mkdir -p "$OUT/served"
 .venv/bin/edge-fleet serve --bundles "$OUT/served" 2>"$OUT/serve.log" & PIDS+=($!)
 cat > "$OUT/agent.toml" <<TOML
@@ -127,10 +161,7 @@ state_dir = "$PWD/$OUT/cam-01"
 status_socket = "$PWD/$OUT/status.sock"
 [mqtt]
 host = "127.0.0.1"
-port = $PORT
-ca_file = "$PWD/$OUT/certs/ca.crt"
-cert_file = "$PWD/$OUT/certs/cam-01.crt"
-key_file = "$PWD/$OUT/certs/cam-01.key"
+$BROKER_TOML
 [trust]
 root = "$PWD/$OUT/keys/root.json"
 keyring = "$PWD/$OUT/keys/keyring.json"
@@ -143,12 +174,8 @@ TOML
 cat "$OUT/agent.toml"
 .venv/bin/edge-agent run --config "$OUT/agent.toml" 2>"$OUT/agent.log" & PIDS+=($!)
 
-step "Deploy classifier 1.1.0 to cam-01 and follow it (the device pulls the bundle in blocks)"
-show $FLEET deploy "$OUT/classifier-1.1.0.emb" --device cam-01 --key "$NEW_KEY" --bundles "$OUT/served" --wait 120
-show $FLEET status
-
-step "The technician on the box asks the agent"
-show .venv/bin/edge-agent status --socket "$OUT/status.sock"
+step "Deploy classifier 1.0.0 to cam-01 and follow it (the device pulls the bundle in blocks)"
+show $FLEET deploy "$OUT/classifier-1.0.0.emb" --device cam-01 --key "$NEW_KEY" --bundles "$OUT/served" --wait 60
 
 step "An application on the box asks the model (KServe v2 over loopback HTTP)"
 show curl -s "http://127.0.0.1:$API_PORT/v2/models/classifier"
@@ -162,10 +189,44 @@ show curl -s -w ' (HTTP %{http_code})' "http://127.0.0.1:$API_PORT/v2/models/cla
   -d '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}'
 echo
 
-step "A deployment signed by the rogue key: published, refused by the device, nothing changes"
-show $FLEET deploy "$OUT/rogue.emb" --device cam-01 --key "$OUT/rogue.pem" --bundles "$OUT/served" -o "$OUT/rogue-deployment.json" --no-publish
-show mosquitto_pub -h 127.0.0.1 -p "$PORT" --cafile "$OUT/certs/ca.crt" --cert "$OUT/certs/fleet.crt" \
-  --key "$OUT/certs/fleet.key" -V mqttv5 -q 1 -r -t ema/v1/devices/cam-01/desired -f "$OUT/rogue-deployment.json"
+stream() {  # $1: name; asks the model without pause until "$OUT/$1.stop" appears
+  rm -f "$OUT/$1.stop"
+  $PY docs/demo_client.py "$API_PORT" classifier "$OUT/$1.stop" >"$OUT/$1.json" & CLIENT=$!
+  sleep 1
+}
+stop_stream() {  # $1: name; prints the client's summary
+  touch "$OUT/$1.stop"
+  wait "$CLIENT"
+  $PY -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"  {s['requests']} requests: answered by {s['answered']}, failed: {s['failed']} {s['failures'] or ''}\"); [print('  e.g.', r) for r in s['first_failures'][:2]]" "$OUT/$1.json"
+}
+failed_requests() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['failed'])" "$OUT/$1.json"; }
+
+step "Deploy 1.1.0 while an application streams requests: the swap fails none of them"
+stream swap
+show $FLEET deploy "$OUT/classifier-1.1.0.emb" --device cam-01 --key "$NEW_KEY" --bundles "$OUT/served" --wait 60
+stop_stream swap
+SWAP_FAILED=$(failed_requests swap)
+[ "$SWAP_FAILED" = 0 ] || { echo "!! $SWAP_FAILED requests failed during the swap" >&2; exit 1; }
+
+step "Deploy a broken 1.2.0 (it fails batches above one): probation catches it, 1.1.0 comes back"
+stream rollback
+printf '$ %s\n' "$FLEET deploy $OUT/classifier-1.2.0.emb --device cam-01 ... --wait 60"
+if $FLEET deploy "$OUT/classifier-1.2.0.emb" --device cam-01 --key "$NEW_KEY" --bundles "$OUT/served" --wait 60; then
+  echo "!! the broken version was kept" >&2; exit 1
+fi
+sleep 1
+stop_stream rollback
+show $FLEET status
+show curl -s "http://127.0.0.1:$API_PORT/v2/models/classifier/infer" \
+  -d "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[2,64],\"data\":[$X,$X]}]}"
+echo
+$FLEET status --json | grep -q '"rolled-back"' || { echo "!! no rolled-back state reported" >&2; exit 1; }
+
+step "The technician on the box asks the agent"
+show .venv/bin/edge-agent status --socket "$OUT/status.sock"
+
+step "A deployment signed by a rogue key: published, refused by the device, nothing changes"
+show $FLEET deploy "$OUT/rogue.emb" --device cam-01 --key "$OUT/rogue.pem" --bundles "$OUT/served"
 for _ in $(seq 50); do
   $FLEET status --json | grep -q untrusted-key && break
   sleep 0.2
@@ -173,6 +234,12 @@ done
 show $FLEET status
 
 step "What the device logged"
-grep -E "accepted|now serves|active|rejected" "$OUT/agent.log" | sed 's/^/  /'
+grep -E "accepted|now serves|is active|failed probation|rolled back|rejected|refused" "$OUT/agent.log" | sed 's/^/  /'
 
-printf '\n\033[1mdemo done:\033[0m the genuine bundle verified, reached cam-01 over MQTT and answered on its local API; tampered, rogue, rolled-back, expired and revoked ones were refused.\n'
+ROLLBACK_SUMMARY=$($PY -c "import json,sys; s=json.load(open(sys.argv[1])); print(s['answered'].get('1.2.0', 0), s['failed'])" "$OUT/rollback.json")
+printf '\n\033[1mdemo done in %ss:\033[0m\n' "$((SECONDS - START))"
+echo "  - tampered, rogue-signed, rolled-back, expired and revoked bundles refused offline, each with its reason"
+echo "  - 1.0.0 deployed over MQTT ($( [ -n "$MOSQUITTO" ] && [ "${DEMO_BROKER:-}" != embedded ] && echo "mosquitto, TLS, ACL" || echo "embedded broker")) and answered on the local API"
+echo "  - 1.1.0 swapped in under a stream of $($PY -c "import json; print(json.load(open('$OUT/swap.json'))['requests'])" ) requests: $SWAP_FAILED failed"
+echo "  - broken 1.2.0: answered ${ROLLBACK_SUMMARY% *}, failed ${ROLLBACK_SUMMARY#* } in probation, rolled back to 1.1.0 automatically"
+echo "  - a rogue-key deployment refused by the device (untrusted-key); cam-01 still serves 1.1.0"

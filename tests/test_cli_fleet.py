@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import _mqtt_settings, fleet_parser
 from agent.transport.messages import Phase
 from tests.broker import Broker, make_certs, tls_broker
 from tests.conftest import Keys
@@ -232,3 +233,21 @@ def test_keys_publish_reaches_devices(
         assert device.trusted.keyring.version == 2
     floors = json.loads((tmp_path / "cam-01" / "trust" / "floors.json").read_text())
     assert floors["keyring_floor"] == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "tls"), [(None, True), ("false", False), ("0", False), ("1", True)]
+)
+def test_edge_fleet_tls_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, tls: bool
+) -> None:
+    if value is None:
+        monkeypatch.delenv("EDGE_FLEET_TLS", raising=False)
+    else:
+        monkeypatch.setenv("EDGE_FLEET_TLS", value)
+    args = fleet_parser().parse_args(["status", "--broker", "127.0.0.1:1883"])
+    settings = _mqtt_settings(args) if not tls else None
+    assert args.no_tls is (not tls)
+    if settings is not None:
+        assert settings.tls is False
+        assert settings.port == 1883

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from agent.transport.messages import Phase
+from agent.fleet.control import FleetView
+from agent.transport.messages import ErrorInfo, ModelStatus, Phase, Reported
+from agent.transport.session import Incoming
 from tests.broker import Broker, make_certs, tls_broker
 from tests.conftest import Keys
 from tests.fleet import (
@@ -164,3 +167,24 @@ def test_mqtt_311_end_to_end(
     log = broker.log()
     assert "ema/v1/bundles/+/request/+" in log, "the server subscribed to the plain filter"
     assert "$share/" not in log, "no shared subscription on a 3.1.1 server"
+
+
+def test_a_refused_document_and_a_models_own_error_both_show() -> None:
+    view = FleetView(TOPICS)
+    reported = Reported(
+        device_id="cam-01",
+        agent_version="0.1.0",
+        at=datetime.now(timezone.utc),
+        models={
+            "tiny": ModelStatus(
+                phase=Phase.ROLLED_BACK,
+                version="1.1.0",
+                error=ErrorInfo(code="probation", message="51% failed"),
+            ),
+            "other": ModelStatus(phase=Phase.ACTIVE, version="2.0.0"),
+        },
+        error=ErrorInfo(code="untrusted-key", message="signed by an unknown key"),
+    )
+    view.update(Incoming(TOPICS.device("cam-01").reported, reported.to_bytes(), True))
+    errors = {row["model"]: row["error"] for row in view.rows()}
+    assert errors == {"tiny": "untrusted-key; probation", "other": "untrusted-key"}

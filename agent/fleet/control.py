@@ -155,7 +155,11 @@ class FleetView:
                         "version": m.version,
                         "phase": m.phase.value,
                         "progress": m.progress,
-                        "error": (m.error.code if m.error else None) or base["error"],
+                        # A refused document (the newest news) first, then the model's own.
+                        "error": "; ".join(
+                            str(e) for e in (base["error"], m.error.code if m.error else None) if e
+                        )
+                        or None,
                     }
                 )
         return out

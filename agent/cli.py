@@ -835,10 +835,19 @@ def _agent_serve(args: argparse.Namespace) -> int:
 
 def _agent_hardware(args: argparse.Namespace) -> int:
     from agent.bundle.reader import read_index
+    from agent.config import DEFAULT_CONFIG, load_config
     from agent.runtime.hardware import choose, probe
 
+    policy = None
+    config_file = args.config
+    if config_file is None and DEFAULT_CONFIG.is_file():
+        config_file = DEFAULT_CONFIG
+    if config_file is not None:
+        policy = load_config(config_file).runtime.policy
     profile = probe()
     doc: dict[str, Any] = {"profile": profile.model_dump(mode="json")}
+    if config_file is not None:
+        doc["config"] = str(config_file)
     doc["profile"]["accelerators"] = profile.accelerators
     failure: EdgeAgentError | None = None
     manifest = None
@@ -856,7 +865,7 @@ def _agent_hardware(args: argparse.Namespace) -> int:
             "variants": [v.id for v in manifest.variants],
         }
         try:
-            choice = choose(manifest, profile)
+            choice = choose(manifest, profile, policy)
             doc["choice"] = choice.model_dump(mode="json")
         except EdgeAgentError as exc:
             failure = exc
@@ -1070,6 +1079,13 @@ def agent_parser() -> argparse.ArgumentParser:
         "hardware", help="show what this box has and, with a bundle, which variant it would run"
     )
     h.add_argument("--bundle", type=Path, metavar="FILE", help="a bundle (.emb) to choose for")
+    h.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="choose with this agent.toml's [runtime.policy] "
+        "(default /etc/edge-agent/agent.toml where it exists)",
+    )
     h.add_argument("--json", action="store_true")
     h.set_defaults(handler=_agent_hardware)
     c = top.add_parser(

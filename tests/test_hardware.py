@@ -639,3 +639,25 @@ def test_the_isolated_probe_leaves_the_runtimes_out_of_the_caller() -> None:
     assert (arch, cores) == (here.architecture, here.cpu_cores)
     assert not openvino_loaded
     assert not ort_loaded
+
+
+def test_cli_hardware_chooses_with_the_configs_policy(
+    built: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        'device_id = "cam-01"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[trust]\n"
+        f'root = "{tmp_path / "root.json"}"\n'
+        "[runtime.policy]\n"
+        'prefer = ["tflite"]\n'
+    )
+    bundle = str(built["bundle"])
+    assert agent_main(["hardware", "--bundle", bundle, "--config", str(toml), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"] == str(toml)
+    assert doc["choice"]["variant_id"] == "tflite-fp32"
+    toml.write_text(toml.read_text().replace('prefer = ["tflite"]', "prefer = [1]"))
+    assert agent_main(["hardware", "--bundle", bundle, "--config", str(toml)]) == 2
+    assert "prefer" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from agent import __version__
 from agent._failpoints import failpoint
+from agent._lazy import release_free_memory
 from agent.bundle.blocks import BlockSource
 from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.bundle.unpack import unpack_bundle
@@ -399,6 +400,7 @@ class DeviceAgent:
                     ready = True
                     log.info("ready: %s", self.status_line())
                     notify.ready()
+                    release_free_memory()  # what start-up allocated and freed, back to the system
                 notify.status(self.status_line())
                 if status is not None:
                     self._guarded(self._publish_status, status, ready)

@@ -27,39 +27,76 @@ Errors, mapped here at the adapter edge from each runtime's own exception types:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent._lazy import lazy_module
 from agent.bundle.manifest import TensorSpec, Variant
 from agent.errors import ConfigError, EdgeAgentError, FormatError, StorageError, ToolError
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # imported on first use: an idle daemon does without
 
 log = logging.getLogger("agent.runtime")
 
 # KServe v2 datatypes <-> numpy.
-DATATYPES: Mapping[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
+_NUMPY_NAMES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
 }
-_BY_DTYPE: Mapping[np.dtype[np.generic], str] = {v: k for k, v in DATATYPES.items()}
+
+
+class _Datatypes(Mapping[str, "np.dtype[np.generic]"]):
+    """KServe datatype -> numpy dtype; names are known without numpy, dtypes on first use."""
+
+    def __init__(self) -> None:
+        self._dtypes: dict[str, np.dtype[np.generic]] | None = None
+
+    def _all(self) -> dict[str, np.dtype[np.generic]]:
+        if self._dtypes is None:
+            self._dtypes = {k: np.dtype(v) for k, v in _NUMPY_NAMES.items()}
+        return self._dtypes
+
+    def __getitem__(self, key: str) -> np.dtype[np.generic]:
+        return self._all()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in _NUMPY_NAMES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_NUMPY_NAMES)
+
+    def __len__(self) -> int:
+        return len(_NUMPY_NAMES)
+
+
+DATATYPES: Mapping[str, np.dtype[np.generic]] = _Datatypes()
+
+
+@functools.cache
+def _by_dtype() -> dict[np.dtype[np.generic], str]:
+    return {v: k for k, v in DATATYPES.items()}
 
 
 class _Settings(BaseModel):
@@ -174,7 +211,7 @@ def get_backend(key: str) -> Backend:
 def kserve_datatype(dtype: Any) -> str | None:
     """The KServe datatype of a numpy dtype (or type), None when it has none."""
     try:
-        return _BY_DTYPE.get(np.dtype(dtype))
+        return _by_dtype().get(np.dtype(dtype))
     except TypeError:
         return None
 

@@ -29,16 +29,21 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent._failpoints import failpoint
+from agent._lazy import lazy_module
 from agent.bundle.manifest import Manifest, TensorSpec, Variant
 from agent.errors import BadContentError, EdgeAgentError, FormatError, ToolError
 from agent.runtime.base import BackendSettings, LoadedModel, get_backend
 from agent.transport.messages import Phase
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # imported on first use: an idle daemon does without
 
 log = logging.getLogger("agent.serving")
 

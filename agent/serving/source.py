@@ -15,13 +15,18 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
+from agent._lazy import lazy_module
 from agent.bundle.manifest import TensorSpec
 
 __all__ = ["ModelSource", "ServedModel", "StaticSource", "TensorSpec"]
+
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # imported on first use: an idle daemon does without
 
 
 class ServedModel(Protocol):

@@ -29,16 +29,21 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent._lazy import lazy_module
 from agent._strictjson import describe_validation_error, loads
 from agent.errors import FormatError, SizeLimitError
-from agent.runtime.base import DATATYPES
+from agent.runtime.base import DATATYPES, kserve_datatype
 from agent.serving.source import ServedModel, TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # imported on first use: an idle daemon does without
 
 _KNOWN_DATATYPES = (*DATATYPES, "BYTES", "BF16")
 _MAX_DIMS = 16
@@ -333,14 +338,12 @@ def _bytes_from_json(tensor: _InputTensor, data: list[Any], count: int) -> np.nd
 
 # -- responses ---------------------------------------------------------------------------------
 
-_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
-
 
 def datatype_of(array: np.ndarray) -> str:
     """The KServe datatype of an output array (raises TypeError for one it cannot carry)."""
     if array.dtype.kind in "OSU":
         return "BYTES"
-    name = _DATATYPE_OF.get(array.dtype.newbyteorder("="))
+    name = kserve_datatype(array.dtype.newbyteorder("="))
     if name is None:
         raise TypeError(f"the model returned an array of {array.dtype}, which KServe cannot carry")
     return name

@@ -776,6 +776,10 @@ def fleet_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Drain and close within this after SIGTERM: under the unit's TimeoutStopSec (30 s).
+STOP_LIMIT_S = 25.0
+
+
 def _agent_run(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -783,6 +787,7 @@ def _agent_run(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.daemon import DeviceAgent
     from agent.logs import setup_logging
+    from agent.notify import StopDeadline
 
     setup_logging(args.verbose)
     config = load_config(args.config)
@@ -791,7 +796,11 @@ def _agent_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
-    agent.run(stop)
+    deadline = StopDeadline(stop, STOP_LIMIT_S)
+    try:
+        agent.run(stop)
+    finally:
+        deadline.done()
     return 0
 
 

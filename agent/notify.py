@@ -11,10 +11,12 @@ only when ``$WATCHDOG_PID`` is unset or names this process.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -129,3 +131,29 @@ class Notifier:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:MAX_STATUS_CHARS]
+
+
+class StopDeadline:
+    """Once ``stop`` is set, the agent has ``limit_s`` to drain and close (:meth:`done`); past
+    that, it logs where every thread stands and exits with 1, before the service manager's
+    SIGKILL (TimeoutStopSec) would end it without a word. Runs on a daemon thread."""
+
+    def __init__(
+        self, stop: threading.Event, limit_s: float, *, exit: Callable[[int], object] = os._exit
+    ) -> None:
+        self._stop, self._limit, self._exit = stop, limit_s, exit
+        self._finished = threading.Event()
+        self.thread = threading.Thread(target=self._guard, name="stop-deadline", daemon=True)
+        self.thread.start()
+
+    def done(self) -> None:
+        self._finished.set()
+        self._stop.set()  # wakes the guard, which then sees the stop finished
+
+    def _guard(self) -> None:
+        self._stop.wait()
+        if self._finished.wait(self._limit):
+            return
+        log.error("stopping took more than %.0f s; exiting now (threads below)", self._limit)
+        faulthandler.dump_traceback(all_threads=True)
+        self._exit(1)

@@ -6,6 +6,7 @@ Every wait is bounded; the socket is a real AF_UNIX datagram socket as systemd w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import STOP_LIMIT_S
 from agent.daemon import DeviceAgent, SlotEvent
-from agent.notify import Notifier, watchdog_interval
+from agent.notify import Notifier, StopDeadline, watchdog_interval
 from agent.transport.messages import Phase
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
 from tests.fleet import (
+    REPO,
     TOPICS,
     WAIT,
     active,
@@ -266,3 +269,29 @@ def test_wedged_loop_sends_no_watchdog(
     assert not thread.is_alive()
     assert not errors, errors
     assert "STOPPING=1" in listener.drain()
+
+
+def test_a_stop_that_hangs_past_the_deadline_exits_with_1() -> None:
+    exits: list[int] = []
+    stop = threading.Event()
+    deadline = StopDeadline(stop, 0.2, exit=exits.append)
+    stop.set()
+    deadline.thread.join(5)
+    assert exits == [1]
+
+
+def test_a_stop_that_finishes_in_time_does_not_exit() -> None:
+    exits: list[int] = []
+    stop = threading.Event()
+    deadline = StopDeadline(stop, 0.5, exit=exits.append)
+    stop.set()
+    deadline.done()
+    deadline.thread.join(5)
+    assert not deadline.thread.is_alive()
+    assert exits == []
+
+
+def test_the_stop_limit_is_below_the_units_stop_timeout() -> None:
+    unit = (REPO / "systemd" / "edge-agent.service").read_text()
+    timeout = float(re.search(r"^TimeoutStopSec=(\d+)", unit, re.M).group(1))  # type: ignore[union-attr]
+    assert timeout > STOP_LIMIT_S

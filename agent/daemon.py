@@ -283,6 +283,8 @@ class DeviceAgent:
                 continue
             self.documents[source] = verified
         self._reconcile()
+        # Downloads and bundles of deployments replaced while the agent was down.
+        self._collect_garbage()
 
     # -- the loop -----------------------------------------------------------------------------
     def _start_api(self) -> None:

@@ -25,6 +25,7 @@ from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
+    WAIT,
     active,
     agent,
     agent_config,
@@ -309,3 +310,37 @@ def test_a_failed_deployment_is_tried_again_when_a_new_document_names_it(
                 what="tiny active after the new document",
             )
     assert reported.models["tiny"].error is None
+
+
+def test_downloads_and_bundles_nothing_wants_are_collected_at_start(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, bundles: Path
+) -> None:
+    """A deployment replaced while the agent was down leaves a partial download and a stored
+    bundle behind: they go at the next start; what runs and what it replaced stay."""
+    envelope = serve_copy(signed("1.0.0", block_size=BLOCK, samples="none"), bundles)
+    state = tmp_path / DEVICE
+    config = agent_config(state, keys.dir, broker, DEVICE)
+    with watcher(broker) as fleet, bundle_server(broker, bundles):
+        with agent(config):
+            fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
+            fleet.wait(DEVICE, active("tiny", "1.0.0"))
+        [kept] = [p.name for p in (state / "bundles").glob("*.emb")]
+        stale = "ab" * 32
+        (state / "downloads" / stale).mkdir(parents=True)
+        (state / "downloads" / stale / "part").write_bytes(b"x" * 1000)
+        (state / "bundles" / f"{stale}.emb").write_bytes(b"old")
+        (state / "models" / "tiny" / stale).mkdir()
+        with agent(config):
+            deadline = time.monotonic() + WAIT
+            while any(
+                p.exists()
+                for p in (
+                    state / "downloads" / stale,
+                    state / "bundles" / f"{stale}.emb",
+                    state / "models" / "tiny" / stale,
+                )
+            ):
+                assert time.monotonic() < deadline, "stale state not collected"
+                time.sleep(0.05)
+            assert [p.name for p in (state / "bundles").glob("*.emb")] == [kept]
+            assert (state / "models" / "tiny" / kept.removesuffix(".emb")).is_dir()

@@ -9,16 +9,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := --extra cpu --extra openvino --extra tflite --extra build --extra systemd --extra dev
 DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config curl
+# Debian's packaging tools and the package's build dependencies: for `make deb`, and for the
+# test that builds, lints and installs the package (tests/test_deb.py).
+DEB_BUILD_PACKAGES := build-essential debhelper lintian python3-systemd
+# make deb FLAVOUR=cpu|openvino|cuda|jetson [DEB_VERSION=...]
+FLAVOUR ?= cpu
 # Never let uv fetch an interpreter: use the system's.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(shell command -v $(PYTHON))
 
-.PHONY: test demo docs lint typecheck unit bench sysdeps venv clean
+.PHONY: test demo docs lint typecheck unit bench sysdeps deb-sysdeps venv deb clean
 
 test: venv lint typecheck unit
 
-sysdeps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+sysdeps: SYSDEPS = $(DEB_PACKAGES) $(DEB_BUILD_PACKAGES)
+deb-sysdeps: SYSDEPS = $(DEB_BUILD_PACKAGES)
+sysdeps deb-sysdeps:
+	@missing=""; for p in $(SYSDEPS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -27,7 +34,7 @@ sysdeps:
 	    apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
 	      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
 	  else \
-	    echo "missing Debian packages:$$missing (run 'sudo make sysdeps')" >&2; exit 1; \
+	    echo "missing Debian packages:$$missing (run 'sudo make $@')" >&2; exit 1; \
 	  fi; \
 	fi
 
@@ -49,6 +56,10 @@ typecheck: venv
 
 unit: venv
 	$(VENV)/bin/pytest -q
+
+# dist/edge-model-agent_<version>_<arch>.deb (see packaging/README.md)
+deb: deb-sysdeps | $(UV)
+	packaging/build-deb.sh --flavour $(FLAVOUR) $(if $(DEB_VERSION),--version $(DEB_VERSION))
 
 demo: venv
 	bash docs/demo.sh

@@ -1,0 +1,409 @@
+"""The Debian package: built by packaging/build-deb.sh, judged by lintian, installed with dpkg.
+
+The package is built twice from the working tree (the changelog's version and a newer one, for
+the upgrade), offline from uv's cache, into a tmp dir. Installing it is real: dpkg -i on this
+machine, so these tests need root (CI runs as root) and a machine without the agent installed.
+The module purges it at the end even when a test fails, and deletes the edge-agent user if it
+made it. systemd is not needed: deb-systemd-invoke starts nothing where systemd is not running,
+and the daemon is started here from the package's own paths with a NOTIFY_SOCKET of ours.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent import __version__
+from agent.config import load_config
+from tests.broker import make_certs, plain_broker
+from tests.conftest import Keys
+from tests.fleet import REPO, WAIT, agent_config, write_agent_toml
+from tests.test_notify import Listener
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="installs the package with dpkg -i: needs root (CI runs as root)"
+)
+
+BUILD = REPO / "packaging" / "build-deb.sh"
+PACKAGE = "edge-model-agent"
+FLAVOURS = (PACKAGE, f"{PACKAGE}-openvino", f"{PACKAGE}-cuda", f"{PACKAGE}-jetson")
+USER = "edge-agent"
+PREFIX = Path("/opt/edge-model-agent")
+CONFFILE = Path("/etc/edge-agent/agent.toml")
+STATE = Path("/var/lib/edge-agent")
+UNIT = Path("/lib/systemd/system/edge-agent.service")
+# What the maintainer scripts and deb-systemd-helper create besides the package's files.
+MADE_AT_INSTALL = (
+    STATE,
+    Path("/etc/systemd/system/multi-user.target.wants/edge-agent.service"),
+    Path("/var/lib/systemd/deb-systemd-helper-enabled/edge-agent.service.dsh-also"),
+    Path("/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/edge-agent.service"),
+)
+
+
+@dataclass(frozen=True)
+class Deb:
+    path: Path
+    version: str
+
+
+def _run(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+def _build(out: Path, version: str | None = None) -> Deb:
+    """packaging/build-deb.sh into ``out``, offline: tests do not download."""
+    args = [str(BUILD), "--build-dir", str(out / "build"), "--dist", str(out / "dist")]
+    if version is not None:
+        args += ["--version", version]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["UV_OFFLINE"] = "1"
+    done = _run(*args, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [path] = (out / "dist").glob(f"{PACKAGE}_*.deb")
+    return Deb(path, _field(path, "Version"))
+
+
+def _field(deb: Path, name: str) -> str:
+    done = _run("dpkg-deb", "--field", str(deb), name)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _status(package: str = PACKAGE) -> str:
+    """dpkg's state of ``package``: installed, config-files, not-installed, ..."""
+    done = _run("dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", package)
+    return done.stdout.strip() if done.returncode == 0 else "not-installed"
+
+
+def _dpkg(*args: str) -> None:
+    done = _run("dpkg", *args)
+    assert done.returncode == 0, f"dpkg {' '.join(args)}\n{done.stdout}\n{done.stderr}"
+
+
+def _purge_everything() -> None:
+    for flavour in FLAVOURS:
+        if _status(flavour) != "not-installed":
+            _run("dpkg", "--purge", flavour)
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Deb:
+    return _build(tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="module")
+def newer_deb(tmp_path_factory: pytest.TempPathFactory, deb: Deb) -> Deb:
+    newer = _build(tmp_path_factory.mktemp("deb-newer"), f"{deb.version}.1")
+    assert _run("dpkg", "--compare-versions", newer.version, "gt", deb.version).returncode == 0
+    return newer
+
+
+@pytest.fixture(scope="module")
+def machine() -> Iterator[None]:
+    """This machine without the agent; purged again afterwards, and the user gone if we made it."""
+    found = {f: s for f in FLAVOURS if (s := _status(f)) != "not-installed"}
+    if found:
+        pytest.skip(f"the agent is installed on this machine ({found}); not touching it")
+    had_user = _exists_user(USER)
+    try:
+        yield
+    finally:
+        _purge_everything()
+        if not had_user and _exists_user(USER):
+            _run("userdel", USER)
+            if _exists_group(USER):
+                _run("groupdel", USER)
+
+
+@pytest.fixture
+def installed(machine: None, deb: Deb) -> Deb:
+    """``deb`` installed (again, if an earlier test removed it)."""
+    if _status() != f"installed {deb.version}":
+        _dpkg("--install", str(deb.path))
+    return deb
+
+
+def _exists_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _exists_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+# -- the package as built -----------------------------------------------------------------------
+def test_lintian_reports_no_errors(deb: Deb) -> None:
+    done = _run("lintian", "--fail-on", "error", str(deb.path), timeout=240)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    assert not [line for line in report.splitlines() if line.startswith("E:")], report
+    # Every override in packaging/debian/lintian-overrides still matches something.
+    assert "mismatched-override" not in report, report
+    assert "unused-override" not in report, report
+
+
+def test_package_fields_and_contents(deb: Deb, tmp_path: Path) -> None:
+    assert _field(deb.path, "Package") == PACKAGE
+    assert _field(deb.path, "Version").startswith(f"{__version__}-")
+    depends = {d.strip() for d in _field(deb.path, "Depends").split(",")}
+    assert {"adduser", "python3-systemd", "python3 (>= 3.11~)", "python3 (<< 3.12)"} <= depends
+    assert set(_field(deb.path, "Conflicts").replace(" ", "").split(",")) == set(FLAVOURS[1:])
+
+    root = tmp_path / "root"
+    assert _run("dpkg-deb", "--raw-extract", str(deb.path), str(root)).returncode == 0
+    assert (root / "DEBIAN" / "conffiles").read_text().split() == [str(CONFFILE)]
+    # The shipped files, as they are in the repository.
+    conf = root / CONFFILE.relative_to("/")
+    assert conf.read_bytes() == (REPO / "config" / "agent.toml").read_bytes()
+    unit = root / UNIT.relative_to("/")
+    assert unit.read_bytes() == (REPO / "systemd" / "edge-agent.service").read_bytes()
+    for command in ("edge-agent", "edge-fleet"):
+        link = root / "usr" / "bin" / command
+        assert os.readlink(link) == str(PREFIX / "bin" / command)
+        script = root / PREFIX.relative_to("/") / "bin" / command
+        assert script.read_text().startswith(f"#!{PREFIX}/bin/python\n")
+    venv = root / PREFIX.relative_to("/")
+    assert os.readlink(venv / "bin" / "python") == "/usr/bin/python3"
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    # No bytecode (postinst compiles it), no trace of the build directory, no dev tools.
+    assert not list(venv.rglob("__pycache__"))
+    assert not list(venv.rglob("*.pyc"))
+    assert not list(venv.rglob("direct_url.json"))
+    site = next(venv.glob("lib/python3*/site-packages"))
+    names = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
+    assert {"edge_model_agent", "onnxruntime", "ai_edge_litert", "numpy", "paho_mqtt"} <= names
+    assert not names & {"pytest", "mypy", "ruff", "hypothesis", "onnx", "openvino"}
+    assert os.readlink(site / "systemd") == "/usr/lib/python3/dist-packages/systemd"
+
+    # Maintainer scripts: deb-systemd-helper enables on install and purges on purge;
+    # deb-systemd-invoke restarts on upgrade (if running) and stops on remove.
+    control = root / "DEBIAN"
+    postinst = (control / "postinst").read_text()
+    assert "deb-systemd-helper enable 'edge-agent.service'" in postinst
+    assert "deb-systemd-invoke try-restart 'edge-agent.service'" in postinst
+    assert re.search(
+        r'"\$1" = remove .*\n\s*deb-systemd-invoke stop edge-agent\.service',
+        (control / "prerm").read_text(),
+    )
+    assert "deb-systemd-helper purge 'edge-agent.service'" in (control / "postrm").read_text()
+
+
+# -- installed ----------------------------------------------------------------------------------
+def test_install_makes_the_commands_the_user_and_the_state_directory(installed: Deb) -> None:
+    done = _run("/usr/bin/edge-agent", "--version")
+    assert (done.returncode, done.stdout) == (0, f"edge-agent {__version__}\n"), done.stderr
+    done = _run("/usr/bin/edge-fleet", "--version")
+    assert (done.returncode, done.stdout) == (0, f"edge-fleet {__version__}\n"), done.stderr
+
+    user = pwd.getpwnam(USER)
+    assert user.pw_uid < 1000  # a system user
+    assert user.pw_shell in ("/usr/sbin/nologin", "/bin/false")
+    groups = {g.gr_name for g in grp.getgrall() if USER in g.gr_mem}
+    for device_group in ("render", "video"):
+        assert (device_group in groups) == _exists_group(device_group), groups
+
+    st = STATE.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (user.pw_uid, user.pw_gid, 0o700)
+    assert Path("/etc/systemd/system/multi-user.target.wants/edge-agent.service").is_symlink()
+    # postinst compiled the environment's bytecode.
+    assert list((PREFIX / "lib").glob("python3*/site-packages/agent/__pycache__/*.pyc"))
+
+
+def test_hardware_lists_the_flavours_runtimes(installed: Deb) -> None:
+    done = _run("/usr/bin/edge-agent", "hardware", "--json")
+    assert done.returncode == 0, done.stderr
+    runtimes = json.loads(done.stdout)["profile"]["runtimes"]
+    assert runtimes["onnxruntime"], runtimes
+    assert runtimes["litert"], runtimes
+    assert runtimes["openvino"] is None, runtimes  # the OpenVINO flavour's
+
+
+def test_check_config_names_what_a_fresh_box_lacks(
+    installed: Deb, keys: Keys, tmp_path: Path
+) -> None:
+    shipped = load_config(CONFFILE, {})
+    done = _run("/usr/bin/edge-agent", "check-config", str(CONFFILE))
+    assert done.returncode == 2, done.stdout + done.stderr
+    problems = done.stderr.splitlines()
+    wanted = {
+        "trust.root": shipped.trust.root,
+        "mqtt.ca_file": shipped.mqtt.ca_file,
+        "mqtt.cert_file": shipped.mqtt.cert_file,
+        "mqtt.key_file": shipped.mqtt.key_file,
+    }
+    assert len(problems) == len(wanted), problems
+    for (setting, path), line in zip(wanted.items(), problems, strict=True):
+        assert setting in line, (setting, line)
+        assert str(path) in line, (path, line)
+
+    # With the trust root and the device's certificate in place, the shipped file passes.
+    certs = make_certs(tmp_path / "certs", "cam-01")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "EDGE_AGENT_TRUST__ROOT": str(keys.dir / "root.json"),
+        "EDGE_AGENT_MQTT__CA_FILE": str(certs / "ca.crt"),
+        "EDGE_AGENT_MQTT__CERT_FILE": str(certs / "cam-01.crt"),
+        "EDGE_AGENT_MQTT__KEY_FILE": str(certs / "cam-01.key"),
+    }
+    done = _run("/usr/bin/edge-agent", "check-config", str(CONFFILE), env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{CONFFILE}: ok\n"), done.stdout
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the edge-agent user can read (pytest's tmp_path is root's alone); short, for
+    sun_path."""
+    directory = Path(tempfile.mkdtemp(prefix="ead-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_installed_daemon_reaches_ready_as_its_user(
+    installed: Deb, keys: Keys, tmp_path: Path, shared_dir: Path
+) -> None:
+    user = pwd.getpwnam(USER)
+    trust = shared_dir / "trust"
+    trust.mkdir()
+    for name in ("root.json", "keyring.json"):
+        shutil.copyfile(keys.dir / name, trust / name)
+        (trust / name).chmod(0o644)
+    state = shared_dir / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, user.pw_uid, user.pw_gid)
+
+    address = str(shared_dir / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    os.chmod(address, 0o666)
+    listener = Listener(sock, address)
+
+    log = tmp_path / "agent.log"
+    with plain_broker(tmp_path) as broker, open(log, "wb") as out:
+        config = write_agent_toml(
+            agent_config(state, trust, broker, "cam-01"), shared_dir / "agent.toml"
+        )
+        config.chmod(0o644)
+        proc = subprocess.Popen(
+            [
+                "setpriv",
+                f"--reuid={USER}",
+                f"--regid={USER}",
+                "--init-groups",
+                "/usr/bin/edge-agent",
+                "run",
+                "--config",
+                str(config),
+                "-v",
+            ],
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "NOTIFY_SOCKET": address},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            try:
+                listener.wait_for("READY=1", timeout=WAIT)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{log.read_text(errors='replace')}") from None
+            # The package's interpreter and environment, as the edge-agent user, with
+            # python3-systemd's sd_notify loaded.
+            proc_dir = Path(f"/proc/{proc.pid}")
+            argv = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            assert argv[:2] == [f"{PREFIX}/bin/python".encode(), b"/usr/bin/edge-agent"], argv
+            uids = (proc_dir / "status").read_text().split("\nUid:")[1].split()[:2]
+            assert uids == [str(user.pw_uid)] * 2
+            maps = (proc_dir / "maps").read_text()
+            assert "/usr/lib/python3/dist-packages/systemd/_daemon." in maps
+            assert str(PREFIX / "lib") in maps  # the environment's compiled modules
+
+            proc.send_signal(signal.SIGTERM)
+            listener.wait_for("STOPPING=1", timeout=WAIT)
+            assert proc.wait(30) == 0, log.read_text(errors="replace")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            sock.close()
+
+
+# -- upgrade, remove, purge ---------------------------------------------------------------------
+def test_upgrade_keeps_config_and_state_remove_keeps_them_purge_leaves_nothing(
+    installed: Deb, newer_deb: Deb
+) -> None:
+    user = pwd.getpwnam(USER)
+    edited, count = re.subn(r"(?m)^device_id = .*$", 'device_id = "cam-07"', CONFFILE.read_text())
+    assert count == 1
+    CONFFILE.write_text(edited)
+    marker = STATE / "kept"
+    marker.write_text("state\n")
+    os.chown(marker, user.pw_uid, user.pw_gid)
+
+    # Upgrade: the edited conffile stays as edited (no prompt: stdin is closed), state stays.
+    _dpkg("--install", str(newer_deb.path))
+    assert _status() == f"installed {newer_deb.version}"
+    assert CONFFILE.read_text() == edited
+    assert marker.read_text() == "state\n"
+    assert STATE.stat().st_uid == user.pw_uid
+    done = _run("/usr/bin/edge-agent", "--version")
+    assert done.returncode == 0, done.stderr
+    files = _run("dpkg", "--listfiles", PACKAGE).stdout.splitlines()
+    assert str(CONFFILE) in files
+    assert str(UNIT) in files
+
+    # Remove: configuration and state stay, the program goes (bytecode included).
+    _dpkg("--remove", PACKAGE)
+    assert _status() == f"config-files {newer_deb.version}"
+    assert CONFFILE.read_text() == edited
+    assert marker.read_text() == "state\n"
+    assert not PREFIX.exists()
+    assert not os.path.lexists("/usr/bin/edge-agent")
+    assert not UNIT.exists()
+
+    # Purge: nothing of the package's is left; the system user stays (as Debian's do).
+    _dpkg("--purge", PACKAGE)
+    assert _status() == "not-installed"
+    left = [
+        path
+        for path in files
+        if os.path.lexists(path)
+        and (not os.path.isdir(path) or "edge-agent" in path or "edge-model-agent" in path)
+    ]
+    left += [str(path) for path in MADE_AT_INSTALL if os.path.lexists(path)]
+    left += [str(p) for p in Path("/var/lib/dpkg/info").glob(f"{PACKAGE}.*")]
+    assert not left, left
+    assert not CONFFILE.parent.exists()
+    assert _exists_user(USER)

@@ -38,6 +38,7 @@ from agent.transport.transfer import TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import DeploymentTarget
 from tests.broker import Broker
+from tests.models import make_onnx
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 20.0
@@ -389,6 +390,29 @@ def downloading_past(model: str, percent: float) -> Callable[[Reported], bool]:
         return m is not None and m.progress is not None and m.progress >= percent
 
     return check
+
+
+@dataclass(frozen=True)
+class TwoVersions:
+    """tiny 1.0.0 and 2.0.0, with different weights, signed and in a bundle server's directory."""
+
+    served: Path
+    models: dict[str, Path]  # "1.0.0" / "2.0.0" -> its ONNX model
+    bundles: dict[str, Path]
+    envelopes: dict[str, bytes]
+
+
+def two_versions(tmp_path: Path, signed: Callable[..., tuple[Path, bytes]]) -> TwoVersions:
+    served = tmp_path / "served"
+    served.mkdir()
+    models, bundles, envelopes = {}, {}, {}
+    for version, seed in (("1.0.0", 1), ("2.0.0", 2)):
+        models[version] = make_onnx(tmp_path / f"m{seed}.onnx", seed=seed)
+        bundles[version], envelopes[version] = signed(
+            version, models=[models[version]], block_size=4096
+        )
+        shutil.copyfile(bundles[version], served / bundles[version].name)
+    return TwoVersions(served, models, bundles, envelopes)
 
 
 def serve_copy(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -37,10 +36,11 @@ from tests.fleet import (
     agent_process,
     bundle_server,
     deployment,
+    two_versions,
     watcher,
     write_agent_toml,
 )
-from tests.models import make_onnx, reference
+from tests.models import reference
 
 
 @pytest.fixture
@@ -102,14 +102,10 @@ def test_killed_in_a_phase_the_restarted_agent_serves_and_finishes(
     tmp_path: Path, broker: Broker, keys: Keys, signed, phase: str
 ) -> None:  # type: ignore[no-untyped-def]
     assert phase in NAMES
-    served = tmp_path / "served"
-    served.mkdir()
-    models = {v: make_onnx(tmp_path / f"m{v}.onnx", seed=seed) for v, seed in (("1", 1), ("2", 2))}
-    p1, e1 = signed("1.0.0", models=[models["1"]], block_size=4096)
-    p2, e2 = signed("2.0.0", models=[models["2"]], block_size=4096)
-    for p in (p1, p2):
-        shutil.copyfile(p, served / p.name)
-    v1, v2 = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (p1, p2))
+    two = two_versions(tmp_path, signed)
+    served = two.served
+    e1, e2 = two.envelopes["1.0.0"], two.envelopes["2.0.0"]
+    v1, v2 = (hashlib.sha256(two.bundles[v].read_bytes()).hexdigest() for v in ("1.0.0", "2.0.0"))
     state = tmp_path / "cam-01"
     sock = tmp_path / "api.sock"
     config = agent_config(state, keys.dir, broker, "cam-01").model_copy(
@@ -141,7 +137,7 @@ def test_killed_in_a_phase_the_restarted_agent_serves_and_finishes(
             assert "restored tiny: active" in restart, restart[-3000:]
             version, y = _infer(sock, x)
             assert version == "2.0.0"
-            np.testing.assert_allclose(y, reference(models["2"], x), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(y, reference(two.models["2.0.0"], x), rtol=1e-5, atol=1e-5)
             _wait_clean(state, keep={v1, v2})
             _stop(proc)
     assert "Traceback" not in log.read_text()

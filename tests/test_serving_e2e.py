@@ -6,7 +6,6 @@ tritonclient is the application.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,17 @@ from agent.serving.api import ApiSettings
 from agent.transport.messages import Phase
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
-from tests.fleet import TOPICS, active, agent, agent_config, bundle_server, deployment, watcher
-from tests.models import make_onnx, reference
+from tests.fleet import (
+    TOPICS,
+    active,
+    agent,
+    agent_config,
+    bundle_server,
+    deployment,
+    two_versions,
+    watcher,
+)
+from tests.models import reference
 
 
 @pytest.fixture
@@ -54,18 +62,14 @@ def _infer(client: triton.InferenceServerClient, x: np.ndarray) -> tuple[str, np
 def test_deployed_model_answers_on_the_local_api_and_swaps_without_a_failed_request(
     tmp_path: Path, broker: Broker, keys: Keys, signed
 ) -> None:  # type: ignore[no-untyped-def]
-    served = tmp_path / "served"
-    served.mkdir()
-    models = {v: make_onnx(tmp_path / f"m{v}.onnx", seed=seed) for v, seed in (("1", 1), ("2", 2))}
-    p1, e1 = signed("1.0.0", models=[models["1"]], block_size=4096)
-    p2, e2 = signed("2.0.0", models=[models["2"]], block_size=4096)
-    for p in (p1, p2):
-        shutil.copyfile(p, served / p.name)
+    two = two_versions(tmp_path, signed)
+    served, models = two.served, two.models
+    e1, e2 = two.envelopes["1.0.0"], two.envelopes["2.0.0"]
     config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01").model_copy(
         update={"api": ApiSettings(port=0, unix_socket=tmp_path / "api.sock")}
     )
     x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
-    want = {"1.0.0": reference(models["1"], x), "2.0.0": reference(models["2"], x)}
+    want = {v: reference(m, x) for v, m in models.items()}
     desired = TOPICS.device("cam-01").desired
     with watcher(broker) as fleet, bundle_server(broker, served), agent(config) as device:
         fleet.publish(desired, deployment({"tiny": e1}, keys.release, device="cam-01", sequence=1))

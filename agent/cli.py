@@ -979,6 +979,10 @@ def _config_summary(config: AgentConfig, overrides: list[str]) -> dict[str, Any]
     }
 
 
+# What the shipped agent.toml says until a technician sets it.
+PLACEHOLDER_DEVICE_ID = "CHANGE-ME"
+
+
 def _agent_check_config(args: argparse.Namespace) -> int:
     from agent.config import ConfigProblems, env_overrides, load_config
 
@@ -993,6 +997,11 @@ def _agent_check_config(args: argparse.Namespace) -> int:
     else:
         overrides = [o.variable for o in env_overrides(os.environ)]
         summary = _config_summary(config, overrides)
+        if config.device_id == PLACEHOLDER_DEVICE_ID:
+            problems.append(
+                f"device_id: still {PLACEHOLDER_DEVICE_ID!r}; set this box's id "
+                "(the name its certificate carries)"
+            )
         problems += _check_trust(config)
         problems += _check_tls(config.mqtt)
         state_problem = _check_state_dir(config.state_dir)

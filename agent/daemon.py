@@ -56,6 +56,7 @@ from agent.bundle.verify import check_bundle_structure
 from agent.config import AgentConfig
 from agent.errors import (
     BadContentError,
+    ConfigError,
     EdgeAgentError,
     FormatError,
     SizeLimitError,
@@ -254,6 +255,11 @@ class DeviceAgent:
         try:
             shipped = cfg.root.read_bytes()
             shipped_keyring = cfg.keyring.read_bytes() if cfg.keyring else None
+        except FileNotFoundError as exc:
+            # Not set up yet (a fresh install): a config problem, which no restart fixes.
+            raise ConfigError(
+                f"trust: {exc.filename} does not exist (copy the fleet's root.json there)"
+            ) from None
         except OSError as exc:
             raise StorageError(f"cannot read the trusted root: {exc}") from None
         return self.store.load_trust(shipped, shipped_keyring, self._now())

@@ -164,3 +164,28 @@ def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
         "problems": [f"{tmp_path / 'nope.toml'} does not exist"],
         "config": None,
     }
+
+
+def test_the_shipped_placeholder_device_id_is_refused(tmp_path: Path, keys: Keys) -> None:
+    config = write(tmp_path / "agent.toml", keys)
+    config.write_text(config.read_text().replace('"cam-01"', '"CHANGE-ME"'))
+    assert_refused(check(config), "device_id: still 'CHANGE-ME'")
+
+
+def test_run_without_a_trust_root_exits_2_so_systemd_does_not_restart_it(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A fresh install before a technician copied root.json: a config problem (exit 2, which the
+    unit's RestartPreventExitStatus= keeps from a restart loop), in one line."""
+    config = write(tmp_path / "agent.toml", keys)
+    missing = tmp_path / "nowhere" / "root.json"
+    result = subprocess.run(
+        [AGENT, "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EDGE_AGENT_TRUST__ROOT": str(missing), "EDGE_AGENT_TRUST__KEYRING": ""},
+        timeout=60,
+    )
+    assert_refused(result, f"trust: {missing} does not exist")
+    unit = (Path(__file__).parent.parent / "systemd" / "edge-agent.service").read_text()
+    assert "RestartPreventExitStatus=2" in unit.splitlines()

@@ -31,7 +31,7 @@ from agent.config import load_config
 from tests.broker import make_certs, plain_broker
 from tests.conftest import Keys
 from tests.fleet import REPO, WAIT, agent_config, write_agent_toml
-from tests.test_notify import Listener
+from tests.sdnotify import Listener
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="installs the package with dpkg -i: needs root (CI runs as root)"
@@ -255,6 +255,7 @@ def test_check_config_names_what_a_fresh_box_lacks(
     assert done.returncode == 2, done.stdout + done.stderr
     problems = done.stderr.splitlines()
     wanted = {
+        "device_id": "'CHANGE-ME'",
         "trust.root": shipped.trust.root,
         "mqtt.ca_file": shipped.mqtt.ca_file,
         "mqtt.cert_file": shipped.mqtt.cert_file,
@@ -265,10 +266,11 @@ def test_check_config_names_what_a_fresh_box_lacks(
         assert setting in line, (setting, line)
         assert str(path) in line, (path, line)
 
-    # With the trust root and the device's certificate in place, the shipped file passes.
+    # With its id set, the trust root and the device's certificate in place, it passes.
     certs = make_certs(tmp_path / "certs", "cam-01")
     env = {
         "PATH": "/usr/bin:/bin",
+        "EDGE_AGENT_DEVICE_ID": "cam-01",
         "EDGE_AGENT_TRUST__ROOT": str(keys.dir / "root.json"),
         "EDGE_AGENT_MQTT__CA_FILE": str(certs / "ca.crt"),
         "EDGE_AGENT_MQTT__CERT_FILE": str(certs / "cam-01.crt"),
@@ -393,7 +395,11 @@ def test_upgrade_keeps_config_and_state_remove_keeps_them_purge_leaves_nothing(
     assert not os.path.lexists("/usr/bin/edge-agent")
     assert not UNIT.exists()
 
-    # Purge: nothing of the package's is left; the system user stays (as Debian's do).
+    # Purge: nothing of the package's is left; the system user stays (as Debian's do). What
+    # systemd makes for the running service (RuntimeDirectory=, CacheDirectory=) goes too.
+    made_by_systemd = [Path("/run/edge-agent"), Path("/var/cache/edge-agent")]
+    for directory in made_by_systemd:
+        directory.mkdir(exist_ok=True)
     _dpkg("--purge", PACKAGE)
     assert _status() == "not-installed"
     left = [
@@ -402,7 +408,7 @@ def test_upgrade_keeps_config_and_state_remove_keeps_them_purge_leaves_nothing(
         if os.path.lexists(path)
         and (not os.path.isdir(path) or "edge-agent" in path or "edge-model-agent" in path)
     ]
-    left += [str(path) for path in MADE_AT_INSTALL if os.path.lexists(path)]
+    left += [str(path) for path in (*MADE_AT_INSTALL, *made_by_systemd) if os.path.lexists(path)]
     left += [str(p) for p in Path("/var/lib/dpkg/info").glob(f"{PACKAGE}.*")]
     assert not left, left
     assert not CONFFILE.parent.exists()

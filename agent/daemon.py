@@ -40,7 +40,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,9 +133,31 @@ class Prepared:
 
     name: str
     bundle_sha256: str
+    attempt: int  # the slot's attempt it was for: a result of an older one is dropped
     stage: Literal["stored", "unpacked"]
     path: Path | None  # the stored bundle, or the unpacked directory
     error: EdgeAgentError | None
+
+
+class _Worker:
+    """One daemon thread that runs jobs in order. A daemon: a job still running when the agent
+    exits is cut short (an unpack leaves only its temporary directory, collected later), so it
+    never holds the process past its stop deadline."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()  # jobs catch what they raise
 
 
 @dataclass
@@ -156,6 +177,7 @@ class Slot:
     waiting: Path | None = None  # a verified bundle waiting for the slot's current deployment
     runtime: str | None = None  # what runs the active version
     warm_progress: float | None = None
+    attempt: int = 0  # bumped by every prepare job and every cancel: older results are stale
 
     def status(self) -> ModelStatus:
         i = self.installed
@@ -214,8 +236,9 @@ class DeviceAgent:
         self.profile = hardware.probe_isolated()
         self.hardware = reported_hardware(self.profile)
         self.inbox: queue.SimpleQueue[InboxItem | SlotEvent | Prepared] = queue.SimpleQueue()
-        # Checks and unpacks bundles, one at a time, off the loop.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # Checks and unpacks bundles, one at a time, off the loop; the bundles it works on.
+        self._prepare = _Worker("prepare")
+        self._in_flight: dict[str, int] = {}  # bundle sha -> jobs queued or running
         self.metrics = ApiMetrics()
         self.models = SlotManager(
             config.serving, on_phase=self._slot_phase, on_swap=self.metrics.on_swap
@@ -426,8 +449,7 @@ class DeviceAgent:
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
-            # An unpack cut short leaves only a temporary directory, collected later.
-            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+            self._prepare.stop()  # a job still running is cut short at exit (see _Worker)
             self.models.close()
 
     # -- service manager hooks ----------------------------------------------------------------
@@ -538,32 +560,37 @@ class DeviceAgent:
         if event.progress is not None:
             slot.warm_progress = event.progress
             self._out.reported_dirty = True
-        if restoring and slot.target is not None:
-            # A newer version is on its way (its document came while this one was restored):
-            # the phase reported is that deployment's.
-            served = self.models.describe(slot.name)
+        draft = slot.loading
+        if event.phase == Phase.ACTIVE and draft is not None:
+            self._commit(slot, draft)
+        elif event.phase in (Phase.FAILED, Phase.ROLLED_BACK):
+            slot.loading = None
+            if draft is not None and (slot.installed is None or draft.path != slot.installed.path):
+                shutil.rmtree(draft.path, ignore_errors=True)
+        served = self.models.describe(slot.name)
+        if event.phase in FINAL:
             slot.runtime = served.runtime if served is not None else None
+        if slot.target is not None and (
+            restoring
+            or draft is None
+            or draft.bundle_sha256 != slot.target.descriptor.bundle_sha256
+        ):
+            # The event is about a version the slot no longer heads for (a restore, or one a
+            # newer document replaced while the slot layer had it): its outcome is recorded
+            # above; the phase reported stays the newer deployment's.
+            if event.phase in (Phase.FAILED, Phase.ROLLED_BACK) and event.error is not None:
+                log.error("%s: %s", slot.name, event.error)
+                if served is None:  # nothing serves now: say so beside the newer phase
+                    slot.error = _error(event.error)
             self._out.reported_dirty = True
             return
         if event.phase == Phase.ACTIVE:
-            if slot.loading is not None:
-                self._commit(slot, slot.loading)
-            served = self.models.describe(slot.name)
-            slot.runtime = served.runtime if served is not None else None
             slot.error = None
-            self._phase(slot, Phase.ACTIVE)
-            return
-        if event.phase in (Phase.FAILED, Phase.ROLLED_BACK):
-            draft, slot.loading = slot.loading, None
-            if draft is not None and (slot.installed is None or draft.path != slot.installed.path):
-                shutil.rmtree(draft.path, ignore_errors=True)
-            if event.error is not None:
-                slot.error = _error(event.error)
-            served = self.models.describe(slot.name)
-            slot.runtime = served.runtime if served is not None else slot.runtime
-            self._phase(slot, event.phase)
-            return
+        elif event.phase in (Phase.FAILED, Phase.ROLLED_BACK) and event.error is not None:
+            slot.error = _error(event.error)
         self._phase(slot, event.phase)
+        if event.phase in FINAL:
+            self._reconcile()  # the document may have moved on while the slot layer worked
 
     def _commit(self, slot: Slot, installed: InstalledModel) -> None:
         """The slot layer committed a new version: the floor first, then the record."""
@@ -572,7 +599,11 @@ class DeviceAgent:
         self.trusted = trusted
         failpoint("committing")
         self.store.save_installed(installed)
-        slot.installed, slot.loading, slot.target = installed, None, None
+        slot.installed, slot.loading = installed, None
+        if slot.target is not None and slot.target.descriptor.bundle_sha256 == (
+            installed.bundle_sha256
+        ):
+            slot.target, slot.waiting = None, None
         log.info(
             "%s %s (%s) is active",
             slot.name,
@@ -734,7 +765,8 @@ class DeviceAgent:
             slot = self.slots.setdefault(name, Slot(name))
             want = verified.descriptor.bundle_sha256
             variant = doc.document.models[name].variant
-            if slot.installed is not None and slot.installed.bundle_sha256 == want:
+            serving = name in self._restoring or self.models.describe(name) is not None
+            if slot.installed is not None and slot.installed.bundle_sha256 == want and serving:
                 if slot.target is not None:
                     self._cancel(slot)
                 if name in self._restoring:  # loading what it ran before: the slot layer says when
@@ -769,8 +801,10 @@ class DeviceAgent:
     def _cancel(self, slot: Slot) -> None:
         if slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
             slot.transfer.pause()  # its download stays until the next garbage collection
-            slot.transfer = None
+        slot.transfer = None  # (past downloading it is the prepare worker's)
         slot.target = None
+        slot.waiting = None
+        slot.attempt += 1  # what the prepare worker still does for it is stale
 
     # -- transfers ----------------------------------------------------------------------------
     def _start_next(self) -> None:
@@ -791,6 +825,8 @@ class DeviceAgent:
                 slot, SizeLimitError(f"the bundle is {d.bundle_size} bytes; the limit is {cap}")
             )
             return
+        if d.bundle_sha256 in self._in_flight:
+            return  # a stale job still moves or unpacks these bytes: start once it is done
         stored = self.store.bundle_path(d.bundle_sha256)
         if stored.exists():  # fetched before (an earlier deployment, then rolled forward again)
             self._phase(slot, Phase.VERIFYING)
@@ -849,10 +885,10 @@ class DeviceAgent:
                 self._out.reported_dirty = True
             return
         self._phase(slot, Phase.VERIFYING)
-        self._prepare(slot, "stored", self._check_and_store, t)
+        self._submit(slot, "stored", self._check_and_store, t)
 
     # -- on the prepare worker ------------------------------------------------------------------
-    def _prepare(
+    def _submit(
         self,
         slot: Slot,
         stage: Literal["stored", "unpacked"],
@@ -862,6 +898,9 @@ class DeviceAgent:
         """Run ``job`` on the prepare worker; its result comes back as a :class:`Prepared`."""
         assert slot.target is not None
         name, sha = slot.name, slot.target.descriptor.bundle_sha256
+        slot.attempt += 1
+        attempt = slot.attempt
+        self._in_flight[sha] = self._in_flight.get(sha, 0) + 1
 
         def run() -> None:
             path: Path | None = None
@@ -875,9 +914,9 @@ class DeviceAgent:
             except Exception as exc:  # a bug must fail the deployment, not leave it hanging
                 log.exception("%s of %s", stage, name)
                 error = ToolError(f"{type(exc).__name__}: {exc}")
-            self.inbox.put(Prepared(name, sha, stage, path, error))
+            self.inbox.put(Prepared(name, sha, attempt, stage, path, error))
 
-        self._prepare_pool.submit(run)
+        self._prepare.submit(run)
 
     def _check_and_store(self, t: Transfer) -> Path:
         """The bytes are the signed ones (each block was checked on arrival): check the archive's
@@ -904,9 +943,13 @@ class DeviceAgent:
         return dest
 
     def _on_prepared(self, item: Prepared) -> None:
+        left = self._in_flight.pop(item.bundle_sha256, 1) - 1
+        if left:
+            self._in_flight[item.bundle_sha256] = left
         slot = self.slots.get(item.name)
         if (
             slot is None
+            or slot.attempt != item.attempt
             or slot.target is None
             or slot.target.descriptor.bundle_sha256 != item.bundle_sha256
         ):
@@ -934,11 +977,10 @@ class DeviceAgent:
             return
         d = slot.target.descriptor
         dest = self.store.model_dir(slot.name, d.bundle_sha256)
-        if slot.installed is not None and slot.installed.path == dest:
-            self._load(slot, dest)  # unpacked already: it runs (or ran) here
-            return
+        # Unpacked again even where it is the installed version's directory: loading that one
+        # again means its copy did not serve (its restore failed), so the copy is suspect.
         self._phase(slot, Phase.UNPACKING)
-        self._prepare(slot, "unpacked", self._unpack, bundle, dest, d.manifest_sha256)
+        self._submit(slot, "unpacked", self._unpack, bundle, dest, d.manifest_sha256)
 
     def _load(self, slot: Slot, dest: Path) -> None:
         """Choose the unpacked bundle's variant and runtime, and hand it to the slot layer."""
@@ -954,7 +996,13 @@ class DeviceAgent:
                 variant=slot.variant,
                 deployment_id=slot.deployment_id,
                 path=dest,
-                previous_sha256=slot.installed.bundle_sha256 if slot.installed else None,
+                previous_sha256=(
+                    None
+                    if slot.installed is None
+                    else slot.installed.previous_sha256
+                    if slot.installed.bundle_sha256 == d.bundle_sha256  # loaded again
+                    else slot.installed.bundle_sha256
+                ),
             )
             candidate = self._candidate(slot.name, draft)
             hardware.check_memory(
@@ -1012,15 +1060,11 @@ class DeviceAgent:
                     keep.add(slot.installed.previous_sha256)
             if slot.target is not None:
                 keep.add(slot.target.descriptor.bundle_sha256)
-
-        def collect() -> None:
-            try:
-                self.store.collect_garbage(keep)
-            except OSError as exc:
-                log.warning("garbage collection: %s", exc)
-
-        # On the prepare worker: never beside an unpack, whose temporary directory it would take.
-        self._prepare_pool.submit(collect)
+        try:
+            # On the loop, where the state is whole; what the prepare worker has is left alone.
+            self.store.collect_garbage(keep, busy=self._in_flight)
+        except OSError as exc:
+            log.warning("garbage collection: %s", exc)
 
     # -- trust ----------------------------------------------------------------------------
     def _on_trust(self, item: Incoming) -> None:

@@ -75,6 +75,9 @@ class InstalledModel(BaseModel):
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # Slot records load_installed could not read (an I/O error, not bad content): while
+        # there are any, collect_garbage would not know what they keep, so it does nothing.
+        self.unreadable: list[Path] = []
         for sub in ("trust", "desired", "downloads", "bundles", "models", "slots"):
             try:
                 (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -224,7 +227,11 @@ class StateStore:
             try:
                 data = path.read_bytes()
                 installed = parse_model(InstalledModel, data, what=str(path), max_bytes=1 << 16)
-            except (OSError, BadContentError) as exc:
+            except OSError as exc:
+                log.error("cannot read %s: %s", path, exc)
+                self.unreadable.append(path)
+                continue
+            except BadContentError as exc:
                 log.error("ignoring %s: %s", path, exc)
                 continue
             if installed.model != path.stem or not installed.path.is_dir():
@@ -242,9 +249,18 @@ class StateStore:
             raise StorageError(f"cannot remove {path}: {exc.strerror}") from None
         shutil.rmtree(self.root / "models" / name, ignore_errors=True)
 
-    def collect_garbage(self, keep: Iterable[str]) -> list[str]:
-        """Remove stored bundles, unpacked copies and downloads not in ``keep``; return them."""
-        keep = set(keep)
+    def collect_garbage(self, keep: Iterable[str], busy: Iterable[str] = ()) -> list[str]:
+        """Remove stored bundles, unpacked copies and downloads not in ``keep``; return them.
+
+        Nothing of a bundle in ``busy`` (being checked, moved or unpacked elsewhere) is touched,
+        not even an unpack's temporary directory. Nothing at all while a slot record could not
+        be read (see ``unreadable``).
+        """
+        if self.unreadable:
+            log.warning("not collecting garbage: %s could not be read", self.unreadable[0])
+            return []
+        busy = set(busy)
+        keep = set(keep) | busy
         removed = []
         for path in (self.root / "bundles").iterdir():
             if path.name.split(".", 1)[0] not in keep and path.suffix in (".emb", ".blocks"):
@@ -255,9 +271,9 @@ class StateStore:
             if model_dir.is_dir():
                 for unpacked in model_dir.iterdir():
                     # Names are SHA-256s, or ".{sha256}.*.unpack" left by an interrupted unpack.
-                    if unpacked.name.lstrip(".").split(".", 1)[
-                        0
-                    ] not in keep or unpacked.name.endswith(".unpack"):
+                    sha = unpacked.name.lstrip(".").split(".", 1)[0]
+                    partial = unpacked.name.endswith(".unpack")
+                    if sha not in keep or (partial and sha not in busy):
                         shutil.rmtree(unpacked, ignore_errors=True)
         for download in (self.root / "downloads").iterdir():
             if download.name not in keep:

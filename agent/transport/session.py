@@ -349,6 +349,10 @@ class Session:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
+        # paho's wake-up socket pair (a loopback TCP pair its loop() makes): nothing else
+        # closes it, and each stopped session would leave two descriptors behind.
+        with contextlib.suppress(AttributeError, OSError):
+            self._client._reset_sockets(sockpair_only=True)
         self.connected.clear()
         self._thread = None
 

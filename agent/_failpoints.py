@@ -16,11 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
 ENV = "EDGE_FAILPOINTS"  # not EDGE_AGENT_*: those are config overrides
 NAMES = frozenset({"verifying", "unpacking", "loading", "probation", "committing"})
 
 _ARMED = frozenset(n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip())
+if _ARMED - NAMES:  # a typo would arm nothing, and the test that set it would prove nothing
+    print(
+        f"{ENV}: unknown failpoints {sorted(_ARMED - NAMES)}; known: {sorted(NAMES)}",
+        file=sys.stderr,
+    )
 
 log = logging.getLogger("agent")
 

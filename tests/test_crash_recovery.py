@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +162,14 @@ def _wait_clean(state: Path, keep: set[str]) -> None:
             return
         assert time.monotonic() < deadline, f"left behind: {left}"
         time.sleep(0.1)
+
+
+def test_an_unknown_failpoint_name_is_said() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import agent._failpoints"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, ENV: "unpacking,unpackin"},
+        check=True,
+    )
+    assert "unknown failpoints ['unpackin']" in done.stderr

@@ -124,7 +124,10 @@ def machine() -> Iterator[None]:
     """This machine without the agent; purged again afterwards, and the user gone if we made it."""
     found = {f: s for f in FLAVOURS if (s := _status(f)) != "not-installed"}
     if found:
-        pytest.skip(f"the agent is installed on this machine ({found}); not touching it")
+        pytest.fail(
+            f"the agent is installed on this machine ({found}): these tests would replace and "
+            "purge it; remove it first (dpkg -P)"
+        )
     had_user = _exists_user(USER)
     try:
         yield

@@ -163,14 +163,19 @@ class Transfer:
                 raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from None
             self._load_block_list()
             if self.state == "blocks":
-                self._open_part()
-                self._load_bitmap()
-                self._reuse_local()
-                self._plan()
+                self._begin_blocks()
         except EdgeAgentError as exc:
             self.fail(exc)
             return
         self._pump(now)
+
+    def _begin_blocks(self) -> None:
+        """With the block list in hand (stored, or just fetched): the part file, the bitmap of
+        an earlier run, blocks held locally, then the plan of what to ask for."""
+        self._open_part()
+        self._load_bitmap()
+        self._reuse_local()
+        self._plan()
 
     def _load_block_list(self) -> None:
         data = read_if_exists(self.block_list_path)
@@ -408,10 +413,7 @@ class Transfer:
             atomic_write_bytes(self.block_list_path, whole, 0o600)
             self._block_list = whole
             self.state = "blocks"
-            self._open_part()
-            self._load_bitmap()
-            self._reuse_local()
-            self._plan()
+            self._begin_blocks()
         except EdgeAgentError as exc:
             self.fail(exc)
 

@@ -567,8 +567,9 @@ class DeviceAgent:
             slot.loading = None
             if draft is not None and (slot.installed is None or draft.path != slot.installed.path):
                 shutil.rmtree(draft.path, ignore_errors=True)
-        served = self.models.describe(slot.name)
+        served = None
         if event.phase in FINAL:
+            served = self.models.describe(slot.name)
             slot.runtime = served.runtime if served is not None else None
         if slot.target is not None and (
             restoring

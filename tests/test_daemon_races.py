@@ -16,6 +16,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,15 +31,22 @@ from tests.models import make_onnx
 DEVICE = "cam-01"
 
 
-@pytest.fixture
-def device(tmp_path: Path, keys: Keys) -> Iterator[DeviceAgent]:
-    nowhere = types.SimpleNamespace(host="127.0.0.1", port=1, certs=None)  # never connected
+@contextmanager
+def offline_agent(tmp_path: Path, keys: Keys) -> Iterator[DeviceAgent]:
+    """An agent on ``tmp_path``/state whose session is never started; closed on exit."""
+    nowhere = types.SimpleNamespace(host="127.0.0.1", port=1, certs=None)
     dev = DeviceAgent(agent_config(tmp_path / "state", keys.dir, nowhere, DEVICE))  # type: ignore[arg-type]
     try:
         yield dev
     finally:
         dev._prepare.stop()
         dev.models.close()
+
+
+@pytest.fixture
+def device(tmp_path: Path, keys: Keys) -> Iterator[DeviceAgent]:
+    with offline_agent(tmp_path, keys) as dev:
+        yield dev
 
 
 def stored(dev: DeviceAgent, tmp_path: Path, signed, version: str, seed: int) -> tuple[bytes, str]:  # type: ignore[no-untyped-def]
@@ -152,23 +160,16 @@ def test_garbage_collection_leaves_a_bundle_the_worker_still_has(
 def test_a_model_whose_restore_failed_is_reported_and_loaded_again(
     tmp_path: Path, keys: Keys, signed, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
-    nowhere = types.SimpleNamespace(host="127.0.0.1", port=1, certs=None)
-    config = agent_config(tmp_path / "state", keys.dir, nowhere, DEVICE)  # type: ignore[arg-type]
-    dev = DeviceAgent(config)
-    try:
+    with offline_agent(tmp_path, keys) as dev:
         e1, _ = stored(dev, tmp_path, signed, "1.0.0", 1)
         publish(dev, keys, e1, 1)
         run_until(dev, runs(dev, "1.0.0"), "1.0.0 active")
-    finally:
-        dev._prepare.stop()
-        dev.models.close()
     # The unpacked model loses its weights (a bad sector): the restore fails ...
     installed = dev.slots["tiny"].installed
     assert installed is not None
     for onnx_file in installed.path.rglob("*.onnx"):
         onnx_file.write_bytes(b"not a model")
-    again = DeviceAgent(config)
-    try:
+    with offline_agent(tmp_path, keys) as again:
         run_until(
             again,
             lambda: (
@@ -183,6 +184,3 @@ def test_a_model_whose_restore_failed_is_reported_and_loaded_again(
         assert failed, [r.getMessage() for r in caplog.records]
         assert failed[0].levelno == logging.WARNING
         assert again.slots["tiny"].error is None
-    finally:
-        again._prepare.stop()
-        again.models.close()

@@ -8,6 +8,9 @@ that a power cut in any phase of a deployment leaves a box that serves and finis
     unpacking   the first member of the bundle is written, the rest not yet
     loading     the runtime has loaded the new version, warm-up not yet begun
     probation   the new version serves, on probation, not yet committed
+    rolling-back  the new version failed probation and that verdict is on disk; it still
+                serves, the last good version is not loaded again yet
+    rolled-back the last good version serves again; the loop has not heard of it yet
     committing  the new release floor is on disk, the slot record not yet
 """
 
@@ -19,7 +22,9 @@ import signal
 import sys
 
 ENV = "EDGE_FAILPOINTS"  # not EDGE_AGENT_*: those are config overrides
-NAMES = frozenset({"verifying", "unpacking", "loading", "probation", "committing"})
+NAMES = frozenset(
+    {"verifying", "unpacking", "loading", "probation", "rolling-back", "rolled-back", "committing"}
+)
 
 _ARMED = frozenset(n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip())
 if _ARMED - NAMES:  # a typo would arm nothing, and the test that set it would prove nothing

@@ -7,8 +7,10 @@ load call), the backend's ``load`` is wrapped for that test only, and the test s
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +19,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.errors import ToolError
 from agent.runtime.base import get_backend
-from agent.serving.slots import Candidate, SlotManager, SlotSettings
+from agent.serving.slots import Candidate, SlotManager, SlotSettings, Version
 from agent.transport.messages import Phase
 from tests.models import make_onnx, reference, slot_candidate
 
@@ -271,3 +274,101 @@ def _probation_rollback(manager: SlotManager, phases: Phases, candidate, tmp_pat
     assert phases.phases("tiny")[-1] == Phase.ROLLED_BACK
     _assert_untouched(manager)
     assert "ToolError" in outcomes, "the new version failed the stream's batches"
+
+
+# -- the slot layer's own races ------------------------------------------------------------------
+class _SlowToClose:
+    """A loaded model whose close takes a while: two closers overlap inside it."""
+
+    runtime = "stand-in"
+
+    def __init__(self) -> None:
+        self.inputs: list[object] = []
+        self.outputs: list[object] = []
+        self.closes = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closes += 1
+        time.sleep(0.2)
+
+
+def test_a_retired_version_frees_its_model_once(candidate) -> None:  # type: ignore[no-untyped-def]
+    """The drain thread and the last lease both close a retired version; the runtime is freed
+    once. (A stand-in model: the overlap needs a close that takes time.)"""
+    loaded = _SlowToClose()
+    version = Version(candidate("1.0.0"), loaded)  # type: ignore[arg-type]
+    start = threading.Barrier(2)
+
+    def closer() -> None:
+        start.wait(5)
+        version.close()
+
+    threads = [threading.Thread(target=closer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert version.closed.is_set()
+    assert loaded.closes == 1
+
+
+@contextlib.contextmanager
+def _held_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[object]]]:
+    """Loads wait for the event; the models they made are listed. (Injected: a real load cannot
+    be held at will.)"""
+    backend = get_backend("onnxruntime")
+    real_load = backend.load
+    release = threading.Event()
+    made: list[object] = []
+
+    def held(*args: object, **kw: object) -> object:
+        release.wait(30)
+        model = real_load(*args, **kw)  # type: ignore[arg-type]
+        made.append(model)
+        return model
+
+    monkeypatch.setattr(backend, "load", held)
+    try:
+        yield release, made
+    finally:
+        release.set()
+
+
+def test_restore_waits_its_turn_behind_a_deployment(
+    slots, candidate, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    manager, _ = slots
+    v1, v2 = candidate("1.0.0"), candidate("2.0.0", seed=2)
+    with _held_load(monkeypatch) as (release, _):
+        job = manager.deploy(v2)
+        with pytest.raises(ToolError, match="being deployed already"):
+            manager.restore(v1)
+        release.set()
+        assert job.result(timeout=30) == Phase.ACTIVE
+    version, _ = _infer(manager, np.ones((1, 16), dtype=np.float32))
+    assert version == "2.0.0"
+
+
+@pytest.mark.parametrize("how", ["remove", "close"])
+def test_a_model_removed_while_it_loads_is_freed_not_served(
+    candidate, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:  # type: ignore[no-untyped-def]
+    phases = Phases()
+    manager = SlotManager(FAST, on_phase=phases)
+    try:
+        with _held_load(monkeypatch) as (release, made):
+            job = manager.deploy(candidate("1.0.0"))
+            manager.remove("tiny") if how == "remove" else manager.close()
+            release.set()
+            assert job.result(timeout=30) == Phase.FAILED
+        assert manager.names() == []
+        assert manager.describe("tiny") is None
+        assert len(made) == 1
+        assert made[0]._closed  # type: ignore[attr-defined]
+        if how == "close":
+            with pytest.raises(ToolError, match="closed"):
+                manager.deploy(candidate("2.0.0", seed=2))
+    finally:
+        manager.close()

@@ -138,6 +138,8 @@ class Version:
         self.leases = 0
         self.retired = False
         self.closed = threading.Event()
+        # The drain thread and the last lease may both close a retired version: once only.
+        self._close_lock = threading.Lock()
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -153,13 +155,14 @@ class Version:
             self.stats.record(time.perf_counter() - start, ok)
 
     def close(self) -> None:
-        if self.closed.is_set():
-            return
-        try:
-            self.loaded.close()
-        except Exception:  # a runtime failing to free must not take the slot down
-            log.exception("closing %s %s", self.name, self.version)
-        self.closed.set()
+        with self._close_lock:
+            if self.closed.is_set():
+                return
+            try:
+                self.loaded.close()
+            except Exception:  # a runtime failing to free must not take the slot down
+                log.exception("closing %s %s", self.name, self.version)
+            self.closed.set()
 
 
 @dataclass
@@ -169,9 +172,14 @@ class Slot:
     active: Version | None = None
     last_good: Candidate | None = None  # what a rollback loads again
     job: Future[Phase] | None = None
+    removed: bool = False  # no longer the manager's: a version its job loads is closed at once
 
 
 PhaseCallback = Callable[[str, Phase, "EdgeAgentError | None", float | None], None]
+# (model, bundle sha256, why): a version failed its probation. Called on the slot's worker
+# thread before the last good version is swapped back in; it may block until the verdict is
+# recorded (the daemon's waits for its loop to write it to disk).
+VerdictCallback = Callable[[str, str, EdgeAgentError], None]
 
 
 class SlotManager:
@@ -183,12 +191,15 @@ class SlotManager:
         *,
         on_phase: PhaseCallback | None = None,
         on_swap: Callable[[str, str, bool], None] | None = None,
+        on_verdict: VerdictCallback | None = None,
     ) -> None:
         self.settings = settings or SlotSettings()
         self._slots: dict[str, Slot] = {}
         self._lock = threading.Lock()
         self._on_phase = on_phase or (lambda *_: None)
         self._on_swap = on_swap or (lambda *_: None)
+        self._on_verdict = on_verdict or (lambda *_: None)
+        self._closed = False
 
     # -- the API's ModelSource --------------------------------------------------------------
     def names(self) -> list[str]:
@@ -233,10 +244,7 @@ class SlotManager:
         """Load ``candidate`` beside the active version and swap it in; returns the final phase."""
         future: Future[Phase] = Future()
         with self._lock:
-            slot = self._slots.setdefault(candidate.name, Slot(candidate.name))
-            if slot.job is not None and not slot.job.done():
-                raise ToolError(f"{candidate.name} is being deployed already")
-            slot.job = future
+            slot = self._claim(candidate.name, future)
         thread = threading.Thread(
             target=self._run,
             args=(slot, candidate, future),
@@ -249,10 +257,9 @@ class SlotManager:
     def restore(self, candidate: Candidate) -> Future[Phase]:
         """Serve a version that was committed before (at start-up): load and warm it, no
         self-test, no probation. Phases go to ``on_phase`` as for :meth:`deploy`."""
-        with self._lock:
-            slot = self._slots.setdefault(candidate.name, Slot(candidate.name))
         future: Future[Phase] = Future()
-        slot.job = future
+        with self._lock:
+            slot = self._claim(candidate.name, future)
 
         def run() -> None:
             try:
@@ -267,13 +274,25 @@ class SlotManager:
                 self._phase(candidate.name, Phase.FAILED, err)
                 future.set_result(Phase.FAILED)
                 return
-            self._swap(slot, version)
+            if not self._swap(slot, version):
+                future.set_result(Phase.FAILED)
+                return
             slot.last_good = candidate
             self._phase(candidate.name, Phase.ACTIVE)
             future.set_result(Phase.ACTIVE)
 
         threading.Thread(target=run, name=f"slot-{candidate.name}", daemon=True).start()
         return future
+
+    def _claim(self, name: str, job: Future[Phase]) -> Slot:
+        """The slot of ``name`` with ``job`` as its deployment (under ``self._lock``)."""
+        if self._closed:
+            raise ToolError(f"cannot deploy {name}: the slot manager is closed")
+        slot = self._slots.setdefault(name, Slot(name))
+        if slot.job is not None and not slot.job.done():
+            raise ToolError(f"{name} is being deployed already")
+        slot.job = job
+        return slot
 
     def busy(self, name: str) -> bool:
         """A deployment of ``name`` is under way (a new one must wait for it)."""
@@ -288,11 +307,16 @@ class SlotManager:
             return
         with slot.lock:
             old, slot.active = slot.active, None
+            slot.removed = True
         if old is not None:
             self._retire(slot, old)
 
     def close(self) -> None:
-        for name in list(self._slots):
+        """Stop serving every model; deployments still loading close what they load."""
+        with self._lock:
+            self._closed = True
+            names = list(self._slots)
+        for name in names:
             self.remove(name)
 
     def _phase(
@@ -326,7 +350,9 @@ class SlotManager:
         with slot.lock:
             replaced = slot.active
         baseline = replaced.stats.snapshot() if replaced is not None else None
-        self._swap(slot, version)
+        if not self._swap(slot, version):
+            future.set_result(Phase.FAILED)
+            return
         self._phase(candidate.name, Phase.PROBATION)
         failpoint("probation")
         steady = baseline[2] if baseline is not None and baseline[0] >= LATENCY_SAMPLES else None
@@ -338,8 +364,19 @@ class SlotManager:
             future.set_result(Phase.ACTIVE)
             return
         log.error("%s %s failed probation: %s", candidate.name, candidate.version, problem)
-        self._rollback(slot, version, previous, problem)
+        error = ProbationError(problem)
+        # The verdict is recorded before anything is swapped back, so that a restart at any
+        # later instant knows this version failed and does not try it again.
+        self._verdict(candidate, error)
+        failpoint("rolling-back")
+        self._rollback(slot, version, previous, error)
         future.set_result(Phase.ROLLED_BACK)
+
+    def _verdict(self, candidate: Candidate, error: EdgeAgentError) -> None:
+        try:
+            self._on_verdict(candidate.name, candidate.bundle_sha256, error)
+        except Exception:
+            log.exception("verdict callback")
 
     def _prepare(self, candidate: Candidate, *, self_test: bool = True) -> Version:
         self._phase(candidate.name, Phase.LOADING)
@@ -386,9 +423,16 @@ class SlotManager:
                 f"{self.settings.load_timeout_s:.0f} s"
             ) from None
 
-    def _swap(self, slot: Slot, version: Version) -> None:
+    def _swap(self, slot: Slot, version: Version) -> bool:
+        """Make ``version`` the active one; False (and ``version`` closed) if the slot is gone."""
         with slot.lock:
-            old, slot.active = slot.active, version
+            removed = slot.removed
+            if not removed:
+                old, slot.active = slot.active, version
+        if removed:  # removed (or the manager closed) while this version loaded
+            log.info("%s was removed: closing %s unused", slot.name, version.version)
+            version.close()
+            return False
         log.info(
             "%s now serves %s (%s)%s",
             slot.name,
@@ -398,6 +442,7 @@ class SlotManager:
         )
         if old is not None:
             self._retire(slot, old)
+        return True
 
     def _retire(self, slot: Slot, old: Version) -> None:
         """Close ``old`` once its in-flight requests end (bounded by the drain timeout)."""
@@ -453,8 +498,10 @@ class SlotManager:
             )
         return None
 
-    def _rollback(self, slot: Slot, failed: Version, previous: Candidate | None, why: str) -> None:
-        error = ProbationError(why)
+    def _rollback(
+        self, slot: Slot, failed: Version, previous: Candidate | None, error: ProbationError
+    ) -> None:
+        why = str(error)
         if previous is None:
             # Nothing to go back to: keep serving the new version rather than nothing.
             log.error(
@@ -468,7 +515,9 @@ class SlotManager:
             log.exception("%s: rolling back to %s failed", slot.name, previous.version)
             self._phase(slot.name, Phase.FAILED, ProbationError(f"{why}; rollback failed: {exc}"))
             return
-        self._swap(slot, restored)
+        if not self._swap(slot, restored):
+            return
+        failpoint("rolled-back")
         self._on_swap(slot.name, previous.version, True)
         self._phase(slot.name, Phase.ROLLED_BACK, error)
 

@@ -51,7 +51,7 @@ from agent._lazy import release_free_memory
 from agent.bundle.blocks import BlockSource
 from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.bundle.unpack import unpack_bundle
-from agent.bundle.verify import check_bundle_structure
+from agent.bundle.verify import check_bundle
 from agent.config import AgentConfig
 from agent.errors import (
     BadContentError,
@@ -920,10 +920,10 @@ class DeviceAgent:
         self._prepare.submit(run)
 
     def _check_and_store(self, t: Transfer) -> Path:
-        """The bytes are the signed ones (each block was checked on arrival): check the archive's
-        structure against the signed manifest, then move it to ``bundles/``."""
+        """The bytes are the signed ones (each block was checked on arrival): check the archive
+        and its members against the signed manifest, then move it to ``bundles/``."""
         d = t.descriptor
-        check_bundle_structure(t.part_path, d, self.config.limits)
+        check_bundle(t.part_path, d, self.config.limits, bytes_checked=True)
         failpoint("verifying")
         stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
         try:

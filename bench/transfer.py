@@ -62,7 +62,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.bundle.manifest import DEFAULT_BLOCK_SIZE
-from agent.bundle.verify import check_bundle_structure
+from agent.bundle.verify import check_bundle
 from agent.config import load_config
 from agent.daemon import DeviceAgent
 from agent.errors import EdgeAgentError
@@ -776,7 +776,7 @@ def many_run(
                 raise RuntimeError(f"{d.id}: {t.error}")
             if t.state != "done" or d.done_at is not None:
                 return
-            check_bundle_structure(t.part_path, bundle.descriptor)
+            check_bundle(t.part_path, bundle.descriptor, bytes_checked=True)
             d.done_at = time.monotonic()
             busy.discard(d.id)
 
@@ -1014,7 +1014,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "devices_method": (
                 "in-process Transfers, one Session (client id) each, all driven by one thread "
-                "as DeviceAgent drives one, each checked with check_bundle_structure as DeviceAgent does"
+                "as DeviceAgent drives one, each checked with check_bundle as DeviceAgent does"
             ),
             "bundle_mib": round(big.size / MiB, 2),
             "bundle_sha256": big.descriptor.bundle_sha256,

@@ -1,4 +1,14 @@
-"""Checking a bundle file against a signed descriptor, and the whole verification in one call."""
+"""Checking a bundle file against a signed descriptor, and the whole verification in one call.
+
+:func:`check_bundle` is the one check a bundle passes before anything installs or serves it:
+the device's agent (before it stores a download), ``edge-fleet bundle verify`` and ``edge-agent
+serve`` all call it, so an operator's "verified" means what a device means. It checks
+
+1. the bytes: size, SHA-256 and block list against the descriptor (skipped where every block was
+   already checked against the signed block list as it arrived);
+2. the structure: the archive's index, and its manifest against the one the descriptor signs;
+3. the members: each one hashed and compared with the SHA-256 its manifest entry lists.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +47,36 @@ def _diagnose(path: Path, descriptor: BundleDescriptor, limits: BundleLimits) ->
     return "the archive's padding or headers were altered"
 
 
+def check_bundle(
+    path: Path,
+    descriptor: BundleDescriptor,
+    limits: BundleLimits | None = None,
+    *,
+    bytes_checked: bool = False,
+) -> BundleIndex:
+    """Every check of the module docstring, in order; ``bytes_checked`` skips the first (a
+    download whose blocks were each checked on arrival against the signed block list)."""
+    index = (
+        check_bundle_structure(path, descriptor, limits)
+        if bytes_checked
+        else check_bundle_bytes(path, descriptor, limits)
+    )
+    try:
+        with open(path, "rb") as f:
+            check_members(f, index)
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return index
+
+
 def check_bundle_file(
+    path: Path, descriptor: BundleDescriptor, limits: BundleLimits | None = None
+) -> BundleIndex:
+    """:func:`check_bundle` of a file whose bytes are not known yet."""
+    return check_bundle(path, descriptor, limits)
+
+
+def check_bundle_bytes(
     path: Path, descriptor: BundleDescriptor, limits: BundleLimits | None = None
 ) -> BundleIndex:
     """Check the bytes of ``path`` against ``descriptor``: size, SHA-256, block list, manifest."""
@@ -72,11 +111,7 @@ def check_bundle_file(
 def check_bundle_structure(
     path: Path, descriptor: BundleDescriptor, limits: BundleLimits | None = None
 ) -> BundleIndex:
-    """Read the archive's index and compare its manifest with what the descriptor signs.
-
-    For a file whose bytes are known to be the signed ones already (every block checked against
-    the signed block-hash list on arrival), this is the rest of :func:`check_bundle_file`.
-    """
+    """Read the archive's index and compare its manifest with what the descriptor signs."""
     limits = limits or BundleLimits()
     try:
         with open(path, "rb") as f:
@@ -100,7 +135,7 @@ def verify_bundle(
     now: datetime,
     limits: BundleLimits | None = None,
 ) -> VerifiedBundle:
-    """Verify the descriptor envelope, then the bundle file against it."""
+    """Verify the descriptor envelope, then the bundle file against it (:func:`check_bundle`)."""
     verified = state.verify_descriptor(envelope, now)
     index = check_bundle_file(path, verified.descriptor, limits)
     return VerifiedBundle(

@@ -914,19 +914,24 @@ def _check_state_dir(state_dir: Path) -> str | None:
     return None
 
 
-def _check_trust(config: AgentConfig) -> list[str]:
+def _check_trust(config: AgentConfig, warnings: list[str]) -> list[str]:
+    """Problems with the trust files; ``warnings`` gets what does not stop the agent but
+    stops it deploying (no keyring yet)."""
     from agent.trust.verifier import TrustedState
 
     problems = []
+    now = _now(None)
     try:
         state = TrustedState.from_root(config.trust.root.read_bytes())
+        state.check_root_fresh(now)
     except OSError as exc:
         return [f"trust.root: cannot read {config.trust.root}: {exc.strerror}"]
     except BadContentError as exc:
         return [f"trust.root: {config.trust.root} is not a usable root ({exc.code}): {exc}"]
+    keyring = None
     if config.trust.keyring is not None:
         try:
-            state.update_keyring(config.trust.keyring.read_bytes(), _now(None))
+            keyring = state.update_keyring(config.trust.keyring.read_bytes(), now).keyring
         except OSError as exc:
             problems.append(f"trust.keyring: cannot read {config.trust.keyring}: {exc.strerror}")
         except BadContentError as exc:
@@ -934,6 +939,18 @@ def _check_trust(config: AgentConfig) -> list[str]:
                 f"trust.keyring: {config.trust.keyring} does not verify against "
                 f"{config.trust.root} ({exc.code}): {exc}"
             )
+    if keyring is None and not problems:
+        # One received since (the trust topic), kept in the state directory?
+        stored = config.state_dir / "trust" / "keyring.json"
+        try:
+            keyring = state.update_keyring(stored.read_bytes(), now).keyring
+        except (OSError, BadContentError):
+            keyring = None
+    if keyring is None and not problems:
+        warnings.append(
+            "trust: no keyring yet, so this box cannot verify any deployment: it takes one "
+            "from the fleet's trust topic ('edge-fleet keys publish'), or set [trust] keyring"
+        )
     return problems
 
 
@@ -987,6 +1004,7 @@ def _agent_check_config(args: argparse.Namespace) -> int:
     from agent.config import ConfigProblems, env_overrides, load_config
 
     problems: list[str] = []
+    warnings: list[str] = []
     load_problems: tuple[str, ...] = ()
     summary: dict[str, Any] | None = None
     try:
@@ -1002,13 +1020,19 @@ def _agent_check_config(args: argparse.Namespace) -> int:
                 f"device_id: still {PLACEHOLDER_DEVICE_ID!r}; set this box's id "
                 "(the name its certificate carries)"
             )
-        problems += _check_trust(config)
+        problems += _check_trust(config, warnings)
         problems += _check_tls(config.mqtt)
         state_problem = _check_state_dir(config.state_dir)
         if state_problem:
             problems.append(state_problem)
     if args.json:
-        doc = {"file": str(args.file), "ok": not problems, "problems": problems, "config": summary}
+        doc = {
+            "file": str(args.file),
+            "ok": not problems,
+            "problems": problems,
+            "warnings": warnings,
+            "config": summary,
+        }
         print(json.dumps(doc, indent=2))
     if problems:
         for line in problems:
@@ -1016,6 +1040,9 @@ def _agent_check_config(args: argparse.Namespace) -> int:
             where = "" if line.startswith(load_problems) else f"{args.file}: "
             print(f"edge-agent: error: {where}{line}", file=sys.stderr)
         return 2
+    if not args.json:
+        for line in warnings:
+            print(f"edge-agent: warning: {args.file}: {line}", file=sys.stderr)
     if not args.json and summary is not None:
         s = summary
         print(f"{args.file}: ok")

@@ -56,6 +56,7 @@ from agent.config import AgentConfig
 from agent.errors import (
     BadContentError,
     ConfigError,
+    DeploymentInterruptedError,
     EdgeAgentError,
     FormatError,
     SizeLimitError,
@@ -69,8 +70,8 @@ from agent.runtime import hardware
 from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
-from agent.serving.slots import Candidate, SlotManager
-from agent.state.store import InstalledModel, StateStore
+from agent.serving.slots import Candidate, ProbationError, SlotManager, Version
+from agent.state.store import InstalledModel, StateStore, Trial, Verdict
 from agent.statusd import StatusServer
 from agent.transport.messages import (
     MAX_MESSAGE_BYTES,
@@ -81,7 +82,9 @@ from agent.transport.messages import (
     Online,
     Phase,
     Reported,
+    TrustStatus,
     TrustUpdate,
+    VersionRef,
     decode_block_reply,
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
@@ -93,12 +96,30 @@ from agent.upstream import Upstream
 log = logging.getLogger("agent")
 
 FINAL = (Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK)
-REJECT_EVENT_INTERVAL_S = 1.0  # at most one `rejected` event per topic and second
+# At most one `rejected` event per topic, reason code and second; refusals beyond it are
+# counted into the next one (Event.count), never dropped.
+REJECT_EVENT_INTERVAL_S = 1.0
 MAX_REPORTED_MODELS = 16  # Reported.models holds at most this many
+# A version is handed to the slot layer at most this often for one deployment: a trial still on
+# disk at start-up was cut short by the agent's death (a crash, a kill, a power cut), and a
+# version that keeps taking the agent down with it is not started again.
+MAX_TRIAL_STARTS = 3
+VERDICT_WAIT_S = 10.0  # a slot worker waits this long for the loop to record a verdict
+# Refusals that new trust material (a keyring, a root) may turn around: such a document is kept
+# and verified again when trust changes.
+TRUST_CODES = frozenset(
+    {"verification", "untrusted-key", "expired", "key-not-allowed", "threshold"}
+)
 
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _sha_of(path: Path) -> str:
+    """The bundle digest a stored, unpacked or downloading path belongs to ("" if none)."""
+    sha = path.name.lstrip(".").split(".", 1)[0]
+    return sha if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) else ""
 
 
 def _error(exc: EdgeAgentError) -> ErrorInfo:
@@ -127,16 +148,42 @@ class SlotEvent:
     progress: float | None
 
 
+Stage = Literal["opened", "stored", "unpacked"]
+
+
 @dataclass(frozen=True)
 class Prepared:
-    """A step the ``prepare`` worker finished for a bundle: checked and stored, or unpacked."""
+    """A step the ``prepare`` worker finished for a bundle: a transfer opened (its part file
+    and the blocks on disk checked), the download checked and stored, or the bundle unpacked."""
 
     name: str
     bundle_sha256: str
     attempt: int  # the slot's attempt it was for: a result of an older one is dropped
-    stage: Literal["stored", "unpacked"]
+    stage: Stage
     path: Path | None  # the stored bundle, or the unpacked directory
     error: EdgeAgentError | None
+    transfer: Transfer | None = None  # the transfer opened
+
+
+@dataclass(frozen=True)
+class Removed:
+    """Garbage the ``prepare`` worker removed; ``shas`` were busy until now."""
+
+    shas: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerdictItem:
+    """A slot worker's verdict on a version's probation, to be recorded before it rolls back;
+    the loop sets ``done`` once it is on disk (or could not be written)."""
+
+    name: str
+    bundle_sha256: str
+    error: EdgeAgentError
+    done: threading.Event
+
+
+LoopItem = InboxItem | SlotEvent | Prepared | Removed | VerdictItem
 
 
 class _Worker:
@@ -170,7 +217,9 @@ class Slot:
     target: VerifiedDescriptor | None = None
     variant: str | None = None
     deployment_id: str | None = None
+    deployment_sha256: str | None = None  # the envelope digest of that deployment document
     transfer: Transfer | None = None
+    opening: bool = False  # the prepare worker is opening the transfer
     error: ErrorInfo | None = None
     retry_at: float | None = None  # monotonic time of the next attempt after a transient failure
     loading: InstalledModel | None = None  # the record to write once the slot layer commits it
@@ -179,23 +228,54 @@ class Slot:
     warm_progress: float | None = None
     attempt: int = 0  # bumped by every prepare job and every cancel: older results are stale
 
-    def status(self) -> ModelStatus:
+    def status(self, served: Version | None = None) -> ModelStatus:
+        """What the slot serves (``served``, the slot layer's active version; else the record
+        of the committed one) and where its deployment stands. While a new version serves on
+        probation, ``fallback`` names the committed one a failed probation returns to."""
         i = self.installed
         progress = None
         if self.phase == Phase.DOWNLOADING and self.transfer:
             progress = self.transfer.progress
         elif self.phase == Phase.WARMING and self.warm_progress is not None:
             progress = round(100 * self.warm_progress, 1)
+        fallback = None
+        version: str | None
+        release: int | None
+        variant: str | None
+        sha: str | None
+        if served is not None:
+            c = served.candidate
+            version, release = c.version, c.manifest.release
+            variant, sha = c.variant.id, c.bundle_sha256
+            runtime: str | None = served.runtime
+            if i is not None and i.bundle_sha256 != sha:
+                fallback = VersionRef(
+                    version=i.version, release=i.release, bundle_sha256=i.bundle_sha256
+                )
+        else:
+            version, release = (i.version, i.release) if i else (None, None)
+            variant, sha = (i.variant, i.bundle_sha256) if i else (None, None)
+            runtime = self.runtime
         return ModelStatus(
             phase=self.phase,
-            version=i.version if i else None,
-            release=i.release if i else None,
-            variant=i.variant if i else None,
-            runtime=self.runtime[:64] if self.runtime else None,
-            bundle_sha256=i.bundle_sha256 if i else None,
+            version=version,
+            release=release,
+            variant=variant,
+            runtime=runtime[:64] if runtime else None,
+            bundle_sha256=sha,
             progress=progress,
             error=self.error,
+            fallback=fallback,
         )
+
+
+@dataclass
+class _Rejects:
+    """Refusals on one topic with one code: when the last event went, and what came since."""
+
+    sent: float
+    count: int = 0
+    error: ErrorInfo | None = None
 
 
 @dataclass
@@ -204,7 +284,8 @@ class _Outbox:
     last_reported: float = float("-inf")
     last_progress: dict[str, float] = field(default_factory=dict)
     event_seq: int = 0
-    last_reject: dict[str, float] = field(default_factory=dict)
+    event_seq_end: int = 0  # reserved on disk up to here (StateStore.reserve_event_seq)
+    rejects: dict[tuple[str, str], _Rejects] = field(default_factory=dict)
 
 
 class DeviceAgent:
@@ -227,24 +308,32 @@ class DeviceAgent:
         self._now = clock
         self._mono = monotonic
         self.store = StateStore(config.state_dir)
+        self.trials: dict[str, Trial] = self.store.load_trials()
         self.trusted = self._load_trust()
         self.points: dict[str, SequencePoint] = self.store.sequence_points()
         self.documents: dict[str, VerifiedDeployment] = {}
+        # The last document refused on each desired topic for want of trust material (no
+        # keyring yet, a key it does not list): verified again when trust changes.
+        self._untrusted: dict[str, Incoming] = {}
         self.slots: dict[str, Slot] = {}
         self.deployment: VerifiedDeployment | None = None
         self.doc_error: ErrorInfo | None = None
         self.profile = hardware.probe_isolated()
         self.hardware = reported_hardware(self.profile)
-        self.inbox: queue.SimpleQueue[InboxItem | SlotEvent | Prepared] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[LoopItem] = queue.SimpleQueue()
         # Checks and unpacks bundles, one at a time, off the loop; the bundles it works on.
         self._prepare = _Worker("prepare")
         self._in_flight: dict[str, int] = {}  # bundle sha -> jobs queued or running
         self.metrics = ApiMetrics()
         self.models = SlotManager(
-            config.serving, on_phase=self._slot_phase, on_swap=self.metrics.on_swap
+            config.serving,
+            on_phase=self._slot_phase,
+            on_swap=self.metrics.on_swap,
+            on_verdict=self._slot_verdict,
         )
         self.api: ApiServer | None = None
         self._out = _Outbox()
+        self._out.event_seq, self._out.event_seq_end = self.store.reserve_event_seq()
         self.session = Session(
             config.mqtt,
             config.device_id,
@@ -268,6 +357,7 @@ class DeviceAgent:
             telemetry_topic=self.me.telemetry,
             session=self.session,
             metrics=self.metrics,
+            models=self.models.names,
             clock=self._now,
         )
         self._restore()
@@ -362,7 +452,7 @@ class DeviceAgent:
         models: dict[str, Any] = {}
         for name in sorted(self.slots):
             slot = self.slots[name]
-            models[name] = slot.status().model_dump(mode="json")
+            models[name] = slot.status(self.models.describe(name)).model_dump(mode="json")
             models[name]["deployment_id"] = slot.deployment_id
         api: list[str] = []
         if self.api is not None and self.api.tcp_address is not None:
@@ -413,7 +503,7 @@ class DeviceAgent:
         try:
             while not stop.is_set():
                 try:
-                    item: InboxItem | SlotEvent | Prepared | None = self.inbox.get(timeout=0.2)
+                    item: LoopItem | None = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     item = None
                 while item is not None:
@@ -443,14 +533,28 @@ class DeviceAgent:
             notify.status("stopping: draining")
             log.info("stopping")
             for slot in self.slots.values():
-                if slot.transfer is not None and not slot.transfer.finished:
-                    slot.transfer.pause()
+                t = slot.transfer
+                if t is not None and not t.finished and not slot.opening:
+                    t.pause()  # (one being opened is the worker's, cut short at exit)
+            self._release_trials()
             self.upstream.stop()  # what it could not send stays queued on disk for next time
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
             self._prepare.stop()  # a job still running is cut short at exit (see _Worker)
             self.models.close()
+
+    def _release_trials(self) -> None:
+        """A clean stop does not count against the versions the slot layer is still trying."""
+        for slot in self.slots.values():
+            trial = self.trials.get(slot.name)
+            if slot.loading is None or trial is None or trial.verdict is not None:
+                continue
+            if trial.bundle_sha256 == slot.loading.bundle_sha256 and trial.starts > 0:
+                try:
+                    self._save_trial(trial.model_copy(update={"starts": trial.starts - 1}))
+                except EdgeAgentError as exc:
+                    log.warning("%s", exc)
 
     # -- service manager hooks ----------------------------------------------------------------
     def request_reload(self) -> None:
@@ -565,8 +669,15 @@ class DeviceAgent:
             self._commit(slot, draft)
         elif event.phase in (Phase.FAILED, Phase.ROLLED_BACK):
             slot.loading = None
-            if draft is not None and (slot.installed is None or draft.path != slot.installed.path):
-                shutil.rmtree(draft.path, ignore_errors=True)
+            trial = self.trials.get(slot.name)
+            if (
+                draft is not None
+                and trial is not None
+                and trial.verdict is None
+                and trial.bundle_sha256 == draft.bundle_sha256
+            ):
+                # Failed on its own (a load, warm-up or self-test): tried again after a restart.
+                self._end_trial(slot.name)
         served = None
         if event.phase in FINAL:
             served = self.models.describe(slot.name)
@@ -600,6 +711,7 @@ class DeviceAgent:
         self.trusted = trusted
         failpoint("committing")
         self.store.save_installed(installed)
+        self._end_trial(slot.name)
         slot.installed, slot.loading = installed, None
         if slot.target is not None and slot.target.descriptor.bundle_sha256 == (
             installed.bundle_sha256
@@ -634,12 +746,18 @@ class DeviceAgent:
             self.doc_error = _error(err)
             self._out.reported_dirty = True
 
-    def handle(self, item: InboxItem | SlotEvent | Prepared) -> None:
+    def handle(self, item: LoopItem) -> None:
         if isinstance(item, SlotEvent):
             self._on_slot_event(item)
             return
         if isinstance(item, Prepared):
             self._on_prepared(item)
+            return
+        if isinstance(item, VerdictItem):
+            self._on_verdict(item)
+            return
+        if isinstance(item, Removed):
+            self._on_removed(item)
             return
         if isinstance(item, Connection):
             if item.up:
@@ -692,6 +810,7 @@ class DeviceAgent:
                     slot.transfer.fail(exc)
                 self._after_transfer(slot)
         self._start_next()
+        self._flush_rejects(now)
         self._publish_reported()
 
     # -- desired ------------------------------------------------------------------------------
@@ -711,8 +830,13 @@ class DeviceAgent:
                 last=self.points.get(source),
             )
         except BadContentError as exc:
+            if exc.code in TRUST_CODES:  # new trust material may change the verdict
+                self._untrusted[source] = item
+            else:  # what the topic holds now is refused for good
+                self._untrusted.pop(source, None)
             self._reject(item.topic, exc)
             return
+        self._untrusted.pop(source, None)
         if self.points.get(source) == verified.point:
             # The same document again (a retained message on reconnect): the topic holds a
             # valid document, so an error about an earlier refused message is over.
@@ -749,8 +873,9 @@ class DeviceAgent:
         return DeploymentTarget(kind="group", id=source.removeprefix("group-"))
 
     def _effective(self) -> VerifiedDeployment | None:
-        if "device" in self.documents:
-            return self.documents["device"]
+        own = self.documents.get("device")
+        if own is not None and not own.document.follow_groups:
+            return own
         for group in self.config.groups:
             found = self.documents.get(f"group-{group}")
             if found is not None:
@@ -770,22 +895,34 @@ class DeviceAgent:
             if slot.installed is not None and slot.installed.bundle_sha256 == want and serving:
                 if slot.target is not None:
                     self._cancel(slot)
+                moved_on = slot.deployment_id != doc.document.deployment_id
+                self._follow(slot, doc)
                 if name in self._restoring:  # loading what it ran before: the slot layer says when
-                    slot.deployment_id = doc.document.deployment_id
                     continue
-                if slot.phase != Phase.ACTIVE or slot.deployment_id != doc.document.deployment_id:
-                    slot.deployment_id = doc.document.deployment_id
+                if slot.phase != Phase.ACTIVE or moved_on:
                     slot.error = None
                     self._phase(slot, Phase.ACTIVE)
                 continue
             if slot.target is not None and slot.target.descriptor.bundle_sha256 == want:
-                slot.deployment_id = doc.document.deployment_id
+                self._follow(slot, doc)
                 continue  # already on its way (or failed: a new document is needed)
             self._cancel(slot)
             slot.target, slot.variant = verified, variant
-            slot.deployment_id = doc.document.deployment_id
-            slot.error = None
+            self._follow(slot, doc)
             slot.retry_at = None
+            trial = self.trials.get(name)
+            if (
+                trial is not None
+                and trial.verdict is not None
+                and trial.for_deployment(want, doc.envelope_sha256)
+            ):
+                # Tried before for this very document, and refused (a failed probation, or a
+                # version that kept taking the agent down): not again until a new document.
+                slot.error = ErrorInfo(code=trial.verdict.code, message=trial.verdict.message)
+                rolled_back = trial.verdict.code == ProbationError.code and bool(slot.installed)
+                self._phase(slot, Phase.ROLLED_BACK if rolled_back else Phase.FAILED, force=True)
+                continue
+            slot.error = None
             self._phase(slot, Phase.PENDING, force=True)
         for name in [n for n in self.slots if n not in doc.bundles]:
             slot = self.slots[name]
@@ -799,10 +936,19 @@ class DeviceAgent:
                 self._phase(slot, Phase.ACTIVE)
         self._start_next()
 
+    def _follow(self, slot: Slot, doc: VerifiedDeployment) -> None:
+        """``slot`` heads for what ``doc`` names (or runs it already)."""
+        slot.deployment_id = doc.document.deployment_id
+        slot.deployment_sha256 = doc.envelope_sha256
+
     def _cancel(self, slot: Slot) -> None:
-        if slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
-            slot.transfer.pause()  # its download stays until the next garbage collection
-        slot.transfer = None  # (past downloading it is the prepare worker's)
+        t = slot.transfer
+        if t is not None and slot.phase == Phase.DOWNLOADING and not slot.opening:
+            # Its download stays for a later deployment; the sync to disk is the worker's.
+            t.suspend(self._mono())
+            self._prepare.submit(t.pause)
+        slot.transfer = None  # (while opening or past downloading it is the prepare worker's)
+        slot.opening = False
         slot.target = None
         slot.waiting = None
         slot.attempt += 1  # what the prepare worker still does for it is stale
@@ -840,11 +986,11 @@ class DeviceAgent:
             topics=self.topics,
             publish=lambda t, p: self.session.publish(t, p),
             settings=self.config.transfer,
-            reuse=self._local_blocks(d.block_size),
+            reuse=lambda: self._local_blocks(d.block_size),
+            inline_open=False,  # opened on the prepare worker: see _after_transfer
         )
         slot.transfer = transfer
         self._phase(slot, Phase.DOWNLOADING)
-        transfer.start(self._mono())
         self._after_transfer(slot)
 
     def _local_blocks(self, block_size: int) -> BlockSource:
@@ -875,6 +1021,13 @@ class DeviceAgent:
         t = slot.transfer
         if t is None or slot.phase != Phase.DOWNLOADING:
             return
+        if t.opening:
+            # New, or its block list just arrived: what is on disk already (a resumed part file,
+            # re-checked block by block; blocks of other bundles) is read on the worker.
+            if not slot.opening:
+                slot.opening = True
+                self._submit(slot, "opened", self._open_transfer, t)
+            return
         if t.state == "failed":
             assert t.error is not None
             self._fail(slot, t.error)
@@ -892,8 +1045,8 @@ class DeviceAgent:
     def _submit(
         self,
         slot: Slot,
-        stage: Literal["stored", "unpacked"],
-        job: Callable[..., Path],
+        stage: Stage,
+        job: Callable[..., Path | None],
         *args: Any,
     ) -> None:
         """Run ``job`` on the prepare worker; its result comes back as a :class:`Prepared`."""
@@ -901,7 +1054,8 @@ class DeviceAgent:
         name, sha = slot.name, slot.target.descriptor.bundle_sha256
         slot.attempt += 1
         attempt = slot.attempt
-        self._in_flight[sha] = self._in_flight.get(sha, 0) + 1
+        self._busy(sha)
+        transfer = slot.transfer if stage == "opened" else None
 
         def run() -> None:
             path: Path | None = None
@@ -915,14 +1069,28 @@ class DeviceAgent:
             except Exception as exc:  # a bug must fail the deployment, not leave it hanging
                 log.exception("%s of %s", stage, name)
                 error = ToolError(f"{type(exc).__name__}: {exc}")
-            self.inbox.put(Prepared(name, sha, attempt, stage, path, error))
+            self.inbox.put(Prepared(name, sha, attempt, stage, path, error, transfer))
 
         self._prepare.submit(run)
+
+    def _busy(self, sha: str) -> None:
+        """A job of the prepare worker works on ``sha``'s files (see :meth:`_done_with`)."""
+        self._in_flight[sha] = self._in_flight.get(sha, 0) + 1
+
+    def _done_with(self, sha: str) -> None:
+        left = self._in_flight.pop(sha, 1) - 1
+        if left:
+            self._in_flight[sha] = left
+
+    @staticmethod
+    def _open_transfer(t: Transfer) -> None:
+        t.open()  # its own errors are kept for start()
 
     def _check_and_store(self, t: Transfer) -> Path:
         """The bytes are the signed ones (each block was checked on arrival): check the archive
         and its members against the signed manifest, then move it to ``bundles/``."""
         d = t.descriptor
+        t.finish()  # on disk before it counts as stored
         check_bundle(t.part_path, d, self.config.limits, bytes_checked=True)
         failpoint("verifying")
         stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
@@ -944,9 +1112,7 @@ class DeviceAgent:
         return dest
 
     def _on_prepared(self, item: Prepared) -> None:
-        left = self._in_flight.pop(item.bundle_sha256, 1) - 1
-        if left:
-            self._in_flight[item.bundle_sha256] = left
+        self._done_with(item.bundle_sha256)
         slot = self.slots.get(item.name)
         if (
             slot is None
@@ -958,6 +1124,15 @@ class DeviceAgent:
             log.info(
                 "%s of %s %s: no longer wanted", item.stage, item.name, item.bundle_sha256[:16]
             )
+            if item.transfer is not None:  # opened for nothing: its files are closed there
+                self._prepare.submit(item.transfer.pause)
+            return
+        if item.stage == "opened":
+            slot.opening = False
+            t = item.transfer
+            if t is not None and slot.transfer is t and slot.phase == Phase.DOWNLOADING:
+                t.start(self._mono())
+                self._after_transfer(slot)
             return
         if item.stage == "stored":
             slot.transfer = None
@@ -1011,14 +1186,92 @@ class DeviceAgent:
             )
         except (EdgeAgentError, OSError) as exc:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
-            if slot.installed is None or slot.installed.path != dest:
-                shutil.rmtree(dest, ignore_errors=True)
             self._fail(slot, err)
+            return
+        if not self._begin_trial(slot, draft):
             return
         slot.loading = draft.model_copy(
             update={"variant": candidate.variant.id, "backend": candidate.backend}
         )
         self.models.deploy(candidate)
+
+    # -- trials: a version handed to the slot layer, until it commits ----------------------------
+    def _begin_trial(self, slot: Slot, draft: InstalledModel) -> bool:
+        """Record the trial before the slot layer gets the version; False (and the slot failed)
+        when this version took the agent down with it too often for this deployment."""
+        deployment = slot.deployment_sha256 or ""
+        prev = self.trials.get(slot.name)
+        again = (
+            prev is not None
+            and prev.verdict is None
+            and prev.for_deployment(draft.bundle_sha256, deployment)
+        )
+        starts = prev.starts + 1 if again and prev is not None else 1
+        trial = Trial(
+            model=slot.name,
+            bundle_sha256=draft.bundle_sha256,
+            version=draft.version,
+            release=draft.release,
+            deployment_sha256=deployment,
+            deployment_id=slot.deployment_id,
+            starts=starts,
+        )
+        if starts > MAX_TRIAL_STARTS:
+            exc = DeploymentInterruptedError(
+                f"the agent stopped {starts - 1} times while deploying {slot.name} "
+                f"{draft.version} (a crash, a kill or a power cut each time); not trying it "
+                "again for this deployment"
+            )
+            trial = trial.model_copy(
+                update={"starts": starts - 1, "verdict": Verdict(code=exc.code, message=str(exc))}
+            )
+            self._save_trial(trial)
+            self._fail(slot, exc)
+            return False
+        if starts > 1:
+            log.warning(
+                "%s %s: deploying again after %d interrupted attempt(s)",
+                slot.name,
+                draft.version,
+                starts - 1,
+            )
+        self._save_trial(trial)
+        return True
+
+    def _save_trial(self, trial: Trial) -> None:
+        self.store.save_trial(trial)
+        self.trials[trial.model] = trial
+
+    def _end_trial(self, name: str) -> None:
+        if self.trials.pop(name, None) is not None:
+            self.store.remove_trial(name)
+
+    def _slot_verdict(self, name: str, bundle_sha256: str, error: EdgeAgentError) -> None:
+        """Called on a slot worker: have the loop record the verdict, and wait until it has."""
+        item = VerdictItem(name, bundle_sha256, error, threading.Event())
+        self.inbox.put(item)
+        if not item.done.wait(VERDICT_WAIT_S):
+            log.error("%s: the verdict could not be recorded in time; rolling back anyway", name)
+
+    def _on_verdict(self, item: VerdictItem) -> None:
+        try:
+            trial = self.trials.get(item.name)
+            slot = self.slots.get(item.name)
+            if trial is None or trial.bundle_sha256 != item.bundle_sha256:
+                return  # not a version this agent handed over (cannot happen)
+            verdict = Verdict(code=item.error.code, message=str(item.error)[:1024])
+            update: dict[str, Any] = {"verdict": verdict}
+            if slot is not None and slot.deployment_sha256 is not None:
+                # The document the slot heads for now (one naming the same bundle may have
+                # replaced the one the trial began with).
+                update |= {
+                    "deployment_sha256": slot.deployment_sha256,
+                    "deployment_id": slot.deployment_id,
+                }
+            self._save_trial(trial.model_copy(update=update))
+            log.info("%s %s refused: %s", item.name, trial.version, verdict.message)
+        finally:
+            item.done.set()
 
     def _fail(self, slot: Slot, exc: EdgeAgentError) -> None:
         log.error(
@@ -1047,25 +1300,61 @@ class DeviceAgent:
             self._cancel(self.slots[name])
             self.models.remove(name)
             self.store.remove_installed(name)
+            self._end_trial(name)
             del self.slots[name]
             self._event("info", model=name, phase=None)
             self._out.reported_dirty = True
             self._collect_garbage()
 
     def _collect_garbage(self) -> None:
+        """Find what no record names (here, where the state is whole) and have the prepare
+        worker remove it: an unpacked model of gigabytes takes a while to delete."""
         keep: set[str] = set()
+        downloading: set[str] = set()
         for slot in self.slots.values():
             if slot.installed is not None:
                 keep.add(slot.installed.bundle_sha256)
                 if slot.installed.previous_sha256:
                     keep.add(slot.installed.previous_sha256)
             if slot.target is not None:
-                keep.add(slot.target.descriptor.bundle_sha256)
+                sha = slot.target.descriptor.bundle_sha256
+                keep.add(sha)
+                if slot.transfer is not None or not self.store.bundle_path(sha).exists():
+                    downloading.add(sha)  # a download in progress, or one to resume
+        for trial in self.trials.values():
+            if trial.verdict is not None:
+                keep.add(trial.bundle_sha256)  # refused for one document; another may name it
+        sources = ["device", *(f"group-{g}" for g in self.config.groups)]
         try:
-            # On the loop, where the state is whole; what the prepare worker has is left alone.
-            self.store.collect_garbage(keep, busy=self._in_flight)
-        except OSError as exc:
+            found = self.store.garbage(
+                keep,
+                busy=self._in_flight,
+                downloading=downloading,
+                models=self.slots,
+                sources=sources,
+            )
+        except (EdgeAgentError, OSError) as exc:
             log.warning("garbage collection: %s", exc)
+            return
+        if not found:
+            return
+        # Nothing may start on these files before they are gone (see _start_transfer).
+        shas = tuple(sorted({_sha_of(p) for p in found} - {""}))
+        for sha in shas:
+            self._busy(sha)
+
+        def remove() -> None:
+            try:
+                for path in self.store.remove(found):
+                    log.debug("removed %s", path)
+            finally:
+                self.inbox.put(Removed(shas))
+
+        self._prepare.submit(remove)
+
+    def _on_removed(self, item: Removed) -> None:
+        for sha in item.shas:
+            self._done_with(sha)
 
     # -- trust ----------------------------------------------------------------------------
     def _on_trust(self, item: Incoming) -> None:
@@ -1099,6 +1388,12 @@ class DeviceAgent:
         self.store.save_trust(state, self.points)
         self.doc_error = None
         self._out.reported_dirty = True
+        # Documents refused for want of this trust (no keyring yet, a key it did not list):
+        # what the topics hold is verified again, with no restart and no new message.
+        waiting, self._untrusted = self._untrusted, {}
+        for source, refused in waiting.items():
+            log.info("verifying the %s deployment again with the new trust", source)
+            self._on_desired(source, refused)
 
     # -- reporting ------------------------------------------------------------------------
     def _reject(self, topic: str, exc: BadContentError, *, report: bool = True) -> None:
@@ -1108,9 +1403,26 @@ class DeviceAgent:
             self.doc_error = info
             self._out.reported_dirty = True
         now = self._mono()
-        if now - self._out.last_reject.get(topic, float("-inf")) >= REJECT_EVENT_INTERVAL_S:
-            self._out.last_reject[topic] = now
+        key = (topic, info.code)
+        seen = self._out.rejects.get(key)
+        if seen is None or (seen.count == 0 and now - seen.sent >= REJECT_EVENT_INTERVAL_S):
+            self._out.rejects[key] = _Rejects(sent=now)
             self._event("rejected", topic=topic, error=info)
+        else:  # within the interval: counted into the next event (see _flush_rejects)
+            seen.count += 1
+            seen.error = info
+
+    def _flush_rejects(self, now: float) -> None:
+        """Send what refusals came in since each topic's and code's last event, once its second
+        is over; forget topics quiet for a minute."""
+        for key, seen in list(self._out.rejects.items()):
+            if now - seen.sent < REJECT_EVENT_INTERVAL_S:
+                continue
+            if seen.count:
+                self._event("rejected", topic=key[0], error=seen.error, count=seen.count)
+                self._out.rejects[key] = _Rejects(sent=now)
+            elif now - seen.sent >= 60.0:
+                del self._out.rejects[key]
 
     def _phase(self, slot: Slot, phase: Phase, *, force: bool = False) -> None:
         if slot.phase == phase and not force:
@@ -1143,10 +1455,14 @@ class DeviceAgent:
         phase: Phase | None = None,
         topic: str | None = None,
         error: ErrorInfo | None = None,
+        count: int = 1,
     ) -> None:
+        out = self._out
+        if out.event_seq >= out.event_seq_end:  # the numbers reserved on disk are used up
+            out.event_seq, out.event_seq_end = self.store.reserve_event_seq(out.event_seq)
         event = Event(
             device_id=self.config.device_id,
-            seq=self._out.event_seq,
+            seq=out.event_seq,
             at=self._now(),
             kind=kind,
             model=model,
@@ -1154,8 +1470,9 @@ class DeviceAgent:
             phase=phase,
             topic=topic[:256] if topic else None,
             error=error,
+            count=count,
         )
-        self._out.event_seq += 1
+        out.event_seq += 1
         self.upstream.put(self.me.events, event.to_bytes())
 
     def reported(self) -> Reported:
@@ -1169,13 +1486,22 @@ class DeviceAgent:
             sequence=doc.document.sequence if doc else None,
             models=self._reported_models(),
             error=self.doc_error,
+            trust=self._trust_status(),
+        )
+
+    def _trust_status(self) -> TrustStatus:
+        keyring = self.trusted.keyring
+        return TrustStatus(
+            root_version=self.trusted.root.version,
+            keyring_version=keyring.version if keyring is not None else None,
+            keyring_expires=keyring.expires if keyring is not None else None,
         )
 
     def _reported_models(self) -> dict[str, ModelStatus]:
         """Every slot, those the deployment names first, at most as many as a report holds."""
         wanted = self.deployment.document.models if self.deployment else {}
         names = sorted(self.slots, key=lambda n: (n not in wanted, n))[:MAX_REPORTED_MODELS]
-        return {name: self.slots[name].status() for name in sorted(names)}
+        return {name: self.slots[name].status(self.models.describe(name)) for name in sorted(names)}
 
     def _publish_reported(self) -> None:
         now = self._mono()

@@ -12,6 +12,7 @@ tools catch that type alone and print its message. Errors from lower libraries (
     │   └── DiskFullError               not enough free space for what must be written
     ├── ToolError                       an optional runtime or converter is missing or failed
     ├── InsufficientMemoryError         too little free RAM or GPU memory to load a model
+    ├── DeploymentInterruptedError      the agent died each time it deployed a version
     ├── BrokerError                     the MQTT broker cannot be reached or refused a message
     ├── TransferError                   a bundle could not be fetched over MQTT
     │   ├── TransferTimeoutError        no progress within the configured time
@@ -152,6 +153,13 @@ class DuplicateMemberError(ArchiveError):
 
 class MemberSizeError(ArchiveError):
     code = "member-size"
+
+
+class DeploymentInterruptedError(EdgeAgentError):
+    """A version whose deployment the agent's own death cut short too often (it crashed, was
+    killed or lost power each time): not started again for the same deployment document."""
+
+    code = "interrupted"
 
 
 class InsufficientMemoryError(EdgeAgentError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +23,7 @@ from agent.serving.metrics import ApiMetrics
 from agent.telemetry import (
     Forwarder,
     InferenceCollector,
+    ModelStats,
     StoreQueue,
     acked_publish,
     bounded,
@@ -57,8 +58,11 @@ class Upstream:
         telemetry_topic: str,
         session: Session,
         metrics: ApiMetrics,
+        models: Callable[[], Iterable[str]] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
+        """``models``: the names of the models that run now (telemetry covers those alone; the
+        API's counters keep a removed model's figures)."""
         self.settings = settings
         self.state_dir = state_dir
         self.device_id = device_id
@@ -74,7 +78,15 @@ class Upstream:
             acked_publish(lambda topic, payload: session.publish(topic, payload), timeout=5.0),
             session.connected.is_set,
         )
-        self.inference = InferenceCollector(lambda: snapshot_from_metrics(metrics))
+
+        def running() -> dict[str, ModelStats]:
+            snapshot = snapshot_from_metrics(metrics)
+            if models is None:
+                return snapshot
+            names = set(models())
+            return {name: stats for name, stats in snapshot.items() if name in names}
+
+        self.inference = InferenceCollector(running)
         self._clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -42,6 +42,33 @@ def make_onnx(
     return path
 
 
+def make_batch_of_one(path: Path) -> Path:
+    """y = reshape(relu(x @ W + B), [1, 8]): right for one row, an error for more.
+
+    Its self-test (one-row samples) passes; real traffic with batches fails.
+    """
+    rng = np.random.default_rng(9)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal((8,)).astype(np.float32), "B")
+    shape = numpy_helper.from_array(np.array([1, 8], dtype=np.int64), "S")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("Add", ["h", "B"], ["h2"]),
+            helper.make_node("Relu", ["h2"], ["h3"]),
+            helper.make_node("Reshape", ["h3", "S"], ["y"]),
+        ],
+        "one-row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [w, b, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 def reference(path: Path, x: np.ndarray) -> np.ndarray:
     """The numpy answer for a model made by :func:`make_onnx`."""
     model = onnx.load(str(path))

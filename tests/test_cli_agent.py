@@ -162,6 +162,7 @@ def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
         "file": str(tmp_path / "nope.toml"),
         "ok": False,
         "problems": [f"{tmp_path / 'nope.toml'} does not exist"],
+        "warnings": [],
         "config": None,
     }
 
@@ -189,3 +190,27 @@ def test_run_without_a_trust_root_exits_2_so_systemd_does_not_restart_it(
     assert_refused(result, f"trust: {missing} does not exist")
     unit = (Path(__file__).parent.parent / "systemd" / "edge-agent.service").read_text()
     assert "RestartPreventExitStatus=2" in unit.splitlines()
+
+
+def test_a_box_with_a_root_and_no_keyring_is_flagged(tmp_path: Path, keys: Keys) -> None:
+    """It starts, but cannot verify a deployment until a keyring arrives: said, not refused."""
+    config = write(tmp_path / "agent.toml", keys)
+    text = config.read_text().replace(f'keyring = "{keys.dir / "keyring.json"}"\n', "")
+    config.write_text(text)
+    result = check(config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{config}: ok\n")
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"edge-agent: warning: {config}: trust: no keyring yet"), line
+    assert "cannot verify any deployment" in line
+    assert "edge-fleet keys publish" in line
+    doc = json.loads(check(config, "--json").stdout)
+    assert doc["ok"] is True
+    assert doc["warnings"] == [line.split(f"{config}: ", 1)[1]]
+    # A keyring the agent received since (kept in its state directory) is enough.
+    stored = tmp_path / "state" / "agent" / "trust"
+    stored.mkdir(parents=True)
+    (stored / "keyring.json").write_bytes((keys.dir / "keyring.json").read_bytes())
+    again = check(config)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == ""

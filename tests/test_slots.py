@@ -15,15 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from agent.errors import ToolError
 from agent.runtime.base import get_backend
 from agent.serving.slots import Candidate, SlotManager, SlotSettings, Version
 from agent.transport.messages import Phase
-from tests.models import make_onnx, reference, slot_candidate
+from tests.models import make_batch_of_one, make_onnx, reference, slot_candidate
 
 # Latency is not judged here: on a shared test machine a p99 says more about the neighbours.
 FAST = SlotSettings(
@@ -208,33 +206,6 @@ def test_hang_at_load_times_out_and_leaves_the_active_model(
         manager.close()
 
 
-def _batch_of_one_model(path: Path) -> Path:
-    """y = reshape(relu(x @ W + B), [1, 8]): right for one row, an error for more.
-
-    Its self-test (one-row samples) passes; real traffic with batches fails.
-    """
-    rng = np.random.default_rng(9)
-    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal((8,)).astype(np.float32), "B")
-    shape = numpy_helper.from_array(np.array([1, 8], dtype=np.int64), "S")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W"], ["h"]),
-            helper.make_node("Add", ["h", "B"], ["h2"]),
-            helper.make_node("Relu", ["h2"], ["h3"]),
-            helper.make_node("Reshape", ["h3", "S"], ["y"]),
-        ],
-        "one-row",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
-        [w, b, shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
 def test_probation_failure_rolls_back_to_the_last_good_model(candidate, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # A long window: the verdict comes as soon as enough requests failed, however slow the box.
     phases = Phases()
@@ -248,7 +219,7 @@ def test_probation_failure_rolls_back_to_the_last_good_model(candidate, tmp_path
 def _probation_rollback(manager: SlotManager, phases: Phases, candidate, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # The running version as after a restart: committed before, served without a probation.
     assert manager.restore(candidate("1.0.0")).result(timeout=30) == Phase.ACTIVE
-    bad = candidate("2.0.0", model=_batch_of_one_model(tmp_path / "one-row.onnx"))
+    bad = candidate("2.0.0", model=make_batch_of_one(tmp_path / "one-row.onnx"))
     x = np.ones((2, 16), dtype=np.float32)
     stop = threading.Event()
     outcomes: list[str] = []

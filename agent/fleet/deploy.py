@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
-from agent._strictjson import dump_model, loads
+from agent._strictjson import loads
 from agent.errors import ConfigError
 from agent.trust.envelope import sign_envelope
 from agent.trust.keys import Signer
@@ -33,8 +33,13 @@ def make_deployment(
     sequence: int | None = None,
     deployment_id: str | None = None,
     variants: Mapping[str, str] | None = None,
+    follow_groups: bool = False,
 ) -> bytes:
-    """Sign a deployment of ``descriptors`` (model name -> descriptor envelope bytes)."""
+    """Sign a deployment of ``descriptors`` (model name -> descriptor envelope bytes).
+
+    ``follow_groups``: a device's document that hands the device back to its groups (no
+    descriptors): it follows their documents again, and its own older ones stay refused.
+    """
     if not signers:
         raise ConfigError("give at least one release key")
     sequence = sequence or default_sequence(now)
@@ -54,7 +59,8 @@ def make_deployment(
             issued=now.replace(microsecond=0),
             expires=(now + timedelta(days=days)).replace(microsecond=0),
             models=models,
+            follow_groups=follow_groups,
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"the deployment would be invalid: {exc}") from None
-    return sign_envelope(DEPLOYMENT_TYPE, dump_model(document), signers).to_bytes()
+    return sign_envelope(DEPLOYMENT_TYPE, document.to_payload(), signers).to_bytes()

@@ -9,11 +9,19 @@
     downloads/{sha256}/        transfers in progress (see agent.transport.transfer)
     bundles/{sha256}.emb       verified bundles (and {sha256}.blocks: their block-hash lists)
     slots/{name}.json          what each model slot runs: its bundle and where it is unpacked
+    trials/{name}.json         a version handed to the slot layer and not committed yet: how
+                               often it was started, and its verdict once it failed
     models/{name}/{sha256}/    unpacked bundles
+    events.seq                 event sequence numbers reserved so far (they never go back)
+    upstream.sqlite            events and telemetry not sent yet (agent.telemetry.StoreQueue)
 
 Every write is atomic (agent._fsutil): a ``kill -9`` leaves the old file or the new one. What is
 loaded back is checked again by the trust core before it is used: the disk is not trusted more
 than the network.
+
+Garbage is what no record names: :meth:`StateStore.garbage` lists it (cheap: directory listings)
+and :meth:`StateStore.remove` deletes it, which may take long (an unpacked model of gigabytes),
+so the agent runs that off its loop.
 """
 
 from __future__ import annotations
@@ -72,13 +80,47 @@ class InstalledModel(BaseModel):
     previous_sha256: Hex64 | None = None
 
 
+class Verdict(BaseModel):
+    """Why a trial ended without a commit (an ErrorInfo's code and message)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    code: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
+    message: Annotated[str, Field(max_length=1024)]
+
+
+class Trial(BaseModel):
+    """``trials/{name}.json``: a version the slot layer was given for one deployment.
+
+    Written before the slot layer gets the version, removed once it commits. ``starts`` counts
+    the times it was handed over: a trial still on disk at start-up was cut short by a crash.
+    ``verdict`` is set when it failed (a failed probation is written before the last good
+    version is swapped back): it is not tried again for the same deployment document.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: ModelName
+    bundle_sha256: Hex64
+    version: str
+    release: int
+    deployment_sha256: Hex64  # the SHA-256 of the deployment document's envelope
+    deployment_id: str | None = None
+    starts: Annotated[int, Field(ge=0)] = 1
+    verdict: Verdict | None = None
+
+    def for_deployment(self, bundle_sha256: str, deployment_sha256: str | None) -> bool:
+        return self.bundle_sha256 == bundle_sha256 and self.deployment_sha256 == deployment_sha256
+
+
+EVENT_SEQ_BLOCK = 1024  # event numbers reserved on disk at a time: a restart skips the rest
+
+
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         # Slot records load_installed could not read (an I/O error, not bad content): while
-        # there are any, collect_garbage would not know what they keep, so it does nothing.
+        # there are any, garbage() would not know what they keep, so it finds none.
         self.unreadable: list[Path] = []
-        for sub in ("trust", "desired", "downloads", "bundles", "models", "slots"):
+        for sub in ("trust", "desired", "downloads", "bundles", "models", "slots", "trials"):
             try:
                 (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o750)
             except OSError as exc:
@@ -241,41 +283,142 @@ class StateStore:
         return found
 
     def remove_installed(self, name: str) -> None:
-        path = self.root / "slots" / f"{name}.json"
+        """Forget what ``name`` runs (its unpacked copies are garbage from now on)."""
+        self._unlink(self.root / "slots" / f"{name}.json")
+
+    def _unlink(self, path: Path) -> None:
         try:
             path.unlink(missing_ok=True)
             fsync_dir(path.parent)
         except OSError as exc:
             raise StorageError(f"cannot remove {path}: {exc.strerror}") from None
-        shutil.rmtree(self.root / "models" / name, ignore_errors=True)
 
-    def collect_garbage(self, keep: Iterable[str], busy: Iterable[str] = ()) -> list[str]:
-        """Remove stored bundles, unpacked copies and downloads not in ``keep``; return them.
+    # -- trials -------------------------------------------------------------------------------
+    def save_trial(self, trial: Trial) -> None:
+        atomic_write_bytes(self.root / "trials" / f"{trial.model}.json", dump_model(trial))
 
-        Nothing of a bundle in ``busy`` (being checked, moved or unpacked elsewhere) is touched,
-        not even an unpack's temporary directory. Nothing at all while a slot record could not
-        be read (see ``unreadable``).
+    def remove_trial(self, name: str) -> None:
+        self._unlink(self.root / "trials" / f"{name}.json")
+
+    def load_trials(self) -> dict[str, Trial]:
+        """Every trial record; one that cannot be read is logged and left out."""
+        found = {}
+        for path in sorted((self.root / "trials").glob("*.json")):
+            try:
+                trial = parse_model(Trial, path.read_bytes(), what=str(path), max_bytes=1 << 16)
+            except (OSError, BadContentError) as exc:
+                log.error("ignoring %s: %s", path, exc)
+                continue
+            if trial.model == path.stem:
+                found[trial.model] = trial
+        return found
+
+    # -- event numbers ------------------------------------------------------------------------
+    def reserve_event_seq(self, after: int = 0) -> tuple[int, int]:
+        """Reserve event numbers: ``(first, end)``, every number ``first <= n < end`` unused.
+
+        ``first`` is past every number reserved before, whatever became of them, so events
+        are numbered upwards across restarts (with a gap after each restart or crash).
+        """
+        path = self.root / "events.seq"
+        data = read_if_exists(path)
+        try:
+            reserved = int(data.decode()) if data is not None else 0
+        except (UnicodeDecodeError, ValueError):
+            raise StorageError(f"{path} is damaged: {(data or b'')[:32]!r}") from None
+        first = max(reserved, after)
+        end = first + EVENT_SEQ_BLOCK
+        atomic_write_bytes(path, f"{end}\n".encode())
+        return first, end
+
+    def garbage(
+        self,
+        keep: Iterable[str],
+        *,
+        busy: Iterable[str] = (),
+        downloading: Iterable[str] = (),
+        models: Iterable[str] = (),
+        sources: Iterable[str] | None = None,
+    ) -> list[Path]:
+        """What no record names, for :meth:`remove`.
+
+        ``keep``: bundle digests still wanted (installed, kept for rollback, or a deployment's
+        target); ``downloading``: digests whose downloads are in progress; ``models``: the
+        models that have a slot; ``sources``: the desired topics followed (None: keep every
+        stored document). Nothing of a bundle in ``busy`` (being checked, moved, unpacked or
+        removed elsewhere) is listed, not even an unpack's temporary directory; nothing at all
+        while a slot record could not be read (see ``unreadable``). Temporary files of
+        interrupted atomic writes are always garbage: a writer that is alive holds none of
+        them across a step of the agent's loop.
         """
         if self.unreadable:
             log.warning("not collecting garbage: %s could not be read", self.unreadable[0])
             return []
         busy = set(busy)
         keep = set(keep) | busy
+        downloading = set(downloading) | busy
+        models = set(models)
+        found: list[Path] = []
+        for sub in ("trust", "desired", "slots", "trials", "bundles", "."):
+            found += self.root.joinpath(sub).glob(".*.tmp")
+        for path in self._list("bundles"):
+            sha = path.name.split(".", 1)[0]
+            if (
+                sha not in keep
+                and path.suffix in (".emb", ".blocks")
+                and not path.name.startswith(".")
+            ):
+                found.append(path)
+        for model_dir in self._list("models"):
+            if not model_dir.is_dir():
+                continue
+            if model_dir.name not in models:
+                if not any(
+                    p.name.lstrip(".").split(".", 1)[0] in busy for p in self._list(model_dir)
+                ):
+                    found.append(model_dir)
+                continue
+            for unpacked in self._list(model_dir):
+                # Names are SHA-256s, or ".{sha256}.*.unpack" left by an interrupted unpack.
+                sha = unpacked.name.lstrip(".").split(".", 1)[0]
+                partial = unpacked.name.endswith(".unpack")
+                if sha not in keep or (partial and sha not in busy):
+                    found.append(unpacked)
+        for download in self._list("downloads"):
+            if download.name not in downloading:
+                found.append(download)
+            else:
+                found += download.glob(".*.tmp")
+        for path in self._list("slots"):
+            if path.suffix == ".json" and path.stem not in models:
+                found.append(path)
+        for path in self._list("trials"):
+            if path.suffix == ".json" and path.stem not in models:
+                found.append(path)
+        if sources is not None:
+            wanted = set(sources)
+            for path in self._list("desired"):
+                if path.suffix == ".dsse" and path.stem not in wanted:
+                    found.append(path)
+        return sorted(found)
+
+    def _list(self, where: str | Path) -> list[Path]:
+        try:
+            return sorted(self.root.joinpath(where).iterdir())
+        except FileNotFoundError:
+            return []
+
+    def remove(self, paths: Iterable[Path]) -> list[Path]:
+        """Delete what :meth:`garbage` listed (files and whole directories); the paths removed."""
         removed = []
-        for path in (self.root / "bundles").iterdir():
-            if path.name.split(".", 1)[0] not in keep and path.suffix in (".emb", ".blocks"):
-                path.unlink(missing_ok=True)
-                if path.suffix == ".emb":
-                    removed.append(path.stem)
-        for model_dir in (self.root / "models").iterdir():
-            if model_dir.is_dir():
-                for unpacked in model_dir.iterdir():
-                    # Names are SHA-256s, or ".{sha256}.*.unpack" left by an interrupted unpack.
-                    sha = unpacked.name.lstrip(".").split(".", 1)[0]
-                    partial = unpacked.name.endswith(".unpack")
-                    if sha not in keep or (partial and sha not in busy):
-                        shutil.rmtree(unpacked, ignore_errors=True)
-        for download in (self.root / "downloads").iterdir():
-            if download.name not in keep:
-                shutil.rmtree(download, ignore_errors=True)
+        for path in paths:
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc)
+                continue
+            removed.append(path)
         return removed

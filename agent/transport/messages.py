@@ -84,8 +84,22 @@ class HardwareProfile(_Message):
     details: dict[Annotated[str, Field(max_length=64)], Text] = Field(default={}, max_length=32)
 
 
+class VersionRef(_Message):
+    """A version of a model by its bundle."""
+
+    version: Annotated[str, Field(max_length=64)]
+    release: Annotated[int, Field(ge=1)]
+    bundle_sha256: Hex64
+
+
 class ModelStatus(_Message):
-    """One model slot: what it serves now, and where its deployment stands."""
+    """One model slot: what it serves now, and where its deployment stands.
+
+    ``version`` ... ``bundle_sha256`` are what answers requests now: during ``probation`` that
+    is the new version, and ``fallback`` names the committed version that a failed probation
+    goes back to (absent on a first deployment, where there is none). In every other phase the
+    committed version serves (while a new one downloads, loads or self-tests beside it).
+    """
 
     phase: Phase
     version: Annotated[str, Field(max_length=64)] | None = None
@@ -95,6 +109,15 @@ class ModelStatus(_Message):
     bundle_sha256: Hex64 | None = None
     progress: Annotated[float, Field(ge=0, le=100)] | None = None  # percent, while downloading
     error: ErrorInfo | None = None
+    fallback: VersionRef | None = None
+
+
+class TrustStatus(_Message):
+    """What the device trusts now: the acknowledgement of a trust update."""
+
+    root_version: Annotated[int, Field(ge=1)]
+    keyring_version: Annotated[int, Field(ge=1)] | None = None  # None: no keyring yet
+    keyring_expires: AwareDatetime | None = None
 
 
 class Reported(_Message):
@@ -109,10 +132,17 @@ class Reported(_Message):
     sequence: Annotated[int, Field(ge=1)] | None = None
     models: dict[ModelName, ModelStatus] = Field(default={}, max_length=16)
     error: ErrorInfo | None = None  # about the deployment document itself (bad signature, ...)
+    trust: TrustStatus | None = None
 
 
 class Event(_Message):
-    """``devices/{id}/events``: each phase change and each refusal, in order (``seq``)."""
+    """``devices/{id}/events``: each phase change and each refusal, in order (``seq``).
+
+    ``seq`` grows with every event, across restarts too; numbers may be skipped (after a
+    restart). ``count`` is the number of refusals a ``rejected`` event stands for: refusals
+    on one topic with one reason code within a second of the last such event are counted into
+    the next one, which carries the last one's error.
+    """
 
     type: Literal["event"] = "event"
     device_id: TargetId
@@ -124,6 +154,7 @@ class Event(_Message):
     phase: Phase | None = None
     topic: Annotated[str, Field(max_length=256)] | None = None
     error: ErrorInfo | None = None
+    count: Annotated[int, Field(ge=1)] = 1
 
 
 class Telemetry(_Message):
@@ -229,7 +260,9 @@ __all__ = [
     "Phase",
     "Reported",
     "Telemetry",
+    "TrustStatus",
     "TrustUpdate",
+    "VersionRef",
     "decode_block_reply",
     "encode_block_reply",
 ]

@@ -13,17 +13,25 @@ On disk, in the transfer's own directory (``downloads/{sha256}/``)::
     bitmap         one bit per block that is written and verified (bits only ever go 0 -> 1)
 
 The bitmap is written in place after every ``BITMAP_EVERY`` new blocks, after the blocks
-themselves, so an agent killed at any instant fetches at most that many verified blocks again. It is synced to disk (the
-data first) when the transfer pauses or completes. On a resume every block the bitmap marks is
-read back and checked against the list again before it counts, so a bitmap that reached the
-disk before its data (a power cut) costs a refetch of those blocks, never a bad bundle.
+themselves, so an agent killed at any instant fetches at most that many verified blocks again.
+It is synced to disk (the data first) when the transfer pauses or is finished. On a resume every
+block the bitmap marks is read back and checked against the list again before it counts, so a
+bitmap that reached the disk before its data (a power cut) costs a refetch of those blocks, never
+a bad bundle.
 
 When every block is in, the file is the signed bundle: each block matched its SHA-256 in the
 list, the list matched the hash the descriptor signs, and the size is signed. So the finished
 file is not hashed again here; the caller checks its structure (manifest, members).
 
-Not thread-safe: the daemon's loop calls every method. Time comes in as ``now`` (monotonic
-seconds) so tests can drive timeouts.
+Threads. What reads or writes bundle-sized data is :meth:`Transfer.open` (the stored block list,
+the part file, re-checking the blocks a bitmap marks, copying blocks from local bundles: minutes
+for a bundle of many GiB), :meth:`Transfer.finish` and :meth:`Transfer.pause` (syncing it to
+disk). With ``inline_open=False`` the caller runs those on a thread of its own (the daemon's
+``prepare`` worker), so that its loop never waits on the disk: a new transfer, and one whose
+block list has just arrived, is in state ``opening`` until the caller has run ``open()`` and
+then :meth:`start`; meanwhile nothing else touches it but ``progress``. Every other method is
+for one thread, the daemon's loop. Time comes in as ``now`` (monotonic seconds) so tests can
+drive timeouts.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +88,7 @@ class TransferSettings(BaseModel):
     retry_after_s: Annotated[float, Field(gt=0)] = 300.0  # a failed download is tried again
 
 
-State = Literal["block-list", "blocks", "done", "failed"]
+State = Literal["opening", "block-list", "blocks", "done", "failed"]
 
 
 class Transfer:
@@ -94,7 +103,8 @@ class Transfer:
         topics: Topics,
         publish: Callable[[str, bytes], object],
         settings: TransferSettings | None = None,
-        reuse: BlockSource | None = None,
+        reuse: BlockSource | Callable[[], BlockSource] | None = None,
+        inline_open: bool = True,
     ) -> None:
         self.descriptor = descriptor
         self.dir = Path(directory)
@@ -102,10 +112,13 @@ class Transfer:
         self.settings = settings or TransferSettings()
         self._publish = publish
         self._request_topic = topics.bundle_request(descriptor.bundle_sha256, device_id)
-        self._reuse = reuse or {}
+        self._reuse = reuse or {}  # blocks held locally (or what finds them, called in open())
+        self._inline = inline_open
         self.count = descriptor.block_count
         self.pages = -(-self.count // BLOCK_LIST_PAGE)
-        self.state: State = "block-list"
+        self.state: State = "opening"
+        self._opened: State | None = None  # what open() found: block-list, blocks, or failed
+        self._fetched_list = False  # the block list in memory came from the server, not disk
         self.error: EdgeAgentError | None = None
         self._block_list: bytes = b""
         self._page_data: dict[int, bytes] = {}
@@ -153,29 +166,59 @@ class Transfer:
         return self.state in ("done", "failed")
 
     # -- start and resume ---------------------------------------------------------------------
-    def start(self, now: float) -> None:
-        """Load what an earlier run left, check free disk, ask for what is missing."""
-        self._last_progress = now
+    @property
+    def opening(self) -> bool:
+        """Waiting for :meth:`open` (then :meth:`start`)."""
+        return self.state == "opening"
+
+    def open(self) -> None:
+        """The disk work before requests: what an earlier run left (the block list, the part
+        file, the blocks its bitmap marks, each checked again), free disk, blocks held locally.
+
+        With ``inline_open=False``, on the caller's worker thread while the transfer is
+        ``opening``; errors are kept for :meth:`start`.
+        """
         try:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StorageError(f"cannot create {self.dir}: {exc.strerror}") from None
-            self._load_block_list()
-            if self.state == "blocks":
-                self._begin_blocks()
+            if self._fetched_list:
+                atomic_write_bytes(self.block_list_path, self._block_list, 0o600)
+            else:
+                self._load_block_list()
+            if not self._block_list:
+                self._opened = "block-list"
+                return
+            self._open_part()
+            self._load_bitmap()
+            self._reuse_local()
+            self._plan()
+            self._opened = "blocks"
         except EdgeAgentError as exc:
-            self.fail(exc)
+            self.error = exc
+            self._opened = "failed"
+
+    def start(self, now: float) -> None:
+        """After :meth:`open` (run here first with ``inline_open``): ask for what is missing."""
+        if self.state != "opening":
+            return
+        if self._opened is None:
+            if not self._inline:
+                raise RuntimeError("start() before open()")
+            self.open()
+        opened, self._opened = self._opened, None
+        self._last_progress = now
+        if opened == "failed":
+            assert self.error is not None
+            self.fail(self.error)
+            return
+        assert opened is not None
+        self.state = opened
+        if self.state == "blocks" and not self._todo:
+            self._complete()
             return
         self._pump(now)
-
-    def _begin_blocks(self) -> None:
-        """With the block list in hand (stored, or just fetched): the part file, the bitmap of
-        an earlier run, blocks held locally, then the plan of what to ask for."""
-        self._open_part()
-        self._load_bitmap()
-        self._reuse_local()
-        self._plan()
 
     def _load_block_list(self) -> None:
         data = read_if_exists(self.block_list_path)
@@ -183,7 +226,6 @@ class Transfer:
             return
         if hashlib.sha256(data).hexdigest() == self.descriptor.block_list_sha256:
             self._block_list = data
-            self.state = "blocks"
         else:  # damaged: fetch it again
             log.warning(
                 "the stored block list of %s is damaged", self.descriptor.bundle_sha256[:16]
@@ -224,6 +266,7 @@ class Transfer:
             return
         assert self._fd is not None
         lost = 0
+        started = time.monotonic()
         for i in range(self.count):
             if not data[i >> 3] & (1 << (i & 7)):
                 continue
@@ -236,6 +279,13 @@ class Transfer:
                 self.have_count += 1
             else:
                 lost += 1
+        log.info(
+            "resuming %s: %d of %d blocks on disk check out (%.1f s)",
+            self.descriptor.bundle_sha256[:16],
+            self.have_count,
+            self.count,
+            time.monotonic() - started,
+        )
         if lost:
             log.warning(
                 "%d block(s) in %s did not reach the disk; fetching them again", lost, self.dir
@@ -245,13 +295,14 @@ class Transfer:
 
     def _reuse_local(self) -> None:
         """Copy blocks that earlier bundles on the box hold already (checked again on read)."""
-        if not self._reuse:
+        reuse = self._reuse() if callable(self._reuse) else self._reuse
+        if not reuse:
             return
         assert self._fd is not None
         for i in range(self.count):
             if self._has(i):
                 continue
-            where = self._reuse.get(self._digest(i))
+            where = reuse.get(self._digest(i))
             if where is None or where.length != self._length(i):
                 continue
             try:
@@ -270,8 +321,6 @@ class Transfer:
     def _plan(self) -> None:
         self._todo = [i for i in range(self.count) if not self._has(i)]
         self._todo.reverse()  # pop() from the end gives the lowest index first
-        if not self._todo:
-            self._complete()
 
     # -- requests -----------------------------------------------------------------------------
     def _pump(self, now: float) -> None:
@@ -338,8 +387,10 @@ class Transfer:
         """Ask again for what timed out; fail when nothing has arrived for too long."""
         if self.finished:
             return
+        if self.state == "opening":
+            return  # the disk work of open(): not a stall
         if now - self._last_progress >= self.settings.stall_timeout_s:
-            self._save_bitmap(sync=True)
+            self._save_bitmap()  # a resume checks each marked block again: no need to sync
             if self.last_error_reply is not None:
                 self.fail(
                     BundleUnavailableError(
@@ -409,13 +460,13 @@ class Transfer:
         if hashlib.sha256(whole).hexdigest() != self.descriptor.block_list_sha256:
             self._bad("the block list does not match the signed descriptor")
             return
-        try:
-            atomic_write_bytes(self.block_list_path, whole, 0o600)
-            self._block_list = whole
-            self.state = "blocks"
-            self._begin_blocks()
-        except EdgeAgentError as exc:
-            self.fail(exc)
+        # Stored, then the part file and local blocks: the disk work of open().
+        self._block_list = whole
+        self._fetched_list = True
+        self.state = "opening"
+        if self._inline:
+            self.open()
+            self.start(now)
 
     def _on_block(self, header: BlockReplyHeader, data: bytes, now: float) -> None:
         i = header.index
@@ -496,14 +547,23 @@ class Transfer:
             raise StorageError(f"cannot save {self.bitmap_path}: {exc.strerror}") from None
 
     def _complete(self) -> None:
-        """Every block is in and was checked on arrival."""
+        """Every block is in and was checked on arrival; :meth:`finish` syncs it to disk."""
         try:
-            self._save_bitmap(sync=True)
+            self._save_bitmap()
         except EdgeAgentError as exc:
             self.fail(exc)
             return
-        self.close()
         self.state = "done"
+        if self._inline:
+            self.finish()
+
+    def finish(self) -> None:
+        """Sync the finished part file (the data, then the bitmap) and close it (slow: the
+        whole bundle may still be in the page cache; off the loop with ``inline_open=False``)."""
+        try:
+            self._save_bitmap(sync=True)
+        finally:
+            self.close()
 
     def fail(self, exc: EdgeAgentError) -> None:
         log.error("transfer of %s failed: %s", self.descriptor.bundle_sha256[:16], exc)

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from agent._strictjson import canonical
 from agent.trust.keys import is_weak_public_key, keyid_for
 
 ROOT_TYPE = "application/vnd.ema.root+json"
@@ -179,4 +180,22 @@ class DeploymentDocument(_Strict):
     sequence: Annotated[int, Field(ge=1, le=2**53)]
     issued: AwareDatetime
     expires: AwareDatetime
+    # Empty: the device (or group) runs no model; each one it ran is removed.
     models: dict[ModelName, ModelDeployment] = Field(max_length=16)
+    # On a device's own topic: the device follows its groups' documents again (models must be
+    # empty). The document's sequence still counts, so older device documents stay refused.
+    # Written only when true, so that agents that predate the field read every other document.
+    follow_groups: bool = False
+
+    @model_validator(mode="after")
+    def _follow_groups(self) -> DeploymentDocument:
+        if self.follow_groups and (self.target.kind != "device" or self.models):
+            raise ValueError("follow_groups is for a device's own document, with no models")
+        return self
+
+    def to_payload(self) -> bytes:
+        """The canonical bytes to sign (``follow_groups`` only when set)."""
+        data = self.model_dump(mode="json")
+        if not self.follow_groups:
+            del data["follow_groups"]
+        return canonical(data)

@@ -21,6 +21,12 @@ delivered when it returns; subscriptions are made again on every connect anyway 
 broker may have expired the session). The will message (retained) says ``offline`` on
 ``devices/{id}/online`` when the connection drops without a DISCONNECT; on connect the session
 publishes the retained ``online`` message.
+
+Packet size: a broker drops a client that sends a packet larger than it accepts (mosquitto's
+``max_packet_size``; AWS IoT Core's 128 KiB per message), and paho, reconnecting, sends the same
+QoS 1 message again. On MQTT 5 the broker announces its limit in the CONNACK (Maximum Packet
+Size, MQTT 5 section 3.2.2.3.6); :attr:`Session.max_packet_size` holds it from each connect.
+:func:`publish_packet_size` says how large a PUBLISH is on the wire, so a sender can check first.
 """
 
 from __future__ import annotations
@@ -104,6 +110,28 @@ class Will:
     payload: bytes
 
 
+def _varint_size(n: int) -> int:
+    """Bytes of an MQTT Variable Byte Integer (MQTT 5 section 1.5.5; 3.1.1 section 2.2.3)."""
+    return 1 if n < 1 << 7 else 2 if n < 1 << 14 else 3 if n < 1 << 21 else 4
+
+
+def publish_packet_size(
+    topic: str, payload_len: int, *, qos: int = 1, v5: bool = True, properties_len: int = 0
+) -> int:
+    """The whole PUBLISH packet as the spec counts it (MQTT 5 section 3.3), in bytes.
+
+    Fixed header byte, Remaining Length, topic (2-byte length and UTF-8), packet identifier
+    (QoS 1 and 2), on MQTT 5 the property length and ``properties_len`` bytes of properties, then
+    the payload: what paho writes for :meth:`Session.publish` (tests/test_packet_size.py measures
+    it). Brokers count no more than this (mosquitto leaves out the Remaining Length bytes), so a
+    packet of this size at or below a broker's limit passes it.
+    """
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + payload_len
+    if v5:
+        remaining += _varint_size(properties_len) + properties_len
+    return 1 + _varint_size(remaining) + remaining
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Equal jitter: a delay between half and all of ``min(maximum, initial * 2**attempt)``."""
     ceiling = min(maximum, initial * (2 ** min(attempt, 30)))
@@ -172,6 +200,10 @@ class Session:
         self.attempts = 0  # connection attempts since the last success (for tests and status)
         self.connects = 0  # successful connects so far
         self.refused: dict[int, str] = {}  # message id -> reason the broker gave (MQTT 5)
+        # The largest packet the broker accepts, from the last CONNACK (MQTT 5 Maximum Packet
+        # Size); None: it announced none (always so on 3.1.1). Set on the network thread before
+        # ``connected`` is, read from any thread.
+        self.max_packet_size: int | None = None
         self.v5 = settings.protocol == "5"
         self._client = self._make_client()
 
@@ -219,6 +251,8 @@ class Session:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
+        announced = getattr(properties, "MaximumPacketSize", None) if self.v5 else None
+        self.max_packet_size = announced if isinstance(announced, int) else None
         with self._lock:
             topics = list(self._subscriptions)
         if topics:
@@ -229,11 +263,12 @@ class Session:
         self.connects += 1
         self.connected.set()
         log.info(
-            "connected to %s:%d (MQTT %s, session %s)",
+            "connected to %s:%d (MQTT %s, session %s%s)",
             self.settings.host,
             self.settings.port,
             self.settings.protocol,
             "resumed" if flags.session_present else "new",
+            "" if self.max_packet_size is None else f", packets up to {self.max_packet_size} bytes",
         )
         self.inbox.put(Connection(up=True, session_present=flags.session_present))
 
@@ -365,6 +400,10 @@ class Session:
         QoS 1 messages queued while disconnected are sent on reconnect by paho.
         """
         return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def packet_size(self, topic: str, payload_len: int, *, qos: int = 1) -> int:
+        """The size on the wire of what :meth:`publish` sends for this topic and payload."""
+        return publish_packet_size(topic, payload_len, qos=qos, v5=self.v5)
 
     def subscribe(self, topic: str) -> None:
         with self._lock:

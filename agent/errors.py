@@ -16,7 +16,8 @@ tools catch that type alone and print its message. Errors from lower libraries (
     ├── BrokerError                     the MQTT broker cannot be reached or refused a message
     ├── TransferError                   a bundle could not be fetched over MQTT
     │   ├── TransferTimeoutError        no progress within the configured time
-    │   └── BundleUnavailableError      no bundle server has the bundle
+    │   ├── BundleUnavailableError      no bundle server has the bundle
+    │   └── BlockTooLargeError          a block's reply exceeds the broker's packet limit
     └── BadContentError                 input from outside was refused; nothing was written
         ├── FormatError                 not well-formed: JSON, base64, types, unknown fields
         ├── SizeLimitError              beyond a configured cap or a signed bound (bombs, endless data)
@@ -79,6 +80,13 @@ class TransferTimeoutError(TransferError):
 
 class BundleUnavailableError(TransferError):
     code = "bundle-unavailable"
+
+
+class BlockTooLargeError(TransferError):
+    """The bundle server cannot send a block through the broker: the reply frame would exceed
+    the broker's packet limit. The bundle needs a smaller block size (``--block-size``)."""
+
+    code = "block-too-large"
 
 
 class BadContentError(EdgeAgentError):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent.fleet.server import BACKLOG_PER_DEVICE, BlockServer, BundleCatalog
+from agent.errors import ConfigError
+from agent.fleet.server import BACKLOG_PER_DEVICE, BlockServer, BundleCatalog, packet_limit, serve
 from agent.transport.messages import BlockReplyHeader, BlockRequest, decode_block_reply
+from agent.transport.session import MqttSettings, publish_packet_size
 from tests.fleet import TOPICS
 from tests.models import make_onnx
 
@@ -39,20 +42,38 @@ def served(tmp_path: Path, build) -> tuple[Path, str]:  # type: ignore[no-untype
     return d, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+Sent = list[tuple[str, BlockReplyHeader, bytes]]
+
+
 def _server(
-    directory: Path, clock: Clock, rate: float = 1 << 30
-) -> tuple[BlockServer, list[tuple[str, BlockReplyHeader, bytes]]]:
-    out: list[tuple[str, BlockReplyHeader, bytes]] = []
+    directory: Path,
+    clock: Clock,
+    rate: float = 1 << 30,
+    limit: Callable[[], int | None] = lambda: None,
+    packets: list[int] | None = None,
+) -> tuple[BlockServer, Sent]:
+    """A server whose frames are decoded into the list returned; ``packets`` gets the size of
+    each frame's PUBLISH packet on the wire (MQTT 5)."""
+    out: Sent = []
 
     def publish(topic: str, payload: bytes) -> None:
+        if packets is not None:
+            packets.append(publish_packet_size(topic, len(payload)))
         header, data = decode_block_reply(payload)
         out.append((topic, header, data))
 
     catalog = BundleCatalog(directory, clock=clock)
     catalog.scan()
-    return BlockServer(
-        catalog, TOPICS, publish, rate_bytes_s=rate, burst_bytes=8 * BLOCK, clock=clock
-    ), out
+    server = BlockServer(
+        catalog,
+        TOPICS,
+        publish,
+        rate_bytes_s=rate,
+        burst_bytes=8 * BLOCK,
+        max_packet_bytes=limit,
+        clock=clock,
+    )
+    return server, out
 
 
 def _request(
@@ -196,3 +217,128 @@ def test_the_rate_limiter_remembers_a_bounded_number_of_devices(
     assert len([h for _, h, _ in out if h.kind == "block"]) == 200, (
         "each new device has a full burst"
     )
+
+
+# -- the broker's packet limit ---------------------------------------------------------------------
+def _packet_of_block(directory: Path, sha: str, index: int, kind: str = "blocks") -> int:
+    """The size of the PUBLISH that answers one index, measured without a limit."""
+    packets: list[int] = []
+    server, _ = _server(directory, Clock(), packets=packets)
+    server.handle(*_request(sha, [index], kind=kind))
+    [size] = packets
+    return size
+
+
+def test_a_block_over_the_packet_limit_is_refused_with_block_too_large(
+    served: tuple[Path, str],
+) -> None:
+    directory, sha = served
+    packets: list[int] = []
+    server, out = _server(directory, Clock(), limit=lambda: 2048, packets=packets)
+    server.handle(*_request(sha, [0, 1, 2]))
+    [(topic, header, data)] = out  # one answer for the request, no block
+    assert topic == TOPICS.device("cam-01").blocks
+    assert header.kind == "error"
+    assert header.error is not None
+    assert header.error.code == "block-too-large"
+    assert f"block of {BLOCK} bytes" in header.error.message
+    assert "limit of 2048 bytes" in header.error.message
+    assert data == b""
+    assert max(packets) <= 2048
+    assert (server.stats.blocks, server.stats.bytes, server.stats.refused) == (0, 0, 1)
+
+
+def test_a_reply_exactly_at_the_limit_goes_out_and_one_byte_less_refuses_it(
+    served: tuple[Path, str],
+) -> None:
+    directory, sha = served
+    exact = _packet_of_block(directory, sha, 3)
+    assert exact > BLOCK, "the packet counts the header and topic too"
+    packets: list[int] = []
+    server, out = _server(directory, Clock(), limit=lambda: exact, packets=packets)
+    server.handle(*_request(sha, [3]))
+    assert [(h.kind, h.index) for _, h, _ in out] == [("block", 3)]
+    assert packets == [exact]
+    server, out = _server(directory, Clock(), limit=lambda: exact - 1)
+    server.handle(*_request(sha, [3]))
+    assert [h.error.code for _, h, _ in out if h.error] == ["block-too-large"]
+
+
+@pytest.fixture
+def many_blocks(tmp_path: Path, build) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
+    """A bundle of some 260 blocks of 4 KiB: its block-list page (8 KiB) is twice a block."""
+    model = make_onnx(tmp_path / "big.onnx", inputs=512, outputs=512, seed=7)
+    path = build("1.0.0", models=[model], block_size=BLOCK, samples="none").path
+    d = tmp_path / "many"
+    d.mkdir()
+    shutil.copyfile(path, d / path.name)
+    return d, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_block_list_page_over_the_limit_is_refused_too(many_blocks: tuple[Path, str]) -> None:
+    directory, sha = many_blocks
+    page = _packet_of_block(directory, sha, 0, kind="block-list")
+    block = _packet_of_block(directory, sha, 0)
+    assert block < page
+    packets: list[int] = []
+    server, out = _server(directory, Clock(), limit=lambda: block, packets=packets)
+    server.handle(*_request(sha, [0], kind="block-list"))
+    server.handle(*_request(sha, [0, 1]))
+    [refusal, *blocks] = [h for _, h, _ in out]
+    assert refusal.error is not None
+    assert refusal.error.code == "block-too-large"
+    assert "block-list page" in refusal.error.message
+    assert [(h.kind, h.index) for h in blocks] == [("block", 0), ("block", 1)]
+    assert max(packets) <= block
+
+
+def test_a_deferred_request_meets_the_limit_of_when_it_is_answered(
+    served: tuple[Path, str],
+) -> None:
+    """The broker may allow less after a reconnect than when the request came in."""
+    directory, sha = served
+    clock = Clock()
+    limit: list[int | None] = [None]
+    packets: list[int] = []
+    server, out = _server(directory, clock, rate=4 * BLOCK, limit=lambda: limit[0], packets=packets)
+    server.handle(*_request(sha, list(range(8))))  # the burst
+    server.handle(*_request(sha, [8]))  # waits for the bucket
+    assert len(out) == 8
+    limit[0] = 1024
+    clock.now += 10
+    server.tick()
+    [last] = [h for _, h, _ in out[8:]]
+    assert last.error is not None
+    assert last.error.code == "block-too-large"
+    assert max(packets[8:]) <= 1024
+
+
+def test_nothing_goes_out_when_not_even_the_error_frame_fits(served: tuple[Path, str]) -> None:
+    directory, sha = served
+    server, out = _server(directory, Clock(), limit=lambda: 100)
+    server.handle(*_request(sha, [0]))
+    assert out == []
+    assert server.stats.refused == 1
+
+
+def test_the_smaller_of_the_announced_and_the_configured_limit_applies() -> None:
+    assert packet_limit(None, None) is None
+    assert packet_limit(131_072, None) == 131_072
+    assert packet_limit(None, 65_536) == 65_536
+    assert packet_limit(131_072, 65_536) == 65_536
+    assert packet_limit(65_536, 131_072) == 65_536
+
+
+def test_a_configured_limit_too_small_for_any_reply_is_refused(tmp_path: Path) -> None:
+    import threading
+
+    with pytest.raises(ConfigError, match="below 1024"):
+        serve(
+            tmp_path,
+            MqttSettings(host="127.0.0.1", port=9, tls=False),
+            topics=TOPICS,
+            client_id="never-connects",
+            rate_bytes_s=0,
+            stop=threading.Event(),
+            max_packet_bytes=512,
+        )

@@ -15,6 +15,16 @@ beyond it waits in a small per-device backlog until the bucket allows it; beyond
 is answered with a ``rate-limited`` error and the device asks again after its timeout. The limit
 is per server process.
 
+Packet limit: no frame goes out that exceeds the broker's packet limit. A broker drops a client
+that sends a larger packet (mosquitto's ``max_packet_size``; AWS IoT Core allows 128 KiB per
+message), paho sends the same QoS 1 message again after reconnecting, and the server would
+reconnect in a loop while every other device's requests wait. The limit is the smaller of what
+the broker announces in its CONNACK (MQTT 5 Maximum Packet Size, learned at every connect) and
+``max_packet_bytes`` (``--max-packet-bytes``; a 3.1.1 broker announces nothing, so there it is
+the only one). A request whose reply would not fit, counted as the whole PUBLISH packet, is
+answered with a ``block-too-large`` error frame that names the sizes; the device fails the
+transfer with that code rather than waiting for blocks that can never come.
+
 Who asks: the device id is the last level of the request topic, which the broker's ACL binds to
 the device's certificate (``pattern write .../bundles/+/request/%u``); a request whose body names
 another device is dropped. Replies go to that device only, so no device can have blocks sent to
@@ -38,15 +48,29 @@ from typing import Literal
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.reader import read_index
-from agent.errors import BadContentError, EdgeAgentError, StorageError
+from agent.errors import (
+    BadContentError,
+    BlockTooLargeError,
+    ConfigError,
+    EdgeAgentError,
+    StorageError,
+)
 from agent.transport.messages import (
     BLOCK_LIST_PAGE,
     BlockReplyHeader,
     BlockRequest,
     ErrorInfo,
+    block_reply_length,
     encode_block_reply,
 )
-from agent.transport.session import Connection, InboxItem, Incoming, MqttSettings, Session
+from agent.transport.session import (
+    Connection,
+    InboxItem,
+    Incoming,
+    MqttSettings,
+    Session,
+    publish_packet_size,
+)
 from agent.transport.topics import Topics
 
 log = logging.getLogger("agent.fleet.server")
@@ -55,6 +79,26 @@ RESCAN_INTERVAL_S = 2.0
 BACKLOG_PER_DEVICE = 4  # requests waiting for a device's bucket before new ones are refused
 MAX_REQUEST_BYTES = 4096
 MAX_BUCKETS = 100_000  # devices remembered by the rate limiter (least recently seen go first)
+MIN_PACKET_LIMIT = 1024  # a smaller --max-packet-bytes leaves no room even for error frames
+
+
+def check_packet_limit(configured: int | None) -> None:
+    """ConfigError for a configured packet limit too small to be kept to."""
+    if configured is not None and configured < MIN_PACKET_LIMIT:
+        raise ConfigError(
+            f"a packet limit of {configured} bytes is below {MIN_PACKET_LIMIT}: "
+            "not even an error reply fits"
+        )
+
+
+def packet_limit(announced: int | None, configured: int | None) -> int | None:
+    """The packet limit the server keeps to: the smaller of the broker's and the configured one.
+
+    A configured limit above the broker's announced one would only get the server dropped; one
+    below it is kept (a bridge or a second broker behind this one may allow less).
+    """
+    limits = [n for n in (announced, configured) if n is not None]
+    return min(limits) if limits else None
 
 
 @dataclass(frozen=True)
@@ -182,6 +226,7 @@ class ServerStats:
     bytes: int = 0
     refused: int = 0
     deferred: int = 0
+    connects: int = 0  # connections to the broker so far (more than one: it reconnected)
 
 
 class BlockServer:
@@ -195,11 +240,18 @@ class BlockServer:
         *,
         rate_bytes_s: float = 32 << 20,
         burst_bytes: float | None = None,
+        max_packet_bytes: Callable[[], int | None] = lambda: None,
+        mqtt5: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``max_packet_bytes`` gives the packet limit now (it may change at a reconnect);
+        ``mqtt5`` says how packets are counted (MQTT 5 adds a property length)."""
         self.catalog = catalog
         self.topics = topics
         self._publish = publish
+        self._limit = max_packet_bytes
+        self._v5 = mqtt5
+        self._warned: set[tuple[str, int]] = set()  # (bundle, limit) already logged as too large
         self.rate = float(rate_bytes_s)
         self.burst = float(burst_bytes if burst_bytes is not None else max(rate_bytes_s, 4 << 20))
         self._clock = clock
@@ -237,6 +289,8 @@ class BlockServer:
             self._error(
                 request, "bad-index", f"index out of range (0..{self._total(bundle, request) - 1})"
             )
+            return
+        if self._refuse_too_large(bundle, request):  # at once: waiting would not make it fit
             return
         if self.rate <= 0:  # no limit
             self._answer(bundle, request)
@@ -294,16 +348,62 @@ class BlockServer:
     def _total(bundle: ServedBundle, request: BlockRequest) -> int:
         return bundle.block_count if request.kind == "blocks" else bundle.page_count
 
+    @staticmethod
+    def _data_length(bundle: ServedBundle, request: BlockRequest, index: int) -> int:
+        if request.kind == "block-list":
+            return 32 * min(BLOCK_LIST_PAGE, bundle.block_count - index * BLOCK_LIST_PAGE)
+        return bundle.block_length(index)
+
     def _cost(self, bundle: ServedBundle, request: BlockRequest) -> int | None:
         total = self._total(bundle, request)
         if any(i >= total for i in request.indexes):
             return None
+        return sum(self._data_length(bundle, request, i) for i in request.indexes)
+
+    def _packet_size(self, topic: str, frame_length: int) -> int:
+        return publish_packet_size(topic, frame_length, v5=self._v5)
+
+    def _too_large(self, bundle: ServedBundle, request: BlockRequest) -> str | None:
+        """Why the replies to ``request`` cannot pass the packet limit, or None if they can.
+
+        Counted from above: the header of the highest index asked for with the longest data
+        asked for, so no reply of the request is larger than the packet checked.
+        """
+        limit = self._limit()
+        if limit is None:
+            return None
+        longest = max(self._data_length(bundle, request, i) for i in request.indexes)
+        header = BlockReplyHeader(
+            bundle_sha256=bundle.sha256,
+            kind="block-list" if request.kind == "block-list" else "block",
+            index=max(request.indexes),
+            total=self._total(bundle, request),
+        )
+        topic = self.topics.device(request.device_id).blocks
+        size = self._packet_size(topic, block_reply_length(header, longest))
+        if size <= limit:
+            return None
         if request.kind == "block-list":
-            return sum(
-                32 * min(BLOCK_LIST_PAGE, bundle.block_count - i * BLOCK_LIST_PAGE)
-                for i in request.indexes
+            return (
+                f"a block-list page of {longest} bytes makes a {size}-byte MQTT packet, over the "
+                f"packet limit of {limit} bytes; the broker must allow larger packets"
             )
-        return sum(bundle.block_length(i) for i in request.indexes)
+        return (
+            f"a block of {bundle.block_size} bytes makes a {size}-byte MQTT packet, over the "
+            f"packet limit of {limit} bytes; rebuild the bundle with a smaller --block-size"
+        )
+
+    def _refuse_too_large(self, bundle: ServedBundle, request: BlockRequest) -> bool:
+        """Answer ``block-too-large`` if a reply to ``request`` would exceed the packet limit."""
+        why = self._too_large(bundle, request)
+        if why is None:
+            return False
+        limit = self._limit() or 0
+        if (bundle.sha256, limit) not in self._warned:  # once, not once per device
+            self._warned.add((bundle.sha256, limit))
+            log.warning("cannot serve %s: %s", bundle.path.name, why)
+        self._error(request, BlockTooLargeError.code, why)
+        return True
 
     def _fd(self, bundle: ServedBundle) -> int:
         """A descriptor for the bundle's bytes, checked against the size it was indexed with."""
@@ -317,6 +417,10 @@ class BlockServer:
         return fd
 
     def _answer(self, bundle: ServedBundle, request: BlockRequest) -> None:
+        # Again: a deferred request is answered later, perhaps after a reconnect to a broker
+        # that allows less.
+        if self._refuse_too_large(bundle, request):
+            return
         topic = self.topics.device(request.device_id).blocks
         total = self._total(bundle, request)
         for index in dict.fromkeys(request.indexes):  # each index once, in the order asked
@@ -325,7 +429,6 @@ class BlockServer:
                 start = index * BLOCK_LIST_PAGE * 32
                 data = bundle.block_list[start : start + BLOCK_LIST_PAGE * 32]
                 kind = "block-list"
-                self.stats.pages += 1
             else:
                 try:
                     data = os.pread(
@@ -336,12 +439,17 @@ class BlockServer:
                     self._error(request, "server-storage", "the server cannot read the bundle")
                     return
                 kind = "block"
-                self.stats.blocks += 1
             header = BlockReplyHeader(
                 bundle_sha256=bundle.sha256, kind=kind, index=index, total=total
             )
+            if not self._send(topic, encode_block_reply(header, data)):
+                self._error(request, BlockTooLargeError.code, "the reply exceeds the packet limit")
+                return
+            if kind == "block":
+                self.stats.blocks += 1
+            else:
+                self.stats.pages += 1
             self.stats.bytes += len(data)
-            self._publish(topic, encode_block_reply(header, data))
 
     def _error(self, request: BlockRequest, code: str, message: str) -> None:
         self.stats.refused += 1
@@ -352,7 +460,18 @@ class BlockServer:
             total=0,
             error=ErrorInfo(code=code, message=message),
         )
-        self._publish(self.topics.device(request.device_id).blocks, encode_block_reply(header))
+        self._send(self.topics.device(request.device_id).blocks, encode_block_reply(header))
+
+    def _send(self, topic: str, payload: bytes) -> bool:
+        """Publish one frame, unless its packet exceeds the limit (then nothing goes out)."""
+        limit = self._limit()
+        if limit is not None:
+            size = self._packet_size(topic, len(payload))
+            if size > limit:
+                log.error("not sending a %d-byte packet on %s: the limit is %d", size, topic, limit)
+                return False
+        self._publish(topic, payload)
+        return True
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -369,9 +488,15 @@ def serve(
     rate_bytes_s: float,
     stop: threading.Event,
     burst_bytes: float | None = None,
+    max_packet_bytes: int | None = None,
     on_status: Callable[[BlockServer], None] | None = None,
 ) -> BlockServer:
-    """Run a bundle server until ``stop`` is set. Returns the server (for its stats)."""
+    """Run a bundle server until ``stop`` is set. Returns the server (for its stats).
+
+    ``max_packet_bytes``: the largest MQTT packet to send (None: what the broker announces on
+    MQTT 5, no limit on 3.1.1); the smaller of it and the broker's applies.
+    """
+    check_packet_limit(max_packet_bytes)
     catalog = BundleCatalog(bundles)
     catalog.scan()
     inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
@@ -389,7 +514,11 @@ def serve(
         lambda t, p: session.publish(t, p),
         rate_bytes_s=rate_bytes_s,
         burst_bytes=burst_bytes,
+        max_packet_bytes=lambda: packet_limit(session.max_packet_size, max_packet_bytes),
+        mqtt5=session.v5,
     )
+    if not session.v5 and max_packet_bytes is None:
+        log.info("MQTT 3.1.1 announces no packet limit; give the broker's with --max-packet-bytes")
     session.start()
     last_status = 0.0
     try:
@@ -405,11 +534,19 @@ def serve(
                 except (EdgeAgentError, OSError) as exc:  # one bad bundle file stops nothing
                     log.error("request on %s: %s", item.topic, exc)
             elif isinstance(item, Connection) and item.up:
-                log.info("serving %d bundle(s) from %s", len(catalog), bundles)
+                server.stats.connects = session.connects
+                limit = packet_limit(session.max_packet_size, max_packet_bytes)
+                log.info(
+                    "serving %d bundle(s) from %s (%s)",
+                    len(catalog),
+                    bundles,
+                    "no packet limit" if limit is None else f"packets up to {limit} bytes",
+                )
             if on_status is not None and time.monotonic() - last_status >= 1.0:
                 last_status = time.monotonic()
                 on_status(server)
     finally:
+        server.stats.connects = session.connects
         session.stop()
         server.close()
     return server

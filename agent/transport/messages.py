@@ -209,6 +209,11 @@ def encode_block_reply(header: BlockReplyHeader, data: bytes = b"") -> bytes:
     return _HEAD.pack(_MAGIC, len(head)) + head + data
 
 
+def block_reply_length(header: BlockReplyHeader, data_len: int) -> int:
+    """The length of ``encode_block_reply(header, data)`` for ``data_len`` bytes of data."""
+    return _HEAD.size + len(header.to_bytes()) + data_len
+
+
 def decode_block_reply(
     payload: bytes, *, max_bytes: int = MAX_BLOCK_REPLY_BYTES
 ) -> tuple[BlockReplyHeader, bytes]:
@@ -263,6 +268,7 @@ __all__ = [
     "TrustStatus",
     "TrustUpdate",
     "VersionRef",
+    "block_reply_length",
     "decode_block_reply",
     "encode_block_reply",
 ]

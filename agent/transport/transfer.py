@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent._fsutil import atomic_write_bytes, fsync_dir, read_if_exists
 from agent.bundle.blocks import BlockSource
 from agent.errors import (
+    BlockTooLargeError,
     BundleUnavailableError,
     DigestMismatchError,
     DiskFullError,
@@ -135,6 +136,7 @@ class Transfer:
         self.reused_blocks = 0
         self.duplicates = 0
         self.last_error_reply: str | None = None
+        self.largest_reply = 0  # the most data one block or page frame brought (it got through)
         self._suspended = False
 
     # -- paths ------------------------------------------------------------------------------
@@ -434,12 +436,41 @@ class Transfer:
                 f"{header.error.code}: {header.error.message}" if header.error else "error"
             )
             log.warning("bundle server: %s", self.last_error_reply)
+            if header.error is not None and header.error.code == BlockTooLargeError.code:
+                self._on_too_large(header.index, header.error.message)
             return
+        self.largest_reply = max(self.largest_reply, len(data))
         if header.kind == "block-list":
             self._on_page(header, data, now)
         else:
             self._on_block(header, data, now)
         self._pump(now)
+
+    def _on_too_large(self, index: int, message: str) -> None:
+        """A bundle server cannot send block (or page) ``index``: its packet exceeds the limit.
+
+        One such answer fails the transfer at once. The limit is the broker's own (announced to
+        every server in its CONNACK, or configured for a 3.1.1 broker), so every server that
+        shares the load answers alike, and waiting would only turn the reason into
+        ``transfer-timeout``. One server of several may be misconfigured with a lower limit than
+        its peers; that shows when a reply at least as large as the refused one has already come
+        through the broker in this transfer. Then the refusal is that server's fault, not the
+        bundle's: it counts like any other error reply and the blocks are asked for again (by
+        the shared subscription, most likely of another server). Either way a failed transfer
+        is tried again after ``retry_after_s``.
+        """
+        if self.state == "block-list":
+            refused = min(BLOCK_LIST_PAGE, max(1, self.count - index * BLOCK_LIST_PAGE)) * DIGEST
+        else:
+            refused = self._length(index) if index < self.count else self.descriptor.block_size
+        if self.largest_reply >= refused:
+            log.warning("a bundle server refused a reply as large as one that came through")
+            return
+        self.fail(
+            BlockTooLargeError(
+                f"the bundle server cannot send the bundle through the broker: {message}"
+            )
+        )
 
     def _on_page(self, header: BlockReplyHeader, data: bytes, now: float) -> None:
         p = header.index

@@ -369,9 +369,10 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from agent.fleet.server import BlockServer, serve
+    from agent.fleet.server import BlockServer, check_packet_limit, serve
 
     settings = _mqtt_settings(args)
+    check_packet_limit(args.max_packet_bytes)
     if not args.bundles.is_dir():
         raise ConfigError(f"--bundles {args.bundles} is not a directory")
     stop = threading.Event()
@@ -392,10 +393,16 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    if args.max_packet_bytes is not None:
+        limit = f"packets up to {args.max_packet_bytes} bytes"
+    elif settings.protocol == "5":
+        limit = "packet limit from the broker"
+    else:
+        limit = "no packet limit"
     print(
         f"edge-fleet serve: {args.bundles} on {settings.host}:{settings.port} "
         f"(MQTT {settings.protocol}, {'shared subscription' if settings.protocol == '5' else 'single server'}, "
-        f"{args.rate_limit_mib:g} MiB/s per device)",
+        f"{args.rate_limit_mib:g} MiB/s per device, {limit})",
         file=sys.stderr,
         flush=True,
     )
@@ -406,12 +413,14 @@ def _serve(args: argparse.Namespace) -> int:
         client_id=_client_id(args, "serve"),
         rate_bytes_s=args.rate_limit_mib * (1 << 20),
         stop=stop,
+        max_packet_bytes=args.max_packet_bytes,
         on_status=status,
     )
     st = server.stats
+    reconnects = f", {st.connects - 1} reconnect(s)" if st.connects > 1 else ""
     print(
         f"{chr(10) if tty else ''}stopped: {st.blocks} blocks and {st.pages} block-list pages "
-        f"({_size(st.bytes)}) sent, {st.refused} request(s) refused",
+        f"({_size(st.bytes)}) sent, {st.refused} request(s) refused{reconnects}",
         file=sys.stderr,
     )
     return 0
@@ -726,6 +735,17 @@ def fleet_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundles", type=Path, required=True, metavar="DIR")
     s.add_argument(
         "--rate-limit-mib", type=float, default=32.0, help="per-device limit in MiB/s (0: none)"
+    )
+    s.add_argument(
+        "--max-packet-bytes",
+        type=int,
+        metavar="N",
+        help="the largest MQTT packet to send, counted whole (header, topic, payload). A reply "
+        "that would be larger is refused with a block-too-large error, which the device "
+        "reports; a broker would drop the server for it. On MQTT 5 the broker announces its "
+        "limit when the server connects, and the smaller of the two applies; MQTT 3.1.1 "
+        "announces none, so give the broker's limit here (e.g. 131072 for mosquitto's "
+        "max_packet_size 131072). Default: none on 3.1.1, the broker's on 5",
     )
     _add_broker_options(s)
     s.set_defaults(handler=_serve)

@@ -213,11 +213,12 @@ def bundle_server(
     protocol: str = "5",
     rate_bytes_s: float = 256 << 20,
     name: str = "server",
+    max_packet_bytes: int | None = None,
 ) -> Iterator[list[BlockServer]]:
     """Run ``serve`` on a thread; yields a list that holds the server once it has stopped.
 
     The per-device burst is a quarter second at ``rate_bytes_s``, so a low rate paces a
-    transfer from its first block.
+    transfer from its first block. ``max_packet_bytes`` is ``--max-packet-bytes``.
     """
     stop = threading.Event()
     done: list[BlockServer] = []
@@ -233,6 +234,7 @@ def bundle_server(
                     client_id=f"{name}-{os.getpid()}",
                     rate_bytes_s=rate_bytes_s,
                     burst_bytes=rate_bytes_s / 4,
+                    max_packet_bytes=max_packet_bytes,
                     stop=stop,
                 )
             )

@@ -1,11 +1,15 @@
 """A bundle whose blocks do not fit the broker's packet limit fails on its own device, fast and
-with its reason.
+with its reason, and nothing else notices.
 
-The device's side without a broker: frames handed to a :class:`Transfer`.
+First the device's side without a broker (frames handed to a :class:`Transfer`), then a real
+mosquitto with ``max_packet_size 131072`` (MQTT 5: it says so in the CONNACK; 3.1.1: the bundle
+server is told with ``max_packet_bytes``), real bundle servers and real device agents.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,21 @@ from agent.transport.messages import BlockReplyHeader, BlockRequest, ErrorInfo
 from agent.transport.transfer import Transfer, TransferSettings
 from agent.trust.envelope import parse_envelope
 from agent.trust.metadata import BundleDescriptor
-from tests.fleet import TOPICS
+from tests.broker import Broker, plain_broker
+from tests.conftest import Keys
+from tests.fleet import (
+    TOPICS,
+    active,
+    agent,
+    agent_config,
+    bundle_server,
+    deployment,
+    failed,
+    watcher,
+)
 from tests.models import make_onnx
 
+LIMIT = 131_072
 BLOCK = 4096
 TOO_LARGE = "block-too-large"
 
@@ -126,3 +142,94 @@ def test_a_refusal_of_what_already_came_through_is_one_servers_fault(device: Dev
         device.asked.clear()
     assert t.state == "done"
     assert (t.dir / "bundle.part").read_bytes() == device.data
+
+
+# -- end to end ------------------------------------------------------------------------------------
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    limits = [f"max_packet_size {LIMIT}", "max_queued_messages 1000", "max_inflight_messages 20"]
+    with plain_broker(tmp_path, limits) as b:
+        yield b
+
+
+def _bundles(tmp_path: Path, signed) -> tuple[Path, bytes, bytes]:  # type: ignore[no-untyped-def]
+    """A served directory with a bundle of 1 MiB blocks and one of 64 KiB blocks."""
+    served = tmp_path / "served"
+    served.mkdir()
+    big = make_onnx(tmp_path / "big.onnx", inputs=512, outputs=512, seed=7)  # some 1 MiB
+    other = make_onnx(tmp_path / "other.onnx", inputs=512, outputs=256, seed=8)
+    huge_blocks, huge_env = signed("1.0.0", models=[big], block_size=1 << 20, samples="none")
+    normal, normal_env = signed("2.0.0", models=[other], block_size=64 << 10, samples="none")
+    for path in (huge_blocks, normal):
+        shutil.copyfile(path, served / path.name)
+    return served, huge_env, normal_env
+
+
+def _check_no_oversized_packet(broker: Broker) -> None:
+    log = broker.log()
+    assert "due to oversize packet" not in log, log[-2000:]
+
+
+def _deploy_both(
+    tmp_path: Path, broker: Broker, keys: Keys, envelopes: tuple[bytes, bytes], protocol: str
+) -> tuple[str, str]:
+    """cam-01 deploys the 1 MiB-block bundle, cam-02 the other, at once; return their errors."""
+    huge_env, normal_env = envelopes
+    settings = TransferSettings(window=8, request_timeout_s=2.0, stall_timeout_s=120.0)
+    configs = [
+        agent_config(tmp_path / d, keys.dir, broker, d, protocol=protocol, transfer=settings)
+        for d in ("cam-01", "cam-02")
+    ]
+    with (
+        watcher(broker, protocol=protocol) as fleet,
+        agent(configs[0]),
+        agent(configs[1]),
+    ):
+        fleet.publish(
+            TOPICS.device("cam-01").desired,
+            deployment({"tiny": huge_env}, keys.release, device="cam-01"),
+        )
+        fleet.publish(
+            TOPICS.device("cam-02").desired,
+            deployment({"tiny": normal_env}, keys.release, device="cam-02"),
+        )
+        # The stall timeout is 120 s: a failure within the wait is the server's answer.
+        reported = fleet.wait("cam-01", failed("tiny"), what="cam-01 failed")
+        fleet.wait("cam-02", active("tiny", "2.0.0"), what="cam-02 active beside it")
+    error = reported.models["tiny"].error
+    assert error is not None
+    return error.code, error.message
+
+
+def test_a_bundle_too_large_for_the_broker_fails_alone_mqtt5(
+    tmp_path: Path, broker: Broker, keys: Keys, signed
+) -> None:  # type: ignore[no-untyped-def]
+    """Two servers share the load; neither is dropped by the broker, the other device converges."""
+    served, huge_env, normal_env = _bundles(tmp_path, signed)
+    with (
+        bundle_server(broker, served, name="server-a") as a,
+        bundle_server(broker, served, name="server-b") as b,
+    ):
+        code, message = _deploy_both(tmp_path, broker, keys, (huge_env, normal_env), "5")
+    assert code == "block-too-large", message
+    assert f"block of {1 << 20} bytes" in message, message
+    assert f"limit of {LIMIT} bytes" in message, message
+    servers = [*a, *b]
+    assert [s.stats.connects for s in servers] == [1, 1], "a server was dropped and reconnected"
+    assert sum(s.stats.refused for s in servers) >= 1
+    assert sum(s.stats.blocks for s in servers) > 0
+    _check_no_oversized_packet(broker)
+
+
+def test_a_bundle_too_large_for_the_broker_fails_alone_mqtt311(
+    tmp_path: Path, broker: Broker, keys: Keys, signed
+) -> None:  # type: ignore[no-untyped-def]
+    """MQTT 3.1.1 announces no limit: the server keeps to the one it is given."""
+    served, huge_env, normal_env = _bundles(tmp_path, signed)
+    with bundle_server(broker, served, protocol="3.1.1", max_packet_bytes=LIMIT) as done:
+        code, message = _deploy_both(tmp_path, broker, keys, (huge_env, normal_env), "3.1.1")
+    assert code == "block-too-large", message
+    assert str(LIMIT) in message, message
+    [server] = done
+    assert server.stats.connects == 1
+    _check_no_oversized_packet(broker)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from agent.transport.messages import Phase
 from tests.broker import Broker, make_certs, tls_broker
 from tests.conftest import Keys
 from tests.fleet import agent, agent_config, watcher
+from tests.models import make_onnx
 
 FLEET = str(Path(sys.executable).parent / "edge-fleet")
 
@@ -56,13 +58,14 @@ def _fleet(
     )
 
 
-@pytest.fixture
-def server(tmp_path: Path, broker: Broker) -> Iterator[Path]:
-    """``edge-fleet serve --bundles DIR`` as a process; yields DIR."""
+@contextmanager
+def _serving(tmp_path: Path, broker: Broker, *options: str) -> Iterator[tuple[Path, list[str]]]:
+    """``edge-fleet serve --bundles DIR OPTIONS`` as a process; yields DIR and a list that holds
+    its banner, then (once it stopped) everything else it printed."""
     bundles = tmp_path / "served"
     bundles.mkdir()
     proc = subprocess.Popen(
-        [FLEET, "serve", "--bundles", str(bundles)],
+        [FLEET, "serve", "--bundles", str(bundles), *options],
         env=_env(broker),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,13 +74,22 @@ def server(tmp_path: Path, broker: Broker) -> Iterator[Path]:
     assert proc.stdout is not None
     banner = proc.stdout.readline()  # printed once it handles SIGTERM and is about to connect
     assert banner.startswith("edge-fleet serve:"), banner
+    printed = [banner]
     try:
-        yield bundles
+        yield bundles, printed
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
+        printed.append(out)
         assert proc.returncode == 0, out
         assert "stopped:" in out
+
+
+@pytest.fixture
+def server(tmp_path: Path, broker: Broker) -> Iterator[Path]:
+    """``edge-fleet serve --bundles DIR`` as a process; yields DIR."""
+    with _serving(tmp_path, broker) as (bundles, _):
+        yield bundles
 
 
 def test_deploy_wait_and_status(
@@ -251,3 +263,54 @@ def test_edge_fleet_tls_from_the_environment(
     if settings is not None:
         assert settings.tls is False
         assert settings.port == 1883
+
+
+def test_serve_keeps_to_max_packet_bytes(tmp_path: Path, broker: Broker, keys: Keys, build) -> None:  # type: ignore[no-untyped-def]
+    """A limit below a 64 KiB block's packet: the device reports block-too-large, the server
+    stays connected. (The broker here announces no limit: the configured one alone applies.)"""
+    model = make_onnx(tmp_path / "wide.onnx", inputs=256, outputs=128)  # 128 KiB of weights
+    bundle = build("1.0.0", models=[model], block_size=65536, samples="none").path
+    assert bundle.stat().st_size > 65536, "at least one full block"
+    key = keys.store.release_key_paths()[0]
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    with (
+        _serving(tmp_path, broker, "--max-packet-bytes", "32768") as (served, printed),
+        agent(config),
+    ):
+        assert "packets up to 32768 bytes" in printed[0]
+        done = _fleet(
+            "deploy",
+            str(bundle),
+            "--device",
+            "cam-01",
+            "--key",
+            str(key),
+            "--bundles",
+            str(served),
+            "--wait",
+            "60",
+            env=_env(broker),
+        )
+    assert done.returncode == 1, done.stderr
+    assert "tiny: block-too-large:" in done.stderr
+    assert "block of 65536 bytes" in done.stderr
+    assert "limit of 32768 bytes" in done.stderr
+    assert "reconnect" not in printed[-1], printed[-1]
+
+
+def test_serve_refuses_a_packet_limit_no_reply_fits(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    env = {**os.environ, "EDGE_FLEET_BROKER": "127.0.0.1:9", "EDGE_FLEET_TLS": "false"}
+    done = _fleet("serve", "--bundles", str(served), "--max-packet-bytes", "512", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "below 1024" in done.stderr
+    assert "edge-fleet serve:" not in done.stderr, "refused before it starts"
+
+
+def test_serve_help_explains_max_packet_bytes(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit):
+        fleet_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-packet-bytes N" in text
+    assert "MQTT 3.1.1 announces none" in text

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent._strictjson import loads
 from agent.errors import BadContentError, ConfigError, EdgeAgentError
-from agent.transport.messages import Phase
+from agent.transport.messages import COMMON_PACKET_LIMIT, Phase
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
 
@@ -175,6 +175,8 @@ def _bundle_build(args: argparse.Namespace) -> int:
         architectures=tuple(args.arch),
     )
     result = build_bundle(args.models, args.output, options)
+    for warning in result.warnings:
+        print(f"edge-fleet: warning: {warning}", file=sys.stderr)
     m = result.manifest
     print(f"built {result.path}: {m.name} {m.version} (release {m.release}), {_size(result.size)}")
     for v in m.variants:
@@ -683,7 +685,12 @@ def fleet_parser() -> argparse.ArgumentParser:
         help="add an OpenVINO IR variant converted from the ONNX model",
     )
     b.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="transfer block size in bytes"
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"transfer block size in bytes (default {DEFAULT_BLOCK_SIZE}); from "
+        f"{COMMON_PACKET_LIMIT} up, blocks do not pass brokers that allow {COMMON_PACKET_LIMIT} "
+        "bytes per packet (the build warns)",
     )
     b.add_argument("--description", default="")
     b.add_argument("--atol", type=float, default=1e-3, help="self-test absolute tolerance")

@@ -11,9 +11,11 @@ import pytest
 
 from agent.bundle.reader import read_index
 from agent.bundle.unpack import unpack_bundle
+from agent.cli import fleet_main
 from agent.errors import ConfigError, FormatError
 from agent.fleet._models import Runner, inspect_model
 from agent.fleet.build import release_from_version
+from agent.transport.messages import COMMON_PACKET_LIMIT
 from tests.models import make_onnx, reference
 
 
@@ -186,3 +188,30 @@ def test_target_constraints(build, tmp_path: Path) -> None:
     estimate = build(models=[big], samples="none").manifest.variants[0].constraints.min_memory_mb
     assert estimate == -(-2 * big.stat().st_size // 2**20)
     assert estimate > 32
+
+
+@pytest.mark.parametrize(
+    ("block_size", "warned"), [(65536, False), (COMMON_PACKET_LIMIT, True), (1 << 20, True)]
+)
+def test_build_warns_of_blocks_too_large_for_common_brokers(
+    onnx_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    block_size: int,
+    warned: bool,
+) -> None:
+    """A block of 128 KiB is already too large: its reply adds a header and the topic."""
+    out = tmp_path / "m.emb"
+    argv = ["bundle", "build", "--name", "m", "--version", "1.0.0", "--samples", "none"]
+    code = fleet_main([*argv, "--block-size", str(block_size), "-o", str(out), str(onnx_model)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.startswith(f"built {out}")
+    with open(out, "rb") as f:
+        assert read_index(f).manifest.block_size == block_size, "built as asked"
+    if warned:
+        assert printed.err.startswith(f"edge-fleet: warning: block size {block_size}:")
+        assert str(COMMON_PACKET_LIMIT) in printed.err
+        assert "block-too-large" in printed.err
+    else:
+        assert printed.err == ""

@@ -45,6 +45,7 @@ from agent.fleet._models import (
     member_name,
     quantize_int8,
 )
+from agent.transport.messages import COMMON_PACKET_LIMIT
 from agent.trust.metadata import BlockSize, ModelName, SemVer
 
 Feeds = dict[str, np.ndarray]
@@ -73,6 +74,23 @@ class BuildResult:
     manifest: Manifest
     size: int
     sha256: str
+    warnings: tuple[str, ...] = ()  # for a person; the bundle is built and valid
+
+
+def block_size_warning(block_size: int) -> str | None:
+    """Why ``block_size`` may not pass common brokers, or None.
+
+    A block reply carries one block plus its header and topic, so a block of
+    ``COMMON_PACKET_LIMIT`` bytes or more does not pass a broker with that limit.
+    """
+    if block_size < COMMON_PACKET_LIMIT:
+        return None
+    return (
+        f"block size {block_size}: a block's reply (the block, its header and topic) is larger "
+        f"than {COMMON_PACKET_LIMIT} bytes, the packet limit of many brokers (AWS IoT Core "
+        f"allows 128 KiB per message); devices behind such a broker fail with block-too-large. "
+        f"The default, {DEFAULT_BLOCK_SIZE}, passes them"
+    )
 
 
 def release_from_version(version: str) -> int:
@@ -267,7 +285,14 @@ def build_bundle(models: Sequence[Path], out: Path, options: BuildOptions) -> Bu
         sources += files.sources()
         with atomic_writer(Path(out)) as f:
             size = write_archive(f, sources, options.block_size)
-    return BuildResult(path=Path(out), manifest=manifest, size=size, sha256=_sha256_file(Path(out)))
+    warning = block_size_warning(options.block_size)
+    return BuildResult(
+        path=Path(out),
+        manifest=manifest,
+        size=size,
+        sha256=_sha256_file(Path(out)),
+        warnings=() if warning is None else (warning,),
+    )
 
 
 # Where each kind of variant can run. ONNX fp32/fp16 runs on the CPU, CUDA and TensorRT; dynamic

@@ -27,6 +27,10 @@ MAX_WINDOW = 64  # blocks one request may ask for
 MAX_BLOCK_BYTES = 1 << 20  # the largest block size a descriptor may sign
 MAX_BLOCK_REPLY_BYTES = MAX_BLOCK_BYTES + 8192  # one block, its header and the frame
 BLOCK_LIST_PAGE = 2048  # digests per block-list page: 64 KiB of SHA-256s
+# The packet limit of many brokers: AWS IoT Core allows 128 KiB per message, and mosquitto is
+# often run with ``max_packet_size 131072``. ``edge-fleet bundle build`` warns of block sizes
+# whose replies do not pass it (devices behind such a broker fail with ``block-too-large``).
+COMMON_PACKET_LIMIT = 128 * 1024
 
 Text = Annotated[str, Field(max_length=1024)]
 
@@ -253,6 +257,7 @@ MESSAGES: dict[str, type[_Message]] = {
 
 __all__ = [
     "BLOCK_LIST_PAGE",
+    "COMMON_PACKET_LIMIT",
     "MAX_WINDOW",
     "MESSAGES",
     "BlockReplyHeader",

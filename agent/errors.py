@@ -20,6 +20,7 @@ tools catch that type alone and print its message. Errors from lower libraries (
     │   └── BlockTooLargeError          a block's reply exceeds the broker's packet limit
     └── BadContentError                 input from outside was refused; nothing was written
         ├── FormatError                 not well-formed: JSON, base64, types, unknown fields
+        │   └── InputShapeError         an inference request's tensors do not fit the model's shapes
         ├── SizeLimitError              beyond a configured cap or a signed bound (bombs, endless data)
         ├── VerificationError           well-formed but not trusted
         │   ├── UnsignedError           no signature at all
@@ -97,6 +98,13 @@ class BadContentError(EdgeAgentError):
 
 class FormatError(BadContentError):
     code = "format"
+
+
+class InputShapeError(FormatError):
+    """An inference request's tensors do not fit the model: wrong rank or size, inputs that
+    disagree on a dimension they share, or shapes the runtime refused to run."""
+
+    code = "input-shape"
 
 
 class SizeLimitError(BadContentError):

@@ -69,6 +69,28 @@ def make_batch_of_one(path: Path) -> Path:
     return path
 
 
+def make_two_inputs(
+    path: Path, *, op: str = "Add", dims: tuple[str | None, str | None] = ("N", "N")
+) -> Path:
+    """z = x + y (``op="Add"``) or z = concat(x, y) on axis 1 (``op="Concat"``), x and y FP32
+    [d, 4] with the leading dimensions named ``dims`` (the same name: one shared batch)."""
+    out: list[str | int | None] = [dims[0], 4 if op == "Add" else 8]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "y"], ["z"], **({"axis": 1} if op == "Concat" else {}))],
+        "two-inputs",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [dims[0], 4]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[1], 4]),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, out)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def reference(path: Path, x: np.ndarray) -> np.ndarray:
     """The numpy answer for a model made by :func:`make_onnx`."""
     model = onnx.load(str(path))
@@ -182,6 +204,88 @@ def make_tflite(path: Path, *, inputs: int = 16, outputs: int = 8, seed: int = 1
     subgraphs_off = table_vector(tflite.ModelStartSubgraphsVector, [subgraph])
     buffers_off = table_vector(tflite.ModelStartBuffersVector, buffers)
     description = builder.CreateString("tiny")
+    tflite.ModelStart(builder)
+    tflite.ModelAddVersion(builder, 3)
+    tflite.ModelAddOperatorCodes(builder, opcodes_off)
+    tflite.ModelAddSubgraphs(builder, subgraphs_off)
+    tflite.ModelAddDescription(builder, description)
+    tflite.ModelAddBuffers(builder, buffers_off)
+    model = tflite.ModelEnd(builder)
+    builder.Finish(model, file_identifier=b"TFL3")
+    Path(path).write_bytes(bytes(builder.Output()))
+    return Path(path)
+
+
+def make_tflite_add(path: Path) -> Path:
+    """z = x + y, x, y and z FP32 [1, 4] with the shape signature [-1, 4] (a dynamic batch that
+    the file does not name), as one ADD op."""
+    import flatbuffers
+    import tflite
+
+    builder = flatbuffers.Builder(1024)
+
+    def int_vector(start: object, values: list[int]) -> int:
+        start(builder, len(values))  # type: ignore[operator]
+        for v in reversed(values):
+            builder.PrependInt32(v)
+        return builder.EndVector()
+
+    def table_vector(start: object, offsets: list[int]) -> int:
+        start(builder, len(offsets))  # type: ignore[operator]
+        for off in reversed(offsets):
+            builder.PrependUOffsetTRelative(off)
+        return builder.EndVector()
+
+    tflite.BufferStart(builder)
+    empty = tflite.BufferEnd(builder)
+    tensors = []
+    for name in ("x", "y", "z"):
+        name_off = builder.CreateString(name)
+        shape_off = int_vector(tflite.TensorStartShapeVector, [1, 4])
+        signature_off = int_vector(tflite.TensorStartShapeSignatureVector, [-1, 4])
+        tflite.TensorStart(builder)
+        tflite.TensorAddShape(builder, shape_off)
+        tflite.TensorAddShapeSignature(builder, signature_off)
+        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
+        tflite.TensorAddBuffer(builder, 0)
+        tflite.TensorAddName(builder, name_off)
+        tensors.append(tflite.TensorEnd(builder))
+
+    tflite.AddOptionsStart(builder)
+    options = tflite.AddOptionsEnd(builder)
+    op_inputs = int_vector(tflite.OperatorStartInputsVector, [0, 1])
+    op_outputs = int_vector(tflite.OperatorStartOutputsVector, [2])
+    tflite.OperatorStart(builder)
+    tflite.OperatorAddOpcodeIndex(builder, 0)
+    tflite.OperatorAddInputs(builder, op_inputs)
+    tflite.OperatorAddOutputs(builder, op_outputs)
+    tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.AddOptions)
+    tflite.OperatorAddBuiltinOptions(builder, options)
+    operator = tflite.OperatorEnd(builder)
+
+    tensors_off = table_vector(tflite.SubGraphStartTensorsVector, tensors)
+    sg_inputs = int_vector(tflite.SubGraphStartInputsVector, [0, 1])
+    sg_outputs = int_vector(tflite.SubGraphStartOutputsVector, [2])
+    operators_off = table_vector(tflite.SubGraphStartOperatorsVector, [operator])
+    sg_name = builder.CreateString("main")
+    tflite.SubGraphStart(builder)
+    tflite.SubGraphAddTensors(builder, tensors_off)
+    tflite.SubGraphAddInputs(builder, sg_inputs)
+    tflite.SubGraphAddOutputs(builder, sg_outputs)
+    tflite.SubGraphAddOperators(builder, operators_off)
+    tflite.SubGraphAddName(builder, sg_name)
+    subgraph = tflite.SubGraphEnd(builder)
+
+    tflite.OperatorCodeStart(builder)
+    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, tflite.BuiltinOperator.ADD)
+    tflite.OperatorCodeAddBuiltinCode(builder, tflite.BuiltinOperator.ADD)
+    tflite.OperatorCodeAddVersion(builder, 1)
+    opcode = tflite.OperatorCodeEnd(builder)
+
+    opcodes_off = table_vector(tflite.ModelStartOperatorCodesVector, [opcode])
+    subgraphs_off = table_vector(tflite.ModelStartSubgraphsVector, [subgraph])
+    buffers_off = table_vector(tflite.ModelStartBuffersVector, [empty])
+    description = builder.CreateString("add")
     tflite.ModelStart(builder)
     tflite.ModelAddVersion(builder, 3)
     tflite.ModelAddOperatorCodes(builder, opcodes_off)

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from agent.bundle.manifest import FileEntry, TensorSpec, Variant
-from agent.errors import ConfigError, FormatError, ToolError
+from agent.errors import ConfigError, FormatError, InputShapeError, ToolError
 from agent.fleet._models import Runner, convert_openvino, inspect_model
 from agent.runtime.base import (
     REGISTRY,
+    LiteRtSettings,
     LoadedModel,
     OnnxRuntimeSettings,
     OpenVinoSettings,
@@ -31,7 +32,7 @@ from agent.runtime.base import (
     kserve_datatype,
     merge_with_manifest,
 )
-from tests.models import make_onnx, make_tflite, reference
+from tests.models import make_onnx, make_tflite, make_tflite_add, make_two_inputs, reference
 
 KEYS = ["onnxruntime", "openvino", "litert"]
 
@@ -150,6 +151,83 @@ def test_a_fixed_batch_refuses_another_batch(models: dict[str, Path], tmp_path: 
     model = load("litert", models, tmp_path)
     with pytest.raises(FormatError, match=r"has shape \[2, 16\]; the model takes \[1, 16\]"):
         model.infer({"x": np.zeros((2, 16), np.float32)})
+
+
+# -- inputs that must agree on a dimension ---------------------------------------------------
+
+MISMATCHED = {"x": np.ones((2, 4), np.float32), "y": np.ones((3, 4), np.float32)}
+
+
+@pytest.mark.parametrize("op", ["Add", "Concat"])
+def test_inputs_that_disagree_on_a_shared_dimension_are_refused_before_running(
+    op: str, tmp_path: Path
+) -> None:
+    """x and y both [N, 4] in the ONNX file: ONNX Runtime names N for both, so a request with
+    batches 2 and 3 is refused by the check, naming the inputs and the dimension."""
+    model = get_backend("onnxruntime").load_file(
+        make_two_inputs(tmp_path / "m.onnx", op=op), OnnxRuntimeSettings(providers=["cpu"])
+    )
+    assert model.dim_names == {"x": ["N", None], "y": ["N", None]}  # type: ignore[attr-defined]
+    with pytest.raises(
+        InputShapeError,
+        match=r"inputs 'x' and 'y' disagree on dimension 'N', which the model shares between "
+        r"them: 'x' has 2 \(axis 0\), 'y' has 3 \(axis 0\)",
+    ):
+        model.infer(MISMATCHED)
+    z = model.infer({"x": np.ones((3, 4), np.float32), "y": np.full((3, 4), 2, np.float32)})["z"]
+    assert z.shape == ((3, 4) if op == "Add" else (3, 8))
+    assert float(z.sum()) == 36.0  # 12 ones and 12 twos, added or side by side
+
+
+def test_one_input_may_name_a_dimension_twice() -> None:
+    specs = [TensorSpec(name="m", datatype="FP32", shape=[-1, -1])]
+    square = {"m": ["K", "K"]}
+    assert check_inputs(specs, {"m": np.zeros((3, 3), np.float32)}, square)["m"].shape == (3, 3)
+    with pytest.raises(InputShapeError, match=r"input 'm' has 3 at axis 0 and 4 at axis 1"):
+        check_inputs(specs, {"m": np.zeros((3, 4), np.float32)}, square)
+
+
+def _two_input_model(key: str, tmp_path: Path) -> LoadedModel:
+    if key == "litert":
+        return get_backend("litert").load_file(
+            make_tflite_add(tmp_path / "add.tflite"), LiteRtSettings()
+        )
+    if key == "openvino":  # the ONNX file names N; OpenVINO keeps no name (see its module)
+        path = make_two_inputs(tmp_path / "add.onnx")
+        return get_backend("openvino").load_file(path, OpenVinoSettings(device="CPU"))
+    path = make_two_inputs(tmp_path / "add.onnx", dims=(None, None))  # no name in the file
+    return get_backend("onnxruntime").load_file(path, OnnxRuntimeSettings(providers=["cpu"]))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_runtime_refusing_mismatched_unnamed_dimensions_is_an_input_shape_error(
+    key: str, tmp_path: Path
+) -> None:
+    """Where the runtime cannot say the inputs share a dimension, their disagreement is only
+    found when the runtime refuses them: that refusal is the request's mistake, at the adapter
+    edge, and the model goes on serving (LiteRT reallocates for the next request)."""
+    model = _two_input_model(key, tmp_path)
+    assert all(name is None for names in model.dim_names.values() for name in names)  # type: ignore[attr-defined]
+    for _ in range(2):  # the same bad shapes twice: LiteRT must not run unallocated tensors
+        with pytest.raises(
+            InputShapeError,
+            match=r"the runtime refused inputs that differ in size where the model may need them "
+            r"equal \(at axis 0, 'x' has 2, 'y' has 3\): \S",
+        ) as info:
+            model.infer(MISMATCHED)
+        assert "Exception from" not in str(info.value)
+    z = model.infer({"x": np.ones((2, 4), np.float32), "y": np.full((2, 4), 2, np.float32)})["z"]
+    np.testing.assert_array_equal(z, np.full((2, 4), 3, np.float32))
+    model.close()
+
+
+def test_a_model_failing_on_input_its_metadata_admits_is_a_tool_error(tmp_path: Path) -> None:
+    """x [N, 4] and y [M, 4]: the file says the batches are independent, so a request with 2
+    and 3 fits the model's metadata and its failure is the model's, not the request's."""
+    path = make_two_inputs(tmp_path / "nm.onnx", dims=("N", "M"))
+    model = get_backend("onnxruntime").load_file(path, OnnxRuntimeSettings(providers=["cpu"]))
+    with pytest.raises(ToolError, match=r"inference failed.*broadcast"):
+        model.infer(MISMATCHED)
 
 
 def test_warm_up_reports_progress_on_the_calling_thread(loaded) -> None:

@@ -22,7 +22,10 @@ Errors, mapped here at the adapter edge from each runtime's own exception types:
   FormatError (a BadContentError) when the model file is malformed or its tensors disagree with
   the manifest.
 - ``infer``: FormatError for inputs that do not match the model's metadata (unknown or missing
-  name, wrong datatype, wrong rank or size); ToolError when the runtime fails.
+  name, wrong datatype), InputShapeError (a FormatError) for shapes that do not (wrong rank or
+  size, inputs that disagree on a dimension the model names for both, shapes the runtime
+  refused where the request itself is ambiguous, see :meth:`RuntimeModel.infer`); ToolError
+  when the runtime fails on input its metadata admits: that is the model's failure.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent._lazy import lazy_module
 from agent.bundle.manifest import TensorSpec, Variant
-from agent.errors import ConfigError, EdgeAgentError, FormatError, StorageError, ToolError
+from agent.errors import (
+    ConfigError,
+    EdgeAgentError,
+    FormatError,
+    InputShapeError,
+    StorageError,
+    ToolError,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -220,12 +230,21 @@ def describe(spec: TensorSpec) -> str:
     return f"{spec.datatype}{spec.shape}"
 
 
+# Per input, per axis: the name the model file gives a dynamic dimension ("N", "batch"), None
+# where it gives none or the dimension is fixed. Axes with the same name must have the same size
+# in a request, across inputs and within one (ONNX's dim_param: "the same symbolic dimension").
+DimNames = Mapping[str, Sequence[str | None]]
+
+
 def check_inputs(
-    specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]
+    specs: Sequence[TensorSpec],
+    inputs: Mapping[str, np.ndarray],
+    dim_names: DimNames | None = None,
 ) -> dict[str, np.ndarray]:
     """Check ``inputs`` against the model's input metadata; the arrays, C-contiguous, in order.
 
-    Exact datatypes (nothing is cast), exact rank, every fixed dimension equal; -1 is any size.
+    Exact datatypes (nothing is cast), exact rank, every fixed dimension equal; -1 is any size,
+    but axes that ``dim_names`` names alike must agree (InputShapeError naming both).
     """
     want = {s.name: s for s in specs}
     unknown = [name for name in inputs if name not in want]
@@ -249,11 +268,66 @@ def check_inputs(
         if len(shape) != len(spec.shape) or any(
             w != -1 and g != w for g, w in zip(shape, spec.shape, strict=False)
         ):
-            raise FormatError(
+            raise InputShapeError(
                 f"input {spec.name!r} has shape {shape}; the model takes {spec.shape} (-1: any size)"
             )
         feeds[spec.name] = np.ascontiguousarray(value)
+    if dim_names:
+        _check_shared_dims(specs, feeds, dim_names)
     return feeds
+
+
+def _check_shared_dims(
+    specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray], dim_names: DimNames
+) -> None:
+    first: dict[str, tuple[str, int, int]] = {}  # dimension name -> (input, axis, size)
+    for spec in specs:
+        names = dim_names.get(spec.name, ())
+        for axis, size in enumerate(feeds[spec.name].shape):
+            dim = names[axis] if axis < len(names) else None
+            if dim is None:
+                continue
+            where, at, seen = first.setdefault(dim, (spec.name, axis, size))
+            if seen == size:
+                continue
+            if where == spec.name:
+                raise InputShapeError(
+                    f"input {where!r} has {seen} at axis {at} and {size} at axis {axis}; the "
+                    f"model names both dimension {dim!r}, so they must be equal"
+                )
+            raise InputShapeError(
+                f"inputs {where!r} and {spec.name!r} disagree on dimension {dim!r}, which the "
+                f"model shares between them: {where!r} has {seen} (axis {at}), {spec.name!r} "
+                f"has {size} (axis {axis})"
+            )
+
+
+def unnamed_disagreement(
+    specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray], dim_names: DimNames
+) -> str | None:
+    """Where two inputs differ in size at the same axis on dynamic dimensions the model does not
+    name: the runtime cannot say whether it needs them equal. A description, or None."""
+    by_axis: dict[int, list[tuple[str, int]]] = {}
+    for spec in specs:
+        names = dim_names.get(spec.name, ())
+        shape = feeds[spec.name].shape
+        for axis, want in enumerate(spec.shape):
+            if want == -1 and (axis >= len(names) or names[axis] is None):
+                by_axis.setdefault(axis, []).append((spec.name, int(shape[axis])))
+    for axis, sizes in sorted(by_axis.items()):
+        if len({size for _, size in sizes}) > 1:
+            listed = ", ".join(f"{name!r} has {size}" for name, size in sizes)
+            return f"at axis {axis}, {listed}"
+    return None
+
+
+def _runtime_message(exc: BaseException, limit: int = 400) -> str:
+    """A runtime's message on one line, for a client: without OpenVINO's "Exception from
+    <source file>" lines, and cut short (some runtimes print whole graphs)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith("Exception from ")]
+    text = " ".join(kept) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def warm_up_feeds(specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
@@ -305,12 +379,23 @@ class RuntimeModel(ABC):
     WARM_UP_RUNS: ClassVar[int] = 3
 
     def __init__(
-        self, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], runtime: str
+        self,
+        path: Path,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        runtime: str,
+        *,
+        dim_names: DimNames | None = None,
     ) -> None:
         self.path = path
         self.inputs = inputs
         self.outputs = outputs
         self.runtime = runtime
+        # What the runtime says about which dynamic dimensions are one and the same (see
+        # DimNames); empty where it cannot say.
+        self.dim_names: dict[str, list[str | None]] = {
+            k: list(v) for k, v in (dim_names or {}).items()
+        }
         self._closed = False
         for spec in inputs:
             if spec.datatype not in DATATYPES:
@@ -335,14 +420,30 @@ class RuntimeModel(ABC):
                 progress((i + 1) / self.WARM_UP_RUNS)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check ``inputs``, run them, map the runtime's exceptions (see the module docstring).
+
+        A runtime failure on inputs that fit every shape the model declares is the model's
+        (ToolError), with one exception: where inputs differ in size at the same axis on
+        dynamic dimensions the runtime does not name (OpenVINO and LiteRT never name them;
+        ONNX files may leave them unnamed), the model may well need them equal, and nothing
+        tells the request's mistake from the model's. That failure is taken to be the request's
+        (InputShapeError): a client sending mismatched batches must not fail a good release's
+        probation, while a model that fails on consistent input still does.
+        """
         if self._closed:
             raise ToolError(f"{self.path.name}: the model is closed")
-        feeds = check_inputs(self.inputs, inputs)
+        feeds = check_inputs(self.inputs, inputs, self.dim_names)
         try:
             return self._run(feeds)
         except EdgeAgentError:
             raise
         except Exception as exc:  # each runtime raises its own exception types
+            clash = unnamed_disagreement(self.inputs, feeds, self.dim_names)
+            if clash is not None:
+                raise InputShapeError(
+                    f"{self.path.name}: the runtime refused inputs that differ in size where "
+                    f"the model may need them equal ({clash}): {_runtime_message(exc)}"
+                ) from None
             raise ToolError(f"{self.path.name}: {self.runtime}: inference failed: {exc}") from None
 
     def close(self) -> None:

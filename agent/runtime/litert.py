@@ -6,6 +6,12 @@ shape signature) are resized to each request's shape.
 
 An Interpreter is not thread-safe (set_tensor, invoke and get_tensor share its buffers):
 ``infer`` holds one lock from the first set_tensor to the last get_tensor.
+
+Dimension names: a shape signature says -1 and nothing more, so LiteRT cannot say which inputs
+share a dynamic dimension. Inputs resized to sizes the graph cannot take fail in
+``allocate_tensors`` ("Given shapes, [2,4] and [3,4], are not broadcastable"); where the inputs
+differ in size on such an axis that is taken to be the request's mistake (see
+:meth:`agent.runtime.base.RuntimeModel.infer`), and the next request resizes and allocates again.
 """
 
 from __future__ import annotations
@@ -79,14 +85,17 @@ class LiteRtModel(RuntimeModel):
         # Called on the serving threads; the lock serializes them (see the module docstring).
         with self._lock:
             it = self._interpreter
-            resized = False
-            for name, value in feeds.items():
-                if value.shape != self._shapes[name]:
-                    it.resize_tensor_input(self._in_index[name], value.shape, strict=True)
-                    self._shapes[name] = value.shape
-                    resized = True
-            if resized:
-                it.allocate_tensors()
+            changed = [n for n, v in feeds.items() if v.shape != self._shapes.get(n)]
+            if changed:
+                try:
+                    for name in changed:
+                        it.resize_tensor_input(self._in_index[name], feeds[name].shape, strict=True)
+                        self._shapes[name] = feeds[name].shape
+                    it.allocate_tensors()
+                except Exception:
+                    # Nothing is allocated for the recorded shapes: resize for the next request.
+                    self._shapes = {}
+                    raise
             for name, value in feeds.items():
                 it.set_tensor(self._in_index[name], value)
             it.invoke()

@@ -6,6 +6,12 @@ Runtime falls back on its own when a listed provider fails to start (no libnvinf
 ``runtime`` names the provider the session really uses, ``session.get_providers()[0]``.
 
 ``InferenceSession.run`` is safe to call from several threads at once; nothing here locks.
+
+Dimension names: ``session.get_inputs()`` gives each symbolic dimension as its ``dim_param``
+string ("N"), a fixed one as an int, an unnamed one as None. Inputs that name a dimension alike
+must agree on its size, which ONNX Runtime itself does not check before running (a mismatch
+fails inside a kernel, "Attempting to broadcast an axis by a dimension other than 1"); the
+shared check in :func:`agent.runtime.base.check_inputs` refuses it first.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from agent.bundle.manifest import TensorSpec
-from agent.errors import FormatError, ToolError
+from agent.errors import FormatError, InputShapeError, ToolError
 from agent.runtime.base import (
     BackendBase,
     LoadedModel,
@@ -116,6 +122,10 @@ def plan_providers(
     return names, options
 
 
+def _dim_names(arg: Any) -> list[str | None]:
+    return [d if isinstance(d, str) and d else None for d in (arg.shape or [])]
+
+
 def _spec(arg: Any, path: Path) -> TensorSpec:
     datatype = ORT_DATATYPES.get(arg.type)
     if datatype is None:
@@ -131,7 +141,11 @@ class OnnxModel(RuntimeModel):
         inputs = [_spec(a, path) for a in session.get_inputs()]
         outputs = [_spec(a, path) for a in session.get_outputs()]
         super().__init__(
-            path, inputs, outputs, f"onnxruntime {version} {session.get_providers()[0]}"
+            path,
+            inputs,
+            outputs,
+            f"onnxruntime {version} {session.get_providers()[0]}",
+            dim_names={a.name: _dim_names(a) for a in session.get_inputs()},
         )
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,8 +153,10 @@ class OnnxModel(RuntimeModel):
         try:
             values = self._session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime's pybind exception types
+            # INVALID_ARGUMENT: the runtime's own check of the feeds against the model's
+            # inputs ("Got invalid dimensions for input"), before any kernel ran.
             if type(exc).__name__ == "InvalidArgument":
-                raise FormatError(
+                raise InputShapeError(
                     f"{self.path.name}: the runtime refused the input: {exc}"
                 ) from None
             raise

@@ -8,6 +8,13 @@ compilation (a GPU compile takes seconds to minutes).
 One compiled model, and a pool of infer requests: each ``infer`` takes an idle request (or makes
 one) under a lock, runs it on the calling thread without the lock, and puts it back. An
 InferRequest is not safe for two threads at once; the CompiledModel is.
+
+Dimension names: OpenVINO cannot say which inputs share a dynamic dimension. ``read_model``
+keeps no ONNX ``dim_param`` names and an IR stores only ``?``; ``Dimension.get_symbol()`` is None
+on every input of a model read from either (checked with OpenVINO 2026.4, ONNX frontend and IR).
+So no dimension is named here, and a request whose inputs differ in size on a dynamic axis that
+the runtime then refuses ("Eltwise shape infer input shapes dim index: 0 mismatch") is taken to
+be the request's mistake (see :meth:`agent.runtime.base.RuntimeModel.infer`).
 """
 
 from __future__ import annotations

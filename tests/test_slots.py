@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import ToolError
+from agent.errors import FormatError, InputShapeError, ToolError
 from agent.runtime.base import get_backend
 from agent.serving.slots import Candidate, SlotManager, SlotSettings, Version
 from agent.transport.messages import Phase
-from tests.models import make_batch_of_one, make_onnx, reference, slot_candidate
+from tests.models import make_batch_of_one, make_onnx, make_two_inputs, reference, slot_candidate
 
 # Latency is not judged here: on a shared test machine a p99 says more about the neighbours.
 FAST = SlotSettings(
@@ -341,5 +341,104 @@ def test_a_model_removed_while_it_loads_is_freed_not_served(
         if how == "close":
             with pytest.raises(ToolError, match="closed"):
                 manager.deploy(candidate("2.0.0", seed=2))
+    finally:
+        manager.close()
+
+
+# -- client errors and probation -------------------------------------------------------------
+
+MISMATCHED = {"x": np.ones((2, 4), np.float32), "y": np.ones((3, 4), np.float32)}
+CONSISTENT = {"x": np.ones((2, 4), np.float32), "y": np.ones((2, 4), np.float32)}
+
+
+def _pair(tmp_path: Path, version: str) -> Candidate:
+    """z = x + y, x and y [N, 4] sharing the symbolic batch N (tests/models.py)."""
+    model = make_two_inputs(tmp_path / f"pair-{version}.onnx")
+    return slot_candidate(model, tmp_path, version=version, name="pair")
+
+
+def test_a_client_error_is_not_counted_for_probation(slots, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    manager, _ = slots
+    assert manager.restore(_pair(tmp_path, "1.0.0")).result(timeout=30) == Phase.ACTIVE
+    with manager.lease("pair") as version:
+        assert version is not None
+        with pytest.raises(InputShapeError, match="disagree on dimension 'N'"):
+            version.infer(MISMATCHED)
+        with pytest.raises(FormatError, match="is FP64"):
+            version.infer({"x": np.ones((1, 4)), "y": np.ones((1, 4), np.float32)})
+        assert version.stats.snapshot() == (0, 0, None)  # neither an error nor a request
+        np.testing.assert_array_equal(version.infer(CONSISTENT)["z"], np.full((2, 4), 2.0))
+        requests, errors, _ = version.stats.snapshot()
+        assert (requests, errors) == (1, 0)
+
+
+def _stream(manager: SlotManager, name: str, feeds: list[dict[str, np.ndarray]]):  # type: ignore[no-untyped-def]
+    """Run ``feeds`` round and round on ``name`` on a thread: (stop event, thread, outcomes),
+    each outcome (version, exception type name or "ok")."""
+    stop = threading.Event()
+    outcomes: list[tuple[str, str]] = []
+
+    def run() -> None:
+        for i in range(1_000_000):
+            if stop.is_set():
+                return
+            with manager.lease(name) as version:
+                assert version is not None
+                try:
+                    version.infer(feeds[i % len(feeds)])
+                    outcomes.append((version.version, "ok"))
+                except Exception as exc:
+                    outcomes.append((version.version, type(exc).__name__))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return stop, thread, outcomes
+
+
+def test_a_stream_of_bad_requests_does_not_roll_back_a_good_version(tmp_path: Path) -> None:
+    """An application sending mismatched batches all through a good release's probation: the
+    release stays, its probation counted none of them."""
+    phases = Phases()
+    manager = SlotManager(FAST.model_copy(update={"probation_s": 1.0}), on_phase=phases)
+    try:
+        assert manager.restore(_pair(tmp_path, "1.0.0")).result(timeout=30) == Phase.ACTIVE
+        stop, thread, outcomes = _stream(manager, "pair", [MISMATCHED])
+        try:
+            assert manager.deploy(_pair(tmp_path, "2.0.0")).result(timeout=60) == Phase.ACTIVE
+        finally:
+            stop.set()
+            thread.join(10)
+        on_new = [kind for version, kind in outcomes if version == "2.0.0"]
+        assert len(on_new) >= FAST.probation_min_requests
+        assert set(on_new) == {"InputShapeError"}
+        assert phases.phases("pair")[-1] == Phase.ACTIVE
+        assert phases.last_error("pair") is None
+        served = manager.describe("pair")
+        assert served is not None
+        assert served.version == "2.0.0"
+        assert served.stats.snapshot()[:2] == (0, 0)
+    finally:
+        manager.close()
+
+
+def test_client_errors_do_not_hide_a_failing_version(candidate, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Twenty wrong-shape requests for each batch the new version fails on: counted as
+    requests, they would put its error rate under 5% and keep it; they are not counted."""
+    phases = Phases()
+    manager = SlotManager(FAST.model_copy(update={"probation_s": 20.0}), on_phase=phases)
+    try:
+        assert manager.restore(candidate("1.0.0")).result(timeout=30) == Phase.ACTIVE
+        bad = candidate("2.0.0", model=make_batch_of_one(tmp_path / "one-row.onnx"))
+        wrong = {"x": np.ones((2, 15), np.float32)}  # the client's mistake
+        feeds = [wrong] * 20 + [{"x": np.ones((2, 16), np.float32)}]  # then the model's failure
+        stop, thread, outcomes = _stream(manager, "tiny", feeds)
+        try:
+            assert manager.deploy(bad).result(timeout=60) == Phase.ROLLED_BACK
+        finally:
+            stop.set()
+            thread.join(10)
+        kinds = {kind for version, kind in outcomes if version == "2.0.0"}
+        assert kinds == {"InputShapeError", "ToolError"}
+        assert phases.last_error("tiny") == "probation"
     finally:
         manager.close()

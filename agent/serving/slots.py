@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from agent._failpoints import failpoint
 from agent._lazy import lazy_module
 from agent.bundle.manifest import Manifest, TensorSpec, Variant
-from agent.errors import BadContentError, EdgeAgentError, FormatError, ToolError
+from agent.errors import BadContentError, EdgeAgentError, ToolError
 from agent.runtime.base import BackendSettings, LoadedModel, get_backend
 from agent.transport.messages import Phase
 
@@ -142,17 +142,22 @@ class Version:
         self._close_lock = threading.Lock()
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one request; its outcome counts for probation unless it was the client's fault.
+
+        A BadContentError (FormatError, InputShapeError, ...) says the request was wrong: it is
+        not recorded at all, neither as an error nor as a request, so that a client sending
+        bad input can neither fail a good version nor dilute a bad version's error rate.
+        """
         start = time.perf_counter()
-        ok = False
         try:
             result = self.loaded.infer(inputs)
-            ok = True
-            return result
-        except FormatError:
-            ok = True  # the caller's input was wrong: not the model's failure
+        except BadContentError:
             raise
-        finally:
-            self.stats.record(time.perf_counter() - start, ok)
+        except BaseException:
+            self.stats.record(time.perf_counter() - start, False)
+            raise
+        self.stats.record(time.perf_counter() - start, True)
+        return result
 
     def close(self) -> None:
         with self._close_lock:

@@ -4,6 +4,7 @@ do not reach with a real model: BYTES and BOOL tensors, nested JSON data, scalar
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from agent.bundle.manifest import TensorSpec
-from agent.errors import FormatError, SizeLimitError
+from agent.errors import FormatError, InputShapeError, SizeLimitError
 from agent.serving.tensors import InferRequest, decode_request, decompress, encode_response
 
 
@@ -222,3 +223,66 @@ def test_decompress_is_bounded() -> None:
     with pytest.raises(FormatError, match="one complete"):
         decompress(zlib.compress(data)[:-3], "deflate", 10_000)
     assert decompress(b"as is", None, 5) == b"as is"
+
+
+def _json_body(datatype: str, shape: list[int], data: str) -> bytes:
+    return (
+        f'{{"inputs": [{{"name": "v", "shape": {shape}, "datatype": "{datatype}", '
+        f'"data": {data}}}]}}'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "words"),
+    [
+        ("FP16", "[1.0, 1e6]", "out of range for FP16 (at most 65504 in magnitude)"),
+        ("FP16", "[70000, 1]", "out of range for FP16"),
+        ("FP32", "[-1e39, 0]", "out of range for FP32"),
+        ("FP64", "[1e400, 0]", "out of range for FP64"),
+        ("FP64", "[NaN, 0]", "NaN is not valid JSON: JSON numbers are finite"),
+        ("FP32", "[Infinity, 0]", "Infinity is not valid JSON"),
+    ],
+)
+def test_json_numbers_must_fit_the_datatype(datatype: str, data: str, words: str) -> None:
+    with pytest.raises(FormatError, match=re.escape(words)):
+        decode_request(_json_body(datatype, [2], data), None, spec("v", datatype, [2]))
+
+
+def test_json_numbers_at_the_datatype_limits_are_taken() -> None:
+    array = decode_request(_json_body("FP16", [2], "[65504, -65504]"), None, spec("v", "FP16", [2]))
+    assert array.inputs["v"].tolist() == [65504.0, -65504.0]
+    array = decode_request(
+        _json_body("FP32", [2], "[3.4028234e38, 1e-50]"), None, spec("v", "FP32", [2])
+    )
+    assert np.isfinite(array.inputs["v"]).all()
+    assert array.inputs["v"][1] == 0.0  # below the smallest FP32: rounds to zero, no overflow
+
+
+def test_max_batch_size_caps_only_a_dynamic_leading_dimension() -> None:
+    dynamic = spec("v", "FP32", [-1, -1])
+    body = _json_body("FP32", [1, 6], "[0, 1, 2, 3, 4, 5]")
+    assert decode_request(body, None, dynamic, max_batch_size=2).inputs["v"].shape == (1, 6)
+    body = _json_body("FP32", [3, 2], "[0, 1, 2, 3, 4, 5]")
+    with pytest.raises(InputShapeError, match=r"has a batch of 3 .* takes at most 2 here"):
+        decode_request(body, None, dynamic, max_batch_size=2)
+    assert decode_request(body, None, dynamic).inputs["v"].shape == (3, 2)  # no limit given
+    fixed = spec("v", "FP32", [3, 2])  # the model's own batch: the shape holds it
+    assert decode_request(body, None, fixed, max_batch_size=2).inputs["v"].shape == (3, 2)
+
+
+def test_json_outputs_never_hold_nan_or_infinity() -> None:
+    for value in (np.nan, np.inf, -np.inf):
+        for dtype in (np.float16, np.float32, np.float64):
+            results = {"out": np.array([1.0, value], dtype)}
+            request = InferRequest(id=None, inputs={}, outputs=[("out", False)])
+            with pytest.raises(FormatError, match="output 'out' holds NaN or an infinity"):
+                encode_response(model_name="m", model_version="1", request=request, results=results)
+            binary = InferRequest(id=None, inputs={}, outputs=[("out", True)])
+            encoded = encode_response(
+                model_name="m", model_version="1", request=binary, results=results
+            )
+            assert encoded.header_length is not None
+            raw = np.frombuffer(
+                encoded.body[encoded.header_length :], np.dtype(dtype).newbyteorder("<")
+            )
+            np.testing.assert_array_equal(raw, results["out"])

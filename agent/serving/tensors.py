@@ -14,9 +14,19 @@ nested to the tensor's shape.
 
 Every check against the model's metadata happens here: a request that gets past
 :func:`decode_request` has exactly the model's inputs, each with the model's datatype and a
-shape that fits (-1 in the metadata matches any size). Problems raise
-:class:`~agent.errors.FormatError` (the API answers 400) or
-:class:`~agent.errors.SizeLimitError` (413).
+shape that fits (-1 in the metadata matches any size), no batch over ``max_batch_size`` (the
+leading dimension of an input whose leading dimension the model leaves dynamic), and JSON data
+that the datatype can hold. Problems raise :class:`~agent.errors.FormatError` or
+:class:`~agent.errors.InputShapeError` (the API answers 400) or
+:class:`~agent.errors.SizeLimitError` (413). Which dynamic dimensions two inputs share is the
+runtime's to say; :meth:`agent.runtime.base.RuntimeModel.infer` checks that.
+
+Non-finite numbers: JSON has none (RFC 8259: "Numeric values that cannot be represented in the
+grammar below (such as Infinity and NaN) are not permitted"). Requests with the tokens ``NaN``
+or ``Infinity``, or with numbers beyond the datatype's range (``1e39`` for FP32, ``1e6`` for
+FP16), are refused; an answer never holds them either: a JSON output with a NaN or an infinity
+is refused with a message to ask for that output as binary data (``binary_data: true``), which
+carries every IEEE value exactly. Binary inputs are taken as they come, NaN included.
 
 Threads: pure functions, called on the API's worker threads.
 """
@@ -36,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent._lazy import lazy_module
 from agent._strictjson import describe_validation_error, loads
-from agent.errors import FormatError, SizeLimitError
+from agent.errors import FormatError, InputShapeError, SizeLimitError
 from agent.runtime.base import DATATYPES, kserve_datatype
 from agent.serving.source import ServedModel, TensorSpec
 
@@ -118,9 +128,14 @@ def decompress(body: bytes | bytearray, encoding: str | None, max_bytes: int) ->
 
 
 def decode_request(
-    body: bytes | bytearray, header_length: int | None, model: ServedModel
+    body: bytes | bytearray,
+    header_length: int | None,
+    model: ServedModel,
+    *,
+    max_batch_size: int | None = None,
 ) -> InferRequest:
-    """Parse and check one inference request for ``model``."""
+    """Parse and check one inference request for ``model``; batches over ``max_batch_size``
+    are refused (None: no limit but the model's shapes)."""
     view = memoryview(body)
     if header_length is None:
         json_part, binary = view, view[len(view) :]
@@ -145,6 +160,8 @@ def decode_request(
         if tensor.name in inputs:
             raise FormatError(f"input {tensor.name!r} is given twice")
         _check_spec(tensor, spec)
+        if max_batch_size is not None:
+            _check_batch(tensor, spec, model, max_batch_size)
         size = tensor.parameters.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -201,7 +218,14 @@ def decode_request(
 
 
 def _parse_header(data: bytes) -> _InferHeader:
-    obj = loads(data, what="the inference request", max_bytes=len(data))
+    try:
+        obj = loads(data, what="the inference request", max_bytes=len(data))
+    except FormatError as exc:
+        if str(exc).endswith(("NaN is not valid JSON", "Infinity is not valid JSON")):
+            raise FormatError(
+                f"{exc}: JSON numbers are finite; send NaN and infinities as binary tensor data"
+            ) from None
+        raise
     if not isinstance(obj, dict):
         raise FormatError("the inference request must be a JSON object")
     try:
@@ -229,9 +253,19 @@ def _check_spec(tensor: _InputTensor, spec: TensorSpec) -> None:
         want in (-1, got) for got, want in zip(tensor.shape, spec.shape, strict=True)
     )
     if not fits:
-        raise FormatError(
+        raise InputShapeError(
             f"input {tensor.name!r} has shape {tensor.shape}; the model takes {spec.shape} "
             "(-1: any size)"
+        )
+
+
+def _check_batch(tensor: _InputTensor, spec: TensorSpec, model: ServedModel, limit: int) -> None:
+    """A leading dimension the model leaves dynamic is the batch: at most ``limit``. (A fixed
+    one is the model's own limit, and the shape check holds the request to it.)"""
+    if spec.shape and spec.shape[0] == -1 and tensor.shape[0] > limit:
+        raise InputShapeError(
+            f"input {tensor.name!r} has a batch of {tensor.shape[0]} (its leading dimension); "
+            f"model {model.name!r} takes at most {limit} here (max_batch_size)"
         )
 
 
@@ -308,6 +342,22 @@ def _from_json(tensor: _InputTensor) -> np.ndarray:
             raise FormatError(
                 f"input {tensor.name!r}: a value is out of range for {tensor.datatype}"
             )
+    if array.size and target.kind == "f":
+        # A JSON number beyond float64 (1e400) parses as an infinity; one beyond the target
+        # type (1e39 for FP32) becomes one in the cast. Neither is the number that was sent.
+        if not np.isfinite(array).all():
+            raise FormatError(
+                f"input {tensor.name!r}: a value is out of range for {tensor.datatype}"
+            )
+        with np.errstate(over="ignore"):
+            cast = array.astype(target)
+        if not np.isfinite(cast).all():
+            largest = float(np.finfo(target.type).max)  # type: ignore[type-var]
+            raise FormatError(
+                f"input {tensor.name!r}: a value is out of range for {tensor.datatype} "
+                f"(at most {largest:g} in magnitude)"
+            )
+        return cast.reshape(tensor.shape)
     return array.astype(target).reshape(tensor.shape)
 
 
@@ -394,13 +444,18 @@ def encode_response(
                     f"output {name!r} is not UTF-8 text; ask for it with binary_data: true"
                 ) from None
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise FormatError(
+                    f"output {name!r} holds NaN or an infinity, which JSON cannot carry; ask "
+                    "for it with binary_data: true"
+                )
             entry["data"] = array.reshape(-1).tolist()
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         doc["id"] = request.id
     doc["outputs"] = outputs
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if not raw_parts:
         return EncodedResponse(header, None)
     return EncodedResponse(header + b"".join(raw_parts), len(header))

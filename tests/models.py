@@ -70,10 +70,11 @@ def make_batch_of_one(path: Path) -> Path:
 
 
 def make_two_inputs(
-    path: Path, *, op: str = "Add", dims: tuple[str | None, str | None] = ("N", "N")
+    path: Path, *, op: str = "Add", dims: tuple[str | int | None, str | int | None] = ("N", "N")
 ) -> Path:
     """z = x + y (``op="Add"``) or z = concat(x, y) on axis 1 (``op="Concat"``), x and y FP32
-    [d, 4] with the leading dimensions named ``dims`` (the same name: one shared batch)."""
+    [d, 4] with the leading dimensions ``dims``: named (the same name: one shared batch),
+    unnamed (None) or fixed (an int)."""
     out: list[str | int | None] = [dims[0], 4 if op == "Add" else 8]
     graph = helper.make_graph(
         [helper.make_node(op, ["x", "y"], ["z"], **({"axis": 1} if op == "Concat" else {}))],

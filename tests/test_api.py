@@ -36,9 +36,11 @@ from agent.errors import FormatError
 from agent.serving.admission import MemoryReader
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import ApiServer, serve_api
+from agent.serving.slots import SlotManager
 from agent.serving.source import StaticSource
+from agent.transport.messages import Phase
 from tests.fleet import UnixHTTPConnection
-from tests.models import make_onnx, reference
+from tests.models import make_onnx, make_two_inputs, reference, slot_candidate
 
 WAIT = 10.0  # seconds; the bound of every wait in these tests
 
@@ -243,9 +245,15 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     tmp = tmp_path_factory.mktemp("api")
     tiny = make_onnx(tmp / "tiny.onnx")
     pair = make_pair(tmp / "pair.onnx")
-    models = [OrtModel(tiny, "tiny"), OrtModel(pair, "pair"), Faulty(tiny, "faulty")]
+    total = make_two_inputs(tmp / "sum.onnx")
+    models = [
+        OrtModel(tiny, "tiny"),
+        OrtModel(pair, "pair"),
+        Faulty(tiny, "faulty"),
+        OrtModel(total, "sum"),
+    ]
     with start_api(tmp, models, max_body_bytes=1024 * 1024) as running:
-        running.models = {"tiny": tiny, "pair": pair}
+        running.models = {"tiny": tiny, "pair": pair, "sum": total}
         yield running
 
 
@@ -637,3 +645,183 @@ def test_health_answers_without_a_body(api: Api) -> None:
         assert (reply.status, reply.body) == (200, b"")
     assert api.request("GET", "/v2/models/tiny/versions/0.0.1/ready").status == 404
     assert api.request("GET", "/v2/models/nonexistent/ready").status == 404
+
+
+# -- inputs that share a dimension, through the slot layer ----------------------------------
+
+
+def _tensor(name: str, array: np.ndarray, binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput(name, list(array.shape), "FP32")
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def test_mismatched_batches_get_400_and_never_count_against_the_model(tmp_path: Path) -> None:
+    """The daemon's path: the slot layer's version on ONNX Runtime behind the API. x and y
+    share the symbolic batch N; batches 2 and 3, as JSON and as binary tensors, get 400 naming
+    both inputs and N, the version's probation statistics count none of them, and it serves."""
+    manager = SlotManager()
+    candidate = slot_candidate(
+        make_two_inputs(tmp_path / "sum.onnx"), tmp_path, version="1.0.0", name="sum"
+    )
+    assert manager.restore(candidate).result(timeout=30) == Phase.ACTIVE
+    settings = ApiSettings(port=0, unix_socket=None)
+    server = serve_api(InferenceApi(manager, settings, memory=lambda: 0.1), settings)
+    try:
+        api = Api(server, server.app, manager)  # type: ignore[arg-type]
+        x, y = np.ones((2, 4), np.float32), np.ones((3, 4), np.float32)
+        doc = {
+            "inputs": [
+                {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()},
+                {"name": "y", "shape": [3, 4], "datatype": "FP32", "data": y.ravel().tolist()},
+            ]
+        }
+        reply = api.infer_json("sum", doc)
+        assert reply.status == 400, reply.body
+        assert (
+            "inputs 'x' and 'y' disagree on dimension 'N', which the model shares between them: "
+            "'x' has 2 (axis 0), 'y' has 3 (axis 0)"
+        ) in reply.json()["error"]
+        version = manager.describe("sum")
+        assert version is not None
+        with api.client() as client:
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("sum", [_tensor("x", x, True), _tensor("y", y, True)])
+            assert info.value.status() == "400"
+            assert "disagree on dimension 'N'" in info.value.message()
+            assert version.stats.snapshot() == (0, 0, None)
+            result = client.infer("sum", [_tensor("x", x, True), _tensor("y", 2 * x, True)])
+            np.testing.assert_array_equal(result.as_numpy("z"), np.full((2, 4), 3, np.float32))
+        requests, errors, _ = version.stats.snapshot()
+        assert (requests, errors) == (1, 0)
+        metrics = metric_values(api.request("GET", "/metrics").body.decode())
+        assert (
+            metrics['edge_agent_inference_requests_total{model="sum",outcome="bad_request"}'] == 2
+        )
+    finally:
+        server.stop()
+        manager.close()
+
+
+# -- batch size --------------------------------------------------------------------------------
+
+
+def test_a_batch_over_max_batch_size_gets_400(tmp_path: Path) -> None:
+    tiny = make_onnx(tmp_path / "tiny.onnx")
+    fixed = make_two_inputs(tmp_path / "fixed.onnx", dims=(2, 2))
+    models = [OrtModel(tiny, "tiny"), OrtModel(fixed, "fixed")]
+    with start_api(tmp_path, models, max_batch_size=4) as api, api.client() as client:
+        assert api.infer_json("tiny", json_request(good_x(4))).status == 200
+        reply = api.infer_json("tiny", json_request(good_x(5)))
+        assert reply.status == 400
+        assert reply.json()["error"] == (
+            "input 'x' has a batch of 5 (its leading dimension); model 'tiny' takes at most 4 "
+            "here (max_batch_size)"
+        )
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("tiny", [_tensor("x", good_x(5), True)])
+        assert info.value.status() == "400"
+        assert "a batch of 5" in info.value.message()
+        # A fixed leading dimension is the model's own limit: its shape says so.
+        ones = np.ones((3, 4), np.float32)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("fixed", [_tensor("x", ones, True), _tensor("y", ones, True)])
+        assert info.value.status() == "400"
+        assert "has shape [3, 4]; the model takes [2, 4]" in info.value.message()
+        result = client.infer("tiny", [_tensor("x", good_x(3), True)])
+        np.testing.assert_allclose(result.as_numpy("y"), reference(tiny, good_x(3)), atol=1e-5)
+
+
+# -- non-finite numbers ------------------------------------------------------------------------
+
+
+def _strict_json(body: bytes) -> Any:
+    """Parse as RFC 8259 JSON, which has no NaN or Infinity (orjson and most parsers refuse)."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"bare {token} in a JSON answer")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+def test_json_never_carries_nan_or_infinity(api: Api) -> None:
+    x = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
+    zero = np.zeros((1, 4), np.float32)
+    with api.client() as client:
+        # tritonclient writes bare NaN and Infinity into a JSON input: refused, with the way out.
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("sum", [_tensor("x", x, False), _tensor("y", zero, False)])
+        assert info.value.status() == "400"
+        assert "NaN is not valid JSON" in info.value.message()
+        assert "send NaN and infinities as binary tensor data" in info.value.message()
+
+        # Binary in, binary out: every IEEE value goes through exactly.
+        inputs = [_tensor("x", x, True), _tensor("y", zero, True)]
+        result = client.infer("sum", inputs, outputs=[triton.InferRequestedOutput("z", True)])
+        np.testing.assert_array_equal(result.as_numpy("z"), x)
+
+        # Binary in, JSON out: the answer would need NaN; refused, naming the output.
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("sum", inputs, outputs=[triton.InferRequestedOutput("z", False)])
+        assert info.value.status() == "400"
+        assert info.value.message() == (
+            "output 'z' holds NaN or an infinity, which JSON cannot carry; ask for it with "
+            "binary_data: true"
+        )
+
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 16},
+                },
+                {"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]},
+            ]
+        }
+    ).encode()
+    reply = api.request(
+        "POST", "/v2/models/sum/infer", head + x.astype("<f4").tobytes(), {HL: str(len(head))}
+    )
+    assert reply.status == 400
+    assert "output 'z' holds NaN" in _strict_json(reply.body)["error"]
+
+    # Finite outputs as JSON: strict parsers read the answer.
+    finite = np.array([[1.0, -2.0, 3.4e38, 1e-45]], np.float32)
+    reply = api.infer_json(
+        "sum",
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": finite.ravel().tolist()},
+                {"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]},
+            ]
+        },
+    )
+    assert reply.status == 200
+    data = _strict_json(reply.body)["outputs"][0]["data"]
+    np.testing.assert_array_equal(np.array(data, np.float32), finite.ravel())
+    assert_serving(api)
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("1e39", "out of range for FP32 (at most 3.40282e+38 in magnitude)"),
+        ("-1e39", "out of range for FP32"),
+        ("1e400", "out of range for FP32"),  # beyond float64: Python reads an infinity
+        ("NaN", "NaN is not valid JSON"),
+        ("-Infinity", "-Infinity is not valid JSON"),
+    ],
+)
+def test_json_numbers_beyond_the_datatype_get_400(api: Api, value: str, words: str) -> None:
+    body = (
+        '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, '
+        + value
+        + ']}, {"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}'
+    ).encode()
+    reply = api.request("POST", "/v2/models/sum/infer", body)
+    assert reply.status == 400
+    assert words in reply.json()["error"]
+    assert_serving(api)

@@ -286,6 +286,9 @@ def test_settings_defaults_and_refusals() -> None:
     assert settings.unix_socket_mode == 0o660
     assert settings.memory_threshold == 0.8
     assert settings.token is None
+    assert settings.max_batch_size == 1024
+    with pytest.raises(pydantic.ValidationError):
+        ApiSettings(max_batch_size=0)
     with pytest.raises(pydantic.ValidationError, match="absolute"):
         ApiSettings(unix_socket=Path("api.sock"))
     with pytest.raises(pydantic.ValidationError, match="at least 16"):

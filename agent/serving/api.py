@@ -12,11 +12,29 @@ Routes (``{v}`` is the model's active version; another version is 404)::
     GET  /metrics                              Prometheus text format
 
 Errors are ``{"error": "..."}`` with 400 (bad JSON, unknown or missing input, wrong datatype or
-shape, data that does not fit the shape, binary sizes that do not add up), 401 (token), 404
-(unknown model, version or route), 405, 413 (body over ``max_body_bytes``), 503 with
-Retry-After (queue full, memory above the threshold, model not ready) and 500 (the model failed;
-the traceback is logged and serving goes on). Bad input never gets a 5xx: a backend raising
-:class:`~agent.errors.BadContentError` (FormatError) is answered with 400 too.
+shape, inputs that disagree on a dimension the model shares between them, a batch over
+``max_batch_size``, data that does not fit the shape or the datatype, binary sizes that do not
+add up, a JSON output that JSON cannot carry), 401 (token), 404 (unknown model, version or
+route), 405, 413 (body over ``max_body_bytes``), 503 with Retry-After (queue full, memory above
+the threshold, model not ready) and 500 (the model failed; the traceback is logged and serving
+goes on). Bad input never gets a 5xx: a backend raising :class:`~agent.errors.BadContentError`
+(FormatError, InputShapeError) is answered with 400 too, and the slot layer does not count it
+against the model's probation.
+
+Batch size: the leading dimension of an input whose leading dimension the model leaves dynamic
+is the batch, at most ``max_batch_size`` (default 1024); a larger batch gets 400, as Triton
+answers a batch over a model's ``max_batch_size`` ("inference request batch-size must be <=
+N"). A model with a fixed leading dimension takes exactly that many (its shape says so).
+
+Non-finite numbers: a JSON answer never holds a bare ``NaN`` or ``Infinity``. RFC 8259 has no
+such numbers, and stock clients disagree on them: Triton writes and reads them (rapidjson's
+``kWriteNanAndInfFlag``/``kParseNanAndInfFlag``, and tritonclient parses with python-rapidjson),
+KServe's Python SDK parses with orjson, which refuses them. So a request for a JSON output that
+holds a NaN or an infinity gets 400 naming the output and saying to ask for it with
+``binary_data: true``, which carries every IEEE value exactly and which every client reads (a
+BYTES output that is not UTF-8 is refused the same way). In requests, the ``NaN``/``Infinity``
+tokens and numbers beyond the datatype's range (FP16 ``1e6``, FP32 ``1e39``) get 400; binary
+inputs are taken as they come.
 
 Authentication: with ``token`` set, every route but ``/v2/health/live`` and
 ``/v2/health/ready`` needs ``Authorization: Bearer <token>`` (401 otherwise). The health routes
@@ -86,6 +104,13 @@ class ApiSettings(BaseModel):
     max_connections: Annotated[int, Field(ge=1)] = 128  # open connections; beyond: 503
     drain_timeout_s: Annotated[float, Field(gt=0)] = 10.0  # stop(): time for in-flight requests
     access_log: bool = False
+    # The most rows one request may carry in a leading dimension the model leaves dynamic.
+    # Beyond the body limit this bounds what a request makes the runtime allocate: a model with
+    # small rows and large outputs or activations (16 floats in, 1000 out) would otherwise take
+    # 64 MiB of input as a million rows and answer with gigabytes. 1024 is far above what an
+    # application on the box batches (frames of a few cameras, a page of text) and small enough
+    # that such a model's answer stays in megabytes.
+    max_batch_size: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1024
 
     @field_validator("port", "unix_socket", mode="before")
     @classmethod
@@ -131,7 +156,8 @@ _OUTCOMES |= {413: "bad_request", 415: "bad_request", 503: "rejected", 500: "err
 
 
 def _json(status: int, doc: object, *headers: tuple[str, str]) -> _Reply:
-    return _Reply(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
+    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return _Reply(status, body, headers=headers)
 
 
 def _error(status: int, message: str, *headers: tuple[str, str]) -> _Reply:
@@ -389,7 +415,9 @@ class InferenceApi:
             )
             with self.source.lease(name) as leased:
                 model = self._present(name, version, leased, "no longer serves version {version!r}")
-                request = tensors.decode_request(data, header_length, model)
+                request = tensors.decode_request(
+                    data, header_length, model, max_batch_size=self.settings.max_batch_size
+                )
                 results = model.infer(request.inputs)
                 try:
                     encoded = tensors.encode_response(

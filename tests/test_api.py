@@ -482,7 +482,7 @@ BAD: list[tuple[str, str, str, bytes, dict[str, str], int, str]] = [
     ("huge-sent", "POST", "/v2/models/tiny/infer", b" " * (2 * 1024 * 1024), {}, 413, "over the limit"),
     ("unknown-model", "POST", "/v2/models/nonexistent/infer", json.dumps(XJ).encode(), {}, 404, "unknown model 'nonexistent'"),
     ("unknown-version", "POST", "/v2/models/tiny/versions/0.0.1/infer", json.dumps(XJ).encode(), {}, 404, "no version '0.0.1'"),
-    ("unknown-route", "GET", "/v2/models/tiny/stats", b"", {}, 404, "no route"),
+    ("unknown-route", "GET", "/v2/models/tiny/trace/setting", b"", {}, 404, "no route"),
     ("unknown-top", "GET", "/v1/models", b"", {}, 404, "no route"),
     ("infer-with-get", "GET", "/v2/models/tiny/infer", b"", {}, 405, "use POST"),
     ("metadata-with-post", "POST", "/v2/models/tiny", b"{}", {}, 405, "use GET"),
@@ -722,7 +722,11 @@ def test_a_batch_over_max_batch_size_gets_400(tmp_path: Path) -> None:
             client.infer("tiny", [_tensor("x", good_x(5), True)])
         assert info.value.status() == "400"
         assert "a batch of 5" in info.value.message()
+        assert client.get_model_config("tiny")["max_batch_size"] == 4
         # A fixed leading dimension is the model's own limit: its shape says so.
+        config = client.get_model_config("fixed")
+        assert config["max_batch_size"] == 0
+        assert config["input"][0]["dims"] == [2, 4]
         ones = np.ones((3, 4), np.float32)
         with pytest.raises(InferenceServerException) as info:
             client.infer("fixed", [_tensor("x", ones, True), _tensor("y", ones, True)])
@@ -825,3 +829,88 @@ def test_json_numbers_beyond_the_datatype_get_400(api: Api, value: str, words: s
     assert reply.status == 400
     assert words in reply.json()["error"]
     assert_serving(api)
+
+
+# -- repository index, model configuration, statistics (Triton's extensions) -----------------
+
+
+def test_tritonclient_reads_the_repository_index(api: Api) -> None:
+    want = [
+        {"name": name, "version": "1.0.0", "state": "READY"}
+        for name in ("faulty", "pair", "sum", "tiny")
+    ]
+    with api.client() as client:
+        assert client.get_model_repository_index() == want
+    assert api.request("GET", "/v2/models").json() == want
+    ready = api.request("POST", "/v2/repository/index", json.dumps({"ready": True}).encode())
+    assert ready.json() == want
+    for body in (b'{"ready": 1}', b'{"ready": true, "x": 1}', b"[true]", b"{"):
+        reply = api.request("POST", "/v2/repository/index", body)
+        assert reply.status == 400, body
+    assert api.request("GET", "/v2/repository/index").status == 405
+    assert api.request("POST", "/v2/models", b"").status == 405
+
+
+def test_tritonclient_reads_the_model_config(api: Api) -> None:
+    with api.client() as client:
+        assert client.get_model_config("tiny") == {
+            "name": "tiny",
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": 1024,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [16]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [8]}],
+        }
+        pair = client.get_model_config("pair", "1.0.0")
+        assert pair["input"] == [
+            {"name": "a", "data_type": "TYPE_INT32", "dims": []},
+            {"name": "b", "data_type": "TYPE_INT32", "dims": []},
+        ]
+        for name, version in (("nonexistent", ""), ("tiny", "9.9.9")):
+            with pytest.raises(InferenceServerException) as info:
+                client.get_model_config(name, version)
+            assert info.value.status() == "404"
+
+
+def test_tritonclient_reads_inference_statistics(api: Api) -> None:
+    def stats(client: triton.InferenceServerClient) -> dict[str, Any]:
+        (entry,) = client.get_inference_statistics("tiny")["model_stats"]
+        assert (entry["name"], entry["version"]) == ("tiny", "1.0.0")
+        return entry  # type: ignore[no-any-return]
+
+    with api.client() as client:
+        before = stats(client)
+        for _ in range(3):
+            client.infer("tiny", [_tensor("x", good_x(2), True)])
+        assert api.request("POST", "/v2/models/tiny/infer", _with(shape=[3, 15])).status == 400
+        after = stats(client)
+        everything = client.get_inference_statistics()["model_stats"]
+        versioned = client.get_inference_statistics("tiny", "1.0.0")["model_stats"]
+        with pytest.raises(InferenceServerException) as info:
+            client.get_inference_statistics("tiny", "9.9.9")
+        assert info.value.status() == "404"
+
+    def delta(*path: str) -> int:
+        a: Any = after
+        b: Any = before
+        for key in path:
+            a, b = a[key], b[key]
+        return int(a) - int(b)
+
+    assert delta("inference_count") == 6  # three requests of two rows
+    assert delta("execution_count") == 3
+    assert delta("inference_stats", "success", "count") == 3
+    assert delta("inference_stats", "fail", "count") == 1
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta("inference_stats", phase, "count") == 3
+    assert delta("inference_stats", "success", "ns") > 0
+    assert after["last_inference"] >= before["last_inference"]
+    assert after["last_inference"] > 0  # milliseconds since the epoch
+    batch = {b["batch_size"]: b for b in after["batch_stats"]}
+    old = {b["batch_size"]: b for b in before["batch_stats"]}
+    seen = old.get(2, {"compute_infer": {"count": 0}})["compute_infer"]["count"]
+    assert batch[2]["compute_infer"]["count"] - seen == 3
+    assert after["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
+    assert {e["name"] for e in everything} == {"faulty", "pair", "sum", "tiny"}
+    assert versioned[0]["version"] == "1.0.0"
+    assert api.request("GET", "/v2/models/tiny/versions/1.0.0/stats").status == 200

@@ -131,7 +131,17 @@ def test_bearer_token_is_enforced(tmp_path: Path, tiny: Path) -> None:
         # Health stays open (probes need no secret).
         assert api.request("GET", "/v2/health/live", auth=False).status == 200
         assert api.request("GET", "/v2/health/ready", auth=False).status == 200
-        for path in ("/v2", "/v2/models/tiny", "/v2/models/tiny/ready", "/metrics"):
+        paths = (
+            "/v2",
+            "/v2/models/tiny",
+            "/v2/models/tiny/ready",
+            "/metrics",
+            "/v2/models",
+            "/v2/models/tiny/config",
+            "/v2/models/stats",
+            "/v2/models/tiny/versions/1.0.0/stats",
+        )
+        for path in paths:
             reply = api.request("GET", path, auth=False)
             assert reply.status == 401, path
             assert reply.headers["www-authenticate"].startswith("Bearer")
@@ -139,6 +149,9 @@ def test_bearer_token_is_enforced(tmp_path: Path, tiny: Path) -> None:
             wrong = api.request("GET", path, headers={"Authorization": "Bearer nope"})
             assert wrong.status == 401
             assert api.request("GET", path).status == 200
+        index = api.request("POST", "/v2/repository/index", b"", auth=False)
+        assert index.status == 401
+        assert api.request("POST", "/v2/repository/index", b"").status == 200
         reply = api.infer_json("tiny", json_request(good_x(1)), auth=False)
         assert reply.status == 401
         reply = api.infer_json("tiny", json_request(good_x(1)), auth=False, unix=True)
@@ -165,6 +178,15 @@ def test_bearer_token_is_enforced(tmp_path: Path, tiny: Path) -> None:
             )
             meta = client.get_server_metadata(headers=api.auth_headers())
             assert meta["name"] == "edge-model-agent"
+            for call in (
+                client.get_model_repository_index,
+                lambda **kw: client.get_model_config("tiny", **kw),
+                lambda **kw: client.get_inference_statistics("tiny", **kw),
+            ):
+                with pytest.raises(InferenceServerException) as info:
+                    call()
+                assert info.value.status() == "401"
+                assert call(headers=api.auth_headers())
 
 
 def test_model_not_ready_answers_503_and_ready_says_no(tmp_path: Path, tiny: Path) -> None:
@@ -188,6 +210,13 @@ def test_model_not_ready_answers_503_and_ready_says_no(tmp_path: Path, tiny: Pat
         assert api.request("GET", "/v2/models/warming/ready").status == 400
         assert api.request("GET", "/v2/health/ready").status == 400  # not every model is ready
         assert api.request("GET", "/v2/models/tiny/ready").status == 200
+        assert api.request("GET", "/v2/models").json() == [
+            {"name": "tiny", "version": "1.0.0", "state": "READY"},
+            {"name": "warming", "state": "UNAVAILABLE", "reason": "no version is loaded"},
+        ]
+        ready = api.request("POST", "/v2/repository/index", b'{"ready": true}')
+        assert [m["name"] for m in ready.json()] == ["tiny"]
+        assert api.request("GET", "/v2/models/warming/config").status == 503
         assert api.infer_json("tiny", json_request(good_x(1))).status == 200
         metrics = metric_values(api.request("GET", "/metrics").body.decode())
         assert metrics['edge_agent_inference_errors_total{model="warming",reason="not-ready"}'] == 1

@@ -9,7 +9,16 @@ Routes (``{v}`` is the model's active version; another version is 404)::
     GET  /v2/models/{name}[/versions/{v}]      model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
+    GET  /v2/models                            repository index (as POST /v2/repository/index)
+    POST /v2/repository/index                  Triton's repository index: [{name, version,
+                                               state, reason}]; body {"ready": true}: READY only
+    GET  /v2/models/{name}[/versions/{v}]/config   Triton's model configuration (see below)
+    GET  /v2/models/stats                      Triton's statistics extension, every model
+    GET  /v2/models/{name}[/versions/{v}]/stats    ... one model
     GET  /metrics                              Prometheus text format
+
+``/v2/models/stats`` is the statistics of every model, as in Triton: a model named ``stats`` has
+its metadata at ``/v2/models/stats/versions/{v}``.
 
 Errors are ``{"error": "..."}`` with 400 (bad JSON, unknown or missing input, wrong datatype or
 shape, inputs that disagree on a dimension the model shares between them, a batch over
@@ -24,7 +33,10 @@ against the model's probation.
 Batch size: the leading dimension of an input whose leading dimension the model leaves dynamic
 is the batch, at most ``max_batch_size`` (default 1024); a larger batch gets 400, as Triton
 answers a batch over a model's ``max_batch_size`` ("inference request batch-size must be <=
-N"). A model with a fixed leading dimension takes exactly that many (its shape says so).
+N"). A model with a fixed leading dimension takes exactly that many (its shape says so). The
+model configuration reports, as Triton does, ``max_batch_size`` and each tensor's ``dims``
+without the batch dimension for a *batched* model (every input and output has a dynamic leading
+dimension), and ``max_batch_size: 0`` with the whole shapes for any other.
 
 Non-finite numbers: a JSON answer never holds a bare ``NaN`` or ``Infinity``. RFC 8259 has no
 such numbers, and stock clients disagree on them: Triton writes and reads them (rapidjson's
@@ -35,6 +47,12 @@ holds a NaN or an infinity gets 400 naming the output and saying to ask for it w
 BYTES output that is not UTF-8 is refused the same way). In requests, the ``NaN``/``Infinity``
 tokens and numbers beyond the datatype's range (FP16 ``1e6``, FP32 ``1e39``) get 400; binary
 inputs are taken as they come.
+
+Statistics (``model_stats``, for the active version): ``inference_count`` counts inferences
+(each row of a batch), ``execution_count`` successful runs; ``success`` and ``fail`` count
+requests that reached a worker and their time from admission to the answer; ``queue`` is the
+wait for a worker, ``compute_input`` decoding, ``compute_infer`` the model, ``compute_output``
+encoding, all in nanoseconds; ``batch_stats`` splits the compute times by batch size.
 
 Authentication: with ``token`` set, every route but ``/v2/health/live`` and
 ``/v2/health/ready`` needs ``Authorization: Bearer <token>`` (401 otherwise). The health routes
@@ -64,12 +82,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from agent import __version__
+from agent._strictjson import loads
 from agent.errors import BadContentError, SizeLimitError
 from agent.serving import tensors
 from agent.serving.admission import Admission, MemoryReader, SystemMemory
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from agent.serving.metrics import UNKNOWN_MODEL, ApiMetrics
-from agent.serving.source import ModelSource, ServedModel
+from agent.serving.metrics import UNKNOWN_MODEL, ApiMetrics, InferenceStatistics, Timing
+from agent.serving.source import ModelSource, ServedModel, TensorSpec
 
 log = logging.getLogger("agent.serving.api")
 
@@ -160,6 +179,26 @@ def _json(status: int, doc: object, *headers: tuple[str, str]) -> _Reply:
     return _Reply(status, body, headers=headers)
 
 
+# KServe datatype -> Triton's model configuration DataType.
+_CONFIG_TYPES = {"BYTES": "TYPE_STRING"}
+# platform -> Triton's backend name, where Triton has one.
+_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "openvino": "openvino"}
+
+
+def batched(model: ServedModel) -> bool:
+    """Every input and output has a dynamic leading dimension: Triton's batching model."""
+    tensors = [*model.inputs, *model.outputs]
+    return bool(model.inputs) and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+
+def _config_tensor(spec: TensorSpec, batch: bool) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "data_type": _CONFIG_TYPES.get(spec.datatype, f"TYPE_{spec.datatype}"),
+        "dims": list(spec.shape[1:] if batch else spec.shape),
+    }
+
+
 def _error(status: int, message: str, *headers: tuple[str, str]) -> _Reply:
     return _json(status, {"error": message}, *headers)
 
@@ -202,6 +241,7 @@ class InferenceApi:
         self._pool = ThreadPoolExecutor(
             self.settings.workers, thread_name_prefix="edge-agent-infer"
         )
+        self.statistics = InferenceStatistics()
 
     def close(self) -> None:
         """Let running and queued requests finish, then stop the worker threads."""
@@ -235,6 +275,20 @@ class InferenceApi:
             ready = bool(names) and all(self.source.ready(n) for n in names)
             return _Reply(200 if ready else 400, content_type="text/plain")
 
+        if parts in (["v2", "models"], ["v2", "repository", "index"]):
+            self._authorize(headers)
+            ready_only = False
+            if parts[1] == "repository":
+                _allow(method, "POST")
+                ready_only = self._index_request(await self._read_body(receive, headers, 65536))
+            else:
+                _allow(method, "GET")
+            return _json(200, self._index(ready_only))
+        if parts == ["v2", "models", "stats"]:
+            self._authorize(headers)
+            _allow(method, "GET")
+            return _json(200, {"model_stats": self._all_stats()})
+
         if parts[:2] == ["v2", "models"] and len(parts) >= 3 and parts[2]:
             name, rest = parts[2], parts[3:]
             version: str | None = None
@@ -252,6 +306,14 @@ class InferenceApi:
                 _allow(method, "GET")
                 ready = self._model_ready(name, version)
                 return _Reply(200 if ready else 400, content_type="text/plain")
+            if rest == ["config"]:
+                _allow(method, "GET")
+                return _json(200, self._config(self._model(name, version)))
+            if rest == ["stats"]:
+                _allow(method, "GET")
+                model = self._model(name, version)
+                stats = self.statistics.model_stats(model.name, model.version)
+                return _json(200, {"model_stats": [stats]})
             raise _HttpError(404, f"no route {scope['path']}", "not-found")
 
         self._authorize(headers)
@@ -333,6 +395,57 @@ class InferenceApi:
             "outputs": [t.model_dump() for t in model.outputs],
         }
 
+    def _index_request(self, body: bytes | bytearray) -> bool:
+        """The ``ready`` flag of a repository index request (an empty body: all models)."""
+        if not body.strip():
+            return False
+        try:
+            doc = loads(bytes(body), what="the repository index request", max_bytes=len(body))
+        except BadContentError as exc:
+            raise _HttpError(400, str(exc), "bad-request") from None
+        ready = doc.get("ready", False) if isinstance(doc, dict) else None
+        if not isinstance(ready, bool) or set(doc) - {"ready"}:
+            raise _HttpError(
+                400, 'the repository index request is {} or {"ready": true|false}', "bad-request"
+            )
+        return ready
+
+    def _index(self, ready_only: bool) -> list[dict[str, str]]:
+        """Triton's repository index: each model with its active version and state."""
+        out = []
+        for name in self.source.names():
+            model = self.source.describe(name)
+            ready = model is not None and self.source.ready(name)
+            if ready_only and not ready:
+                continue
+            entry = {"name": name}
+            if model is not None:
+                entry["version"] = model.version
+            entry["state"] = "READY" if ready else "UNAVAILABLE"
+            if not ready:
+                entry["reason"] = "no version is loaded" if model is None else "not ready"
+            out.append(entry)
+        return out
+
+    def _config(self, model: ServedModel) -> dict[str, Any]:
+        """The model's configuration in the shape of Triton's (``model_config.proto`` as JSON)."""
+        batch = batched(model)
+        config: dict[str, Any] = {"name": model.name, "platform": model.platform}
+        if model.platform in _BACKENDS:
+            config["backend"] = _BACKENDS[model.platform]
+        config["max_batch_size"] = self.settings.max_batch_size if batch else 0
+        config["input"] = [_config_tensor(t, batch) for t in model.inputs]
+        config["output"] = [_config_tensor(t, batch) for t in model.outputs]
+        return config
+
+    def _all_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.source.names():
+            model = self.source.describe(name)
+            if model is not None:
+                out.append(self.statistics.model_stats(model.name, model.version))
+        return out
+
     def _render_metrics(self) -> str:
         active = []
         for name in self.source.names():
@@ -368,7 +481,9 @@ class InferenceApi:
                 raise self._busy("queue-full", "the inference queue is full")
             started = time.perf_counter()
             try:
-                future = self._pool.submit(self._run, name, version, body, headers)
+                future = self._pool.submit(
+                    self._run, name, version, body, headers, time.perf_counter_ns()
+                )
             except RuntimeError:  # the pool is shut down: the server is stopping
                 self.admission.release()
                 raise self._busy("stopping", "the inference API is stopping") from None
@@ -385,8 +500,10 @@ class InferenceApi:
     def _busy(self, reason: str, message: str) -> _HttpError:
         return _HttpError(503, message, reason, ("Retry-After", str(self.settings.retry_after_s)))
 
-    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytearray:
-        limit = self.settings.max_body_bytes
+    async def _read_body(
+        self, receive: Receive, headers: dict[str, str], limit: int | None = None
+    ) -> bytearray:
+        limit = self.settings.max_body_bytes if limit is None else limit
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _HttpError(
@@ -405,20 +522,30 @@ class InferenceApi:
 
     # -- worker threads -------------------------------------------------------------------
     def _run(
-        self, name: str, version: str | None, body: bytearray, headers: dict[str, str]
+        self,
+        name: str,
+        version: str | None,
+        body: bytearray,
+        headers: dict[str, str],
+        submitted_ns: int,
     ) -> _Reply:
         """Decode, lease, run and encode one request (on a worker thread)."""
+        begun = time.perf_counter_ns()
+        served: ServedModel | None = None  # the version that took the request, for statistics
         try:
             header_length = _header_length(headers)
-            data = tensors.decompress(
-                body, headers.get("content-encoding"), self.settings.max_body_bytes
-            )
             with self.source.lease(name) as leased:
                 model = self._present(name, version, leased, "no longer serves version {version!r}")
+                served = model
+                data = tensors.decompress(
+                    body, headers.get("content-encoding"), self.settings.max_body_bytes
+                )
                 request = tensors.decode_request(
                     data, header_length, model, max_batch_size=self.settings.max_batch_size
                 )
+                decoded = time.perf_counter_ns()
                 results = model.infer(request.inputs)
+                ran = time.perf_counter_ns()
                 try:
                     encoded = tensors.encode_response(
                         model_name=model.name,
@@ -431,17 +558,29 @@ class InferenceApi:
                         f"model {name} {model.version} did not return what its metadata says: "
                         f"{exc!r}"
                     ) from exc
-        except _HttpError:
-            raise
-        except SizeLimitError as exc:
-            raise _HttpError(413, str(exc), "too-large") from None
-        except BadContentError as exc:
-            raise _HttpError(400, str(exc), "bad-request") from None
-        except Exception:
-            log.exception("inference on model %s failed", name)
-            raise _HttpError(
-                500, f"inference on model {name!r} failed (see the agent's log)", "internal"
-            ) from None
+            done = time.perf_counter_ns()
+        except Exception as exc:
+            if served is not None:
+                self.statistics.record_failure(
+                    served.name,
+                    served.version,
+                    total_ns=time.perf_counter_ns() - submitted_ns,
+                    now_ms=time.time_ns() // 1_000_000,
+                )
+            raise _http_error(exc, name) from None
+        self.statistics.record_success(
+            model.name,
+            model.version,
+            batch=_batch_size(model, request),
+            timing=Timing(
+                queue=begun - submitted_ns,
+                compute_input=decoded - begun,
+                compute_infer=ran - decoded,
+                compute_output=done - ran,
+                total=done - submitted_ns,
+            ),
+            now_ms=time.time_ns() // 1_000_000,
+        )
         headers_out: tuple[tuple[str, str], ...] = ()
         content_type = "application/json"
         if encoded.header_length is not None:
@@ -452,6 +591,26 @@ class InferenceApi:
 
 class _ModelFailure(RuntimeError):
     pass
+
+
+def _http_error(exc: Exception, name: str) -> _HttpError:
+    """The answer to an exception from a worker: client errors are 4xx, anything else 500."""
+    if isinstance(exc, _HttpError):
+        return exc
+    if isinstance(exc, SizeLimitError):
+        return _HttpError(413, str(exc), "too-large")
+    if isinstance(exc, BadContentError):
+        return _HttpError(400, str(exc), "bad-request")
+    log.error("inference on model %s failed", name, exc_info=exc)
+    return _HttpError(500, f"inference on model {name!r} failed (see the agent's log)", "internal")
+
+
+def _batch_size(model: ServedModel, request: tensors.InferRequest) -> int:
+    """How many inferences a request carried: its batch for a batched model, else one."""
+    if not batched(model):
+        return 1
+    first = request.inputs[model.inputs[0].name]
+    return max(1, int(first.shape[0])) if first.ndim else 1
 
 
 def _header_length(headers: dict[str, str]) -> int | None:

@@ -22,6 +22,9 @@ the label set):
 * ``edge_agent_model_active{model,version,platform}``: 1 for each model's active version (read
   from the source at scrape time).
 * ``edge_agent_model_swaps_total{model}``, ``edge_agent_model_rollbacks_total{model}``.
+
+:class:`InferenceStatistics` keeps per model version what Triton's statistics extension reports
+(``GET /v2/models/stats``): request counts and cumulative nanoseconds by phase, and by batch size.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN_MODEL = "_unknown"
@@ -261,3 +266,132 @@ class ApiMetrics:
 class _ActiveGauge(Gauge):
     def replace(self, active: Iterable[Labels]) -> None:  # called with the lock held
         self._values = {key: 1.0 for key in active}
+
+
+# -- per-model statistics (Triton's statistics extension) ------------------------------------
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += max(0, ns)
+
+    def doc(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class _BatchStats:
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+
+
+@dataclass
+class _VersionStats:
+    last_inference_ms: int = 0
+    inference_count: int = 0  # successful inferences, each row of a batch counted
+    execution_count: int = 0  # successful runs of the model
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+    batches: dict[int, _BatchStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where one successful request spent its time, in nanoseconds (``time.perf_counter_ns``)."""
+
+    queue: int  # admitted, waiting for a worker
+    compute_input: int  # decompressing and decoding the tensors
+    compute_infer: int  # the model
+    compute_output: int  # encoding the answer
+    total: int
+
+
+class InferenceStatistics:
+    """Per (model, version): what Triton's ``model_stats`` entries say (any thread; own lock).
+
+    Only the last ``keep_versions`` versions of each model are kept, so a box that swaps for
+    months holds a bounded amount. ``batch`` is the number of inferences one request carried
+    (its batch size for a batched model, else 1); batch sizes are bounded by the API's
+    ``max_batch_size``, so the per-batch table is too.
+    """
+
+    def __init__(self, keep_versions: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._keep = keep_versions
+        self._stats: dict[tuple[str, str], _VersionStats] = {}
+
+    def _entry(self, model: str, version: str) -> _VersionStats:  # called with the lock held
+        key = (model, version)
+        entry = self._stats.get(key)
+        if entry is None:
+            entry = self._stats[key] = _VersionStats()
+            versions = [k for k in self._stats if k[0] == model]
+            for old in versions[: max(0, len(versions) - self._keep)]:
+                del self._stats[old]  # dicts keep insertion order: the oldest first
+        return entry
+
+    def record_success(
+        self, model: str, version: str, *, batch: int, timing: Timing, now_ms: int
+    ) -> None:
+        with self._lock:
+            e = self._entry(model, version)
+            e.last_inference_ms = now_ms
+            e.inference_count += batch
+            e.execution_count += 1
+            e.success.add(timing.total)
+            e.queue.add(timing.queue)
+            e.compute_input.add(timing.compute_input)
+            e.compute_infer.add(timing.compute_infer)
+            e.compute_output.add(timing.compute_output)
+            b = e.batches.setdefault(batch, _BatchStats())
+            b.compute_input.add(timing.compute_input)
+            b.compute_infer.add(timing.compute_infer)
+            b.compute_output.add(timing.compute_output)
+
+    def record_failure(self, model: str, version: str, *, total_ns: int, now_ms: int) -> None:
+        with self._lock:
+            e = self._entry(model, version)
+            e.last_inference_ms = now_ms
+            e.fail.add(total_ns)
+
+    def model_stats(self, model: str, version: str) -> dict[str, Any]:
+        """One entry of Triton's ``model_stats`` list (zeros for a version not used yet)."""
+        with self._lock:
+            e = self._stats.get((model, version)) or _VersionStats()
+            return {
+                "name": model,
+                "version": version,
+                "last_inference": e.last_inference_ms,
+                "inference_count": e.inference_count,
+                "execution_count": e.execution_count,
+                "inference_stats": {
+                    "success": e.success.doc(),
+                    "fail": e.fail.doc(),
+                    "queue": e.queue.doc(),
+                    "compute_input": e.compute_input.doc(),
+                    "compute_infer": e.compute_infer.doc(),
+                    "compute_output": e.compute_output.doc(),
+                    "cache_hit": _Duration().doc(),  # no response cache here
+                    "cache_miss": _Duration().doc(),
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": b.compute_input.doc(),
+                        "compute_infer": b.compute_infer.doc(),
+                        "compute_output": b.compute_output.doc(),
+                    }
+                    for size, b in sorted(e.batches.items())
+                ],
+                "memory_usage": [],
+            }

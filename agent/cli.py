@@ -836,21 +836,77 @@ def _agent_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from pydantic import ValidationError
+
+    from agent.runtime.hardware import RuntimeConfig
     from agent.serving.api import ApiSettings
     from agent.standalone import serve_bundle
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # serve's defaults (the daemon's, but no Unix socket unless asked), then the [api] and
+    # [runtime] tables of --config FILE (its other tables are not read), then the flags.
+    api_table: dict[str, Any] = {"unix_socket": None}
+    runtime_table: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            with open(args.config, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.config}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{args.config} is not valid TOML: {exc}") from None
+        for key, table in (("api", api_table), ("runtime", runtime_table)):
+            value = data.get(key, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"{args.config}: {key} is not a table")
+            table.update(value)
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "unix_socket": args.socket,
+        "token": args.token,
+        "workers": args.workers,
+        "max_queue": args.max_queue,
+        "max_batch_size": args.max_batch_size,
+        "max_body_bytes": args.max_body_bytes,
+        "memory_threshold": args.memory_threshold,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    api_table.update(given)
+
+    def problems(exc: ValidationError, table: str) -> str:
+        out = []
+        for e in exc.errors():
+            key = str(e["loc"][0]) if e["loc"] else ""
+            dotted = ".".join(str(part) for part in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            if table == "api" and key in given:
+                flag = "socket" if key == "unix_socket" else key.replace("_", "-")
+                out.append(f"--{flag}: {msg}")
+            else:
+                out.append(f"{args.config or 'serve'}: {table}.{dotted}: {msg}")
+        return "; ".join(out)
+
     try:
-        api = ApiSettings(host=args.host, port=args.port, unix_socket=args.socket)
-    except ValueError as exc:
-        raise ConfigError(f"listener settings: {exc}") from None
+        api = ApiSettings.model_validate(api_table)
+    except ValidationError as exc:
+        raise ConfigError(problems(exc, "api")) from None
+    try:
+        runtime = RuntimeConfig.model_validate(runtime_table)
+    except ValidationError as exc:
+        raise ConfigError(problems(exc, "runtime")) from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    served = serve_bundle(args.bundle, args.trust, api, variant=args.variant)
+    served = serve_bundle(args.bundle, args.trust, api, runtime=runtime, variant=args.variant)
     c = served.candidate
     print(
         f"verified {args.bundle}: {c.name} {c.version}, variant {c.variant.id} on {served.runtime}"
@@ -1141,9 +1197,46 @@ def agent_parser() -> argparse.ArgumentParser:
         metavar="ROOT_OR_KEYRING",
         help="key directory, root.json or keyring.json",
     )
-    sv.add_argument("--host", default="127.0.0.1", help="TCP address (default loopback only)")
-    sv.add_argument("--port", type=int, default=8000, help="0: any free port")
-    sv.add_argument("--socket", type=Path, help="also listen on this Unix socket")
+    sv.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="read the [api] and [runtime] tables of this agent.toml; flags override them",
+    )
+    sv.add_argument("--host", help="TCP address (default 127.0.0.1: loopback only)")
+    sv.add_argument(
+        "--port", type=int, metavar="N", help="TCP port (default 8000; 0: any free port)"
+    )
+    sv.add_argument(
+        "--socket", metavar="PATH", help='also listen on this Unix socket ("": none, the default)'
+    )
+    sv.add_argument(
+        "--token",
+        help="require Authorization: Bearer TOKEN (16+ characters; other users see a flag in "
+        "ps: on a shared box put it in the --config file instead)",
+    )
+    sv.add_argument("--workers", type=int, metavar="N", help="requests run at once (default 2)")
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="admitted requests waiting for a worker (default 16)",
+    )
+    sv.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        help="most rows in a request's dynamic leading dimension (default 1024)",
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, metavar="N", help="largest request body (default 64 MiB)"
+    )
+    sv.add_argument(
+        "--memory-threshold",
+        type=float,
+        metavar="F",
+        help="memory use (0-1) above which requests get 503 (default 0.8)",
+    )
     sv.add_argument("--variant", help="run this variant instead of the one chosen")
     sv.add_argument("-v", "--verbose", action="store_true")
     sv.set_defaults(handler=_agent_serve)

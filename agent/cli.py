@@ -445,6 +445,10 @@ def _deploy(args: argparse.Namespace) -> int:
         else DeploymentTarget(kind="group", id=args.group)
     )
     topic = topics.device(args.device).desired if args.device else topics.group_desired(args.group)
+    if args.follow_groups and (args.bundles_to_deploy or not args.device):
+        raise ConfigError("--follow-groups hands a --device back to its groups: give no bundles")
+    if not args.follow_groups and not args.bundles_to_deploy:
+        raise ConfigError("name the bundles to deploy (or --follow-groups, with --device)")
     descriptors: dict[str, bytes] = {}
     for bundle in args.bundles_to_deploy:
         env_path = envelope_path(bundle)
@@ -469,6 +473,7 @@ def _deploy(args: argparse.Namespace) -> int:
         sequence=args.sequence,
         deployment_id=args.id,
         variants=variants,
+        follow_groups=args.follow_groups,
     )
     if args.output:
         args.output.write_bytes(document)
@@ -480,7 +485,7 @@ def _deploy(args: argparse.Namespace) -> int:
         publish_retained(session, topic, document)
         dep_id = json.loads(parse_envelope(document).payload)["deployment_id"]
         print(f"published deployment {dep_id} to {topic}")
-        if args.wait and args.device:
+        if args.wait and args.device and not args.follow_groups:
             return _wait_for(session, inbox, topics, args.device, dep_id, args.wait)
     return 0
 
@@ -595,13 +600,16 @@ def _trust_publish(args: argparse.Namespace) -> int:
         roots=roots, keyring=loads(store.keyring_bytes(), what="keyring", max_bytes=1 << 20)
     )
     topics = Topics(args.prefix)
+    keyring = store.current_keyring()
+    what = f"root chain v1..v{store.current_root().version} and keyring v{keyring.version}"
+    if args.output:
+        args.output.write_bytes(update.to_bytes())
+        print(f"wrote {what} to {args.output}")
+        if args.no_publish:
+            return 0
     with fleet_session(_mqtt_settings(args), _client_id(args, "trust")) as (session, _inbox):
         publish_retained(session, topics.trust, update.to_bytes())
-    keyring = store.current_keyring()
-    print(
-        f"published root chain v1..v{store.current_root().version} and keyring v{keyring.version} "
-        f"to {topics.trust}"
-    )
+    print(f"published {what} to {topics.trust}")
     return 0
 
 
@@ -758,7 +766,7 @@ def fleet_parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=_serve)
 
     d = top.add_parser("deploy", help="sign and publish a deployment to a device or a group")
-    d.add_argument("bundles_to_deploy", nargs="+", type=Path, metavar="BUNDLE")
+    d.add_argument("bundles_to_deploy", nargs="*", type=Path, metavar="BUNDLE")
     where = d.add_mutually_exclusive_group(required=True)
     where.add_argument("--device", metavar="ID")
     where.add_argument("--group", metavar="G")
@@ -776,6 +784,11 @@ def fleet_parser() -> argparse.ArgumentParser:
     d.add_argument("--sequence", type=int, help="default: milliseconds since the epoch")
     d.add_argument("--id", help="deployment id (default dep-<sequence>)")
     d.add_argument("--variant", action="append", default=[], metavar="MODEL=VARIANT")
+    d.add_argument(
+        "--follow-groups",
+        action="store_true",
+        help="with --device and no bundles: hand the device back to its groups' deployments",
+    )
     d.add_argument("-o", "--output", type=Path, help="also write the signed document here")
     d.add_argument("--no-publish", action="store_true", help="with -o: write only")
     d.add_argument(
@@ -798,6 +811,8 @@ def fleet_parser() -> argparse.ArgumentParser:
 
     t = keys.add_parser("publish", help="publish the root chain and keyring on the trust topic")
     t.add_argument("dir", type=Path)
+    t.add_argument("-o", "--output", type=Path, help="also write the trust message here")
+    t.add_argument("--no-publish", action="store_true", help="with -o: write only")
     _add_broker_options(t)
     t.set_defaults(handler=_trust_publish)
     return p

@@ -314,3 +314,42 @@ def test_serve_help_explains_max_packet_bytes(capsys) -> None:  # type: ignore[n
     text = " ".join(capsys.readouterr().out.split())
     assert "--max-packet-bytes N" in text
     assert "MQTT 3.1.1 announces none" in text
+
+
+def test_keys_publish_writes_the_trust_message_for_mosquitto_pub(
+    tmp_path: Path, keys: Keys
+) -> None:
+    from agent.transport.messages import TrustUpdate
+
+    out = tmp_path / "trust.json"
+    env = {**os.environ, "EDGE_FLEET_BROKER": "127.0.0.1:1"}  # never reached: --no-publish
+    done = _fleet("keys", "publish", str(keys.dir), "-o", str(out), "--no-publish", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote root chain v1..v1 and keyring v1 to {out}" in done.stdout
+    update = TrustUpdate.from_bytes(out.read_bytes())
+    assert update.roots == []
+    assert keys.state().update_keyring(
+        json.dumps(update.keyring).encode(), datetime.now(timezone.utc)
+    )
+
+
+def test_deploy_follow_groups_signs_a_hand_back(tmp_path: Path, keys: Keys) -> None:
+    from agent.trust.envelope import parse_envelope
+
+    key = keys.store.release_key_paths()[0]
+    out = tmp_path / "back.json"
+    env = {**os.environ, "EDGE_FLEET_BROKER": "127.0.0.1:1"}
+    args = ["--key", str(key), "-o", str(out), "--no-publish"]
+    done = _fleet("deploy", "--device", "cam-01", "--follow-groups", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(parse_envelope(out.read_bytes()).payload)
+    assert doc["follow_groups"] is True
+    assert doc["models"] == {}
+    assert doc["target"] == {"kind": "device", "id": "cam-01"}
+    # Only for a device, and with no bundles; and an ordinary document does not carry the field.
+    group = _fleet("deploy", "--group", "lobby", "--follow-groups", *args, env=env)
+    assert group.returncode == 2
+    assert "--follow-groups hands a --device back" in group.stderr
+    nothing = _fleet("deploy", "--device", "cam-01", *args, env=env)
+    assert nothing.returncode == 2
+    assert "name the bundles to deploy" in nothing.stderr

@@ -14,6 +14,7 @@ from agent._strictjson import canonical
 from agent.errors import (
     BadContentError,
     BadSignatureError,
+    ConfigError,
     ExpiredError,
     FormatError,
     KeyNotAllowedError,
@@ -208,3 +209,23 @@ def test_any_bytes_are_refused_with_a_project_error(data: bytes) -> None:
     except BadContentError:
         return
     raise AssertionError("random bytes verified as a deployment")
+
+
+def test_a_hand_back_is_for_a_device_and_names_no_models(keys: Keys, descriptors) -> None:
+    back = deploy(keys, {}, follow_groups=True, sequence=9)
+    verified = keys.state().verify_deployment(back, NOW, targets=MINE)
+    assert verified.document.follow_groups is True
+    assert verified.document.models == {}
+    with pytest.raises(ConfigError, match="follow_groups"):
+        deploy(keys, {}, follow_groups=True, target=STORE)
+    with pytest.raises(ConfigError, match="follow_groups"):
+        deploy(keys, descriptors, follow_groups=True)
+    # Signed by hand with models, a device refuses it.
+    bad = resign(keys, back, models={"x": {"descriptor": {}}})
+    refused(FormatError, keys.state().verify_deployment, bad, NOW, targets=MINE)
+
+
+def test_an_ordinary_deployment_does_not_carry_follow_groups(keys: Keys, descriptors) -> None:
+    """Agents that predate the field read every ordinary document (they refuse unknown keys)."""
+    data = deploy(keys, descriptors)
+    assert "follow_groups" not in json.loads(base64.b64decode(json.loads(data)["payload"]))

@@ -11,9 +11,9 @@ Nothing is shown by sleeping: a message is known to be processed once the report
 causes has arrived, and a message that must cause nothing is followed by a refused control message
 on the same topic.
 
-The agent sends at most one ``rejected`` event per topic and second, and reports at most every
-``report_interval_s``; the module sets both to (next to) nothing so that each refusal has an event
-and a report of its own. The fleet publishes through a plain paho client run by ``loop_start``.
+The agent sends at most one ``rejected`` event per topic, reason code and second (counting the
+rest into the next), and reports at most every ``report_interval_s``; the module sets both to
+(next to) nothing so that each refusal has an event and a report of its own. The fleet publishes through a plain paho client run by ``loop_start``.
 """
 
 from __future__ import annotations

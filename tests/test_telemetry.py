@@ -525,3 +525,25 @@ def test_forwarder_holds_telemetry_through_a_broker_outage(broker: Broker, tmp_p
         session.stop()
         subscriber.close()
         q.close()
+
+
+def test_every_metric_collected_is_in_the_documented_table(tmp_path: Path) -> None:
+    """docs/protocol.md lists agent.transport.messages.METRICS: each name collected here (this
+    machine, a FAKE Jetson sysfs, the FAKE pynvml, two models) is one of its entries, and every
+    entry but the hardware this machine lacks was seen."""
+    from agent.transport.messages import METRICS, metric_pattern
+
+    sysfs = tmp_path / "sys"
+    write(sysfs / "devices/gpu.0/load", "537\n")
+    write(sysfs / "class/thermal/thermal_zone0/type", "CPU-therm\n")
+    write(sysfs / "class/thermal/thermal_zone0/temp", "45500\n")
+    names = set(collect_system(tmp_path, sysfs=sysfs, nvml=FakeNvml()))
+    latencies = [i / 1000 for i in range(1, 101)]
+    before = {"tiny": ModelStats(requests=1, errors=0)}
+    now = {"tiny": ModelStats(requests=9, errors=1, latencies_s=latencies)}
+    names |= set(collect_inference(now, before, elapsed_s=1.0))
+    patterns = {entry: metric_pattern(entry) for entry, _, _ in METRICS}
+    unknown = sorted(n for n in names if not any(p.match(n) for p in patterns.values()))
+    assert unknown == []
+    unseen = sorted(e for e, p in patterns.items() if not any(p.match(n) for n in names))
+    assert unseen == []

@@ -8,7 +8,8 @@ bare container is just shorter. :func:`collect_inference` turns per-model counte
 into rates and percentiles between two readings.
 
 Names (what :class:`agent.transport.messages.Telemetry` carries; at most :data:`MAX_METRICS`, each
-at most :data:`MAX_NAME` characters; :func:`bounded` enforces both):
+at most :data:`MAX_NAME` characters; :func:`bounded` enforces both; each with its unit in
+:data:`agent.transport.messages.METRICS`, the table docs/protocol.md shows):
 
 * ``cpu.percent``, ``cpu.load1``, ``cpu.load5``, ``cpu.load15``
 * ``mem.used_mb``, ``mem.available_mb``, ``mem.percent``

@@ -12,6 +12,7 @@ Documents on the wire are UTF-8 JSON objects, except two:
 
 from __future__ import annotations
 
+import re
 import struct
 from enum import Enum
 from typing import Annotated, Literal, TypeVar
@@ -161,13 +162,55 @@ class Event(_Message):
     count: Annotated[int, Field(ge=1)] = 1
 
 
+MAX_TELEMETRY_METRICS = 256
+
+
 class Telemetry(_Message):
-    """``devices/{id}/telemetry``: named gauges and counters at one instant."""
+    """``devices/{id}/telemetry``: named gauges and counters at one instant (see METRICS)."""
 
     type: Literal["telemetry"] = "telemetry"
     device_id: TargetId
     at: AwareDatetime
-    metrics: dict[Annotated[str, Field(max_length=128)], float] = Field(max_length=256)
+    metrics: dict[Annotated[str, Field(max_length=128)], float] = Field(
+        max_length=MAX_TELEMETRY_METRICS
+    )
+
+
+# Every telemetry metric (``<...>`` stands for one label), its unit and what it measures: the
+# table docs/protocol.md shows. A test checks that each name agent.telemetry collects is here.
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("cpu.percent", "%", "CPU use of the whole box since the previous reading"),
+    ("cpu.load1", "runnable tasks", "load average over 1 minute"),
+    ("cpu.load5", "runnable tasks", "load average over 5 minutes"),
+    ("cpu.load15", "runnable tasks", "load average over 15 minutes"),
+    ("mem.used_mb", "MiB", "memory in use (total minus available)"),
+    ("mem.available_mb", "MiB", "memory available to new processes"),
+    ("mem.percent", "%", "memory in use"),
+    ("proc.rss_mb", "MiB", "the agent's resident memory"),
+    ("proc.cpu_percent", "% of one core", "the agent's CPU use since the previous reading"),
+    ("proc.threads", "threads", "the agent's threads"),
+    ("disk.state_free_mb", "MiB", "free space where the state directory is"),
+    ("disk.state_used_mb", "MiB", "used space there"),
+    ("disk.state_percent", "%", "used space there"),
+    ("temp.<sensor>_c", "°C", "the hottest reading of a sensor group or thermal zone type"),
+    ("gpu<i>.util_pct", "%", "NVIDIA GPU i's utilisation (NVML)"),
+    ("gpu<i>.mem_used_mb", "MiB", "NVIDIA GPU i's memory in use"),
+    ("gpu<i>.mem_total_mb", "MiB", "NVIDIA GPU i's memory"),
+    ("gpu<i>.temp_c", "°C", "NVIDIA GPU i's temperature"),
+    ("jetson.gpu_util_pct", "%", "a Jetson's integrated GPU load"),
+    ("model.<name>.requests", "requests", "inference requests answered since the agent started"),
+    ("model.<name>.errors", "requests", "of those, answered with an error"),
+    ("model.<name>.rps", "requests/s", "requests per second since the previous reading"),
+    ("model.<name>.errors_per_s", "requests/s", "errors per second since the previous reading"),
+    ("model.<name>.p50_ms", "ms", "median latency since the previous reading"),
+    ("model.<name>.p99_ms", "ms", "99th percentile latency since the previous reading"),
+)
+
+
+def metric_pattern(name: str) -> re.Pattern[str]:
+    """The names a :data:`METRICS` entry covers: ``<...>`` is one label."""
+    parts = re.split(r"<[a-z]+>", name)
+    return re.compile("^" + "[A-Za-z0-9_-]+".join(re.escape(p) for p in parts) + "$")
 
 
 class BlockRequest(_Message):

@@ -16,13 +16,17 @@ from agent import errors
 from agent.errors import EdgeAgentError
 from agent.transport.messages import (
     BLOCK_LIST_PAGE,
+    MAX_TELEMETRY_METRICS,
     MAX_WINDOW,
     MESSAGES,
+    METRICS,
     Event,
     HardwareProfile,
     ModelStatus,
+    Online,
     Phase,
     Reported,
+    TrustStatus,
 )
 from agent.transport.topics import Topics
 from agent.transport.transfer import BITMAP_EVERY, TransferSettings
@@ -49,7 +53,7 @@ of letters, digits, `.`, `_` and `-` (at most 64 characters).
 | `{d.desired}` | yes | fleet -> device | signed deployment (DSSE envelope, below) |
 | `{group}` | yes | fleet -> devices of the group | signed deployment |
 | `{d.reported}` | yes | device -> fleet | `Reported` |
-| `{d.online}` | yes | device -> fleet | `Online`; the will says `"state": "offline"` |
+| `{d.online}` | yes | device -> fleet | `Online`; the will is `{will}` |
 | `{d.telemetry}` | no | device -> fleet | `Telemetry` |
 | `{d.events}` | no | device -> fleet | `Event` |
 | `{request}` | no | device -> bundle servers | `BlockRequest` |
@@ -74,24 +78,41 @@ it only when:
 - every model's embedded bundle descriptor (payload type `{descriptor_type}`) verifies on its own,
   names that model, and is not older than the release the device already runs.
 
-A device-level document overrides its groups'. A refused document changes nothing; the device
-reports why in `Reported.error` and sends a `rejected` event.
+A device-level document overrides its groups'; among its groups, the first listed in the
+device's `groups` wins. A refused document changes nothing; the device reports why in
+`Reported.error` and sends a `rejected` event.
+
+`models` names every model the device (or group) runs, each with its bundle. A model a new
+document no longer names is removed once every model it names is active; an empty `models`
+removes them all.
+
+**Handing a device back to its group.** A device's own document holds until a newer one
+replaces it. A device document with `"follow_groups": true` (and no models) hands it back: the
+device follows its groups' documents again (keeping what runs while none names a model). Its
+sequence counts like any other, so the device's older documents stay refused if replayed.
+`edge-fleet deploy --device cam-01 --follow-groups --key ...` signs and publishes one. (An empty
+retained message on the desired topic only clears the broker; the device keeps its document.)
 
 ## Sessions
 
 Devices connect with a persistent session (MQTT 5: `clean_start` false and a session expiry,
 a week by default; 3.1.1: `clean_session` false) under their device id as client id, so QoS 1
-messages sent while a device is away wait for it. The will, retained, on `{d.online}` says
-`offline`; on every connect the device publishes a retained `online`. A lost connection is
+messages sent while a device is away wait for it. The will, retained with QoS 1 on
+`{d.online}`, is exactly `{will}`; a clean stop publishes the same before it disconnects. On
+every connect the device publishes a retained `online`, for example `{online}`. A lost connection is
 retried with jittered exponential backoff (between half and all of `min(max, initial * 2^n)`).
 Everything is published with QoS 1; desired, reported, online and trust are retained.
 
 ## Reported state and events
 
 `{d.reported}` (retained) holds a `Reported` document: the agent version, the hardware profile,
-the deployment id and sequence it follows, and for each model slot what it runs (version,
-release, variant, bundle) and where its deployment stands (`phase`, `progress` while
-downloading, `error`). Each model moves on its own through the phases
+the deployment id and sequence it follows, what it trusts (`trust`: the root and keyring
+versions, the acknowledgement of a trust update), and for each model slot what serves requests
+now (`version`, `release`, `variant`, `runtime`, `bundle_sha256`) and where its deployment
+stands (`phase`, `progress` while downloading or warming up, `error`). During `probation` the
+new version serves, and `fallback` names the committed version a failed probation goes back to
+(absent on a first deployment); in every other phase the committed version serves while the new
+one is fetched, loaded and tested beside it. Each model moves on its own through the phases
 
     pending -> downloading -> verifying -> unpacking -> loading -> warming -> self-testing
             -> probation -> active
@@ -99,7 +120,16 @@ downloading, `error`). Each model moves on its own through the phases
 
 and every change is also sent to `{d.events}` (`kind: "phase"`). A refused message sends a
 `rejected` event naming the topic and the reason; a refused document also sets
-`Reported.error`. Reason codes:
+`Reported.error`. At most one `rejected` event goes out per topic, reason code and second:
+refusals beyond that are counted into the next one (`count`, with the last one's error), never
+dropped. Events are sent through a queue on disk, in order, also after a broker outage; `seq`
+grows with every event, across restarts too (numbers may be skipped after a restart).
+
+A version that failed its probation (`rolled-back`), or whose deployment the agent's own death
+cut short three times (`failed`, code `interrupted`), stays refused for the deployment document
+that named it, across restarts: the device serves the last good version and does not try the
+refused one again until a newer document names it. The release floor moves only when a version
+commits. Reason codes:
 
 | code | meaning |
 |---|---|
@@ -110,12 +140,19 @@ A model the effective document no longer names is removed once every model it na
 ## Block transfer
 
 Devices pull bundles. After a deployment verifies, a device asks for pages of the bundle's
-block-hash list (`kind: "block-list"`, {page} SHA-256 digests a page) and checks them against
-the hash the descriptor signs, then asks for blocks (`kind: "blocks"`), at most {window} indexes
-a request, and checks each block against the list before it is written. Replies come on the
-device's own `blocks` topic as frames:
+block-hash list (`kind: "block-list"`) and checks them against the hash the descriptor signs,
+then asks for blocks (`kind: "blocks"`), at most {window} indexes a request, and checks each
+block against the list before it is written. Replies come on the device's own `blocks` topic as
+frames:
 
     "EMB1" (4 bytes) | header length (2 bytes, big-endian) | JSON BlockReplyHeader | raw bytes
+
+The block list is the raw 32-byte SHA-256 of each block (`block_size` bytes; the last block
+may be shorter), in block order; its SHA-256 is the descriptor's `block_list_sha256`. Page `p`
+holds the digests of blocks `p * {page}` up to `p * {page} + {page} - 1` (the last page fewer):
+`32 * n` bytes for its `n` blocks. Its frame header says `kind: "block-list"`, `index: p` and
+`total`: the number of pages. A block's header says `kind: "block"`, its index, and `total`: the
+number of blocks.
 
 Device rules (the `[transfer]` table of agent.toml): at most `window` blocks (default {dwindow})
 asked for and not yet received, so a stock mosquitto (1000 queued, 20 in flight per client)
@@ -129,7 +166,40 @@ it already has (same SHA-256) are copied, not fetched. With no block for `stall_
 
 A server answers what it cannot serve with a frame whose header has `kind: "error"` and an
 `error.code`: `unknown-bundle`, `bad-index`, `rate-limited` (the per-device limit; ask again
-later) or `server-storage`.
+later), `server-storage`, or `block-too-large`: the frame would exceed the broker's packet
+limit (MQTT 5 brokers announce it in CONNACK; for 3.1.1 the server is told with
+`--max-packet-bytes`). A server never sends a larger packet; the device fails the transfer at
+once with `block-too-large`. Bundles for brokers that allow 128 KiB packets (AWS IoT Core,
+mosquitto's common `max_packet_size`) need blocks below 128 KiB; `edge-fleet bundle build`
+warns of larger ones.
+
+## Trust updates
+
+`{trust}` (retained) holds a `TrustUpdate`: the root versions after the first one (each a DSSE
+envelope exactly as `edge-fleet keys` wrote it, in order) and the current keyring. A device
+accepts root N+1 only when it is signed by the thresholds of root N and of itself, and a keyring
+only when the root's threshold signs it, its version is not older than the one it trusts, and
+it has not expired. Nothing else in the message is trusted. Once accepted, `Reported.trust`
+says the new `root_version` and `keyring_version`: that is the acknowledgement. A deployment a
+device refused for want of trust material (`no trusted keyring` on a box set up with a root
+alone, a key its keyring did not list) is verified again as soon as new trust arrives.
+
+With the mosquitto clients: write the message without publishing it, then publish it retained.
+
+    edge-fleet keys publish fleet-keys -o trust.json --no-publish
+    mosquitto_pub -h BROKER -p 8883 --cafile ca.crt --cert fleet.crt --key fleet.key -V mqttv5 \\
+        -t '{trust}' -r -q 1 -f trust.json
+
+## Telemetry
+
+`{d.telemetry}` carries a `Telemetry` message every `[telemetry] interval_s` (60 s by
+default): named numbers at one instant, at most {max_metrics} of them. Sources a box lacks (an
+NVIDIA GPU, a Jetson, temperature sensors) are left out. The `model.*` metrics name only the
+models that run.
+
+| metric | unit | what |
+|---|---|---|
+{metrics}
 
 ## Worked example: driving a device with the mosquitto clients
 
@@ -161,8 +231,9 @@ and its retained reported state ends as
 A document it refuses (say, the same deployment signed by a key the keyring does not list)
 changes nothing; `Reported.error` says `{{"code": "untrusted-key", ...}}`. Publishing an empty
 retained message to a desired topic (`-r -n`) removes the document from the broker; the device
-keeps what it runs. To roll a device back, deploy the earlier bundle again: a new document with a
-higher sequence.
+keeps what it runs. A device refuses a bundle whose release counter is below the one it runs
+(anti-rollback): to go back to an earlier model, deploy it as a new release, a bundle built
+with a higher `--release`, in a new document.
 
 Watch the blocks a device receives (frames; the JSON header is readable):
 
@@ -204,6 +275,7 @@ _EXAMPLE_REPORTED = Reported(
             bundle_sha256="3f" * 32,
         )
     },
+    trust=TrustStatus(root_version=1, keyring_version=2, keyring_expires=_AT.replace(year=2027)),
 )
 
 
@@ -260,6 +332,10 @@ def render(prefix: str = "ema/v1") -> str:
             stall=TransferSettings().stall_timeout_s,
             event=_EXAMPLE_EVENT.to_bytes().decode(),
             reported=_EXAMPLE_REPORTED.to_bytes().decode(),
+            will=Online(state="offline").to_bytes().decode(),
+            online=Online(state="online", agent_version="0.1.0", since=_AT).to_bytes().decode(),
+            max_metrics=MAX_TELEMETRY_METRICS,
+            metrics="\n".join(f"| `{n}` | {u} | {w} |" for n, u, w in METRICS),
         )
     ]
     sections: list[tuple[str, type[BaseModel]]] = [

@@ -57,7 +57,14 @@ def _run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None)
         parser.print_help(sys.stderr)
         return 2
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Read by `head` or `grep -q`, which stopped reading: not an error of ours. (Python's
+        # advice: point stdout at devnull so that the flush at exit does not fail again.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BadContentError as exc:
         print(f"{prog}: rejected ({exc.code}): {exc}", file=sys.stderr)
         return 1

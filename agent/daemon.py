@@ -59,6 +59,7 @@ from agent.errors import (
     DeploymentInterruptedError,
     EdgeAgentError,
     FormatError,
+    RollbackError,
     SizeLimitError,
     StorageError,
     ToolError,
@@ -204,7 +205,10 @@ class _Worker:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            job()  # jobs catch what they raise
+            try:
+                job()  # jobs report their own errors; this is for what they did not expect
+            except Exception:
+                log.exception("a job of the %s worker failed", self._thread.name)
 
 
 @dataclass
@@ -312,6 +316,7 @@ class DeviceAgent:
         self.trusted = self._load_trust()
         self.points: dict[str, SequencePoint] = self.store.sequence_points()
         self.documents: dict[str, VerifiedDeployment] = {}
+        self._payloads: dict[str, bytes] = {}  # the envelopes behind ``documents``
         # The last document refused on each desired topic for want of trust material (no
         # keyring yet, a key it does not list): verified again when trust changes.
         self._untrusted: dict[str, Incoming] = {}
@@ -333,7 +338,7 @@ class DeviceAgent:
         )
         self.api: ApiServer | None = None
         self._out = _Outbox()
-        self._out.event_seq, self._out.event_seq_end = self.store.reserve_event_seq()
+        self._reserve_event_seq()
         self.session = Session(
             config.mqtt,
             config.device_id,
@@ -401,6 +406,7 @@ class DeviceAgent:
                 log.warning("not resuming the stored %s deployment: %s", source, exc)
                 continue
             self.documents[source] = verified
+            self._payloads[source] = data
         self._reconcile()
         # Downloads and bundles of deployments replaced while the agent was down.
         self._collect_garbage()
@@ -532,17 +538,33 @@ class DeviceAgent:
             notify.stopping()
             notify.status("stopping: draining")
             log.info("stopping")
+            self._record_verdicts()
+            self._release_trials()
             for slot in self.slots.values():
                 t = slot.transfer
                 if t is not None and not t.finished and not slot.opening:
                     t.pause()  # (one being opened is the worker's, cut short at exit)
-            self._release_trials()
             self.upstream.stop()  # what it could not send stays queued on disk for next time
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
             self._prepare.stop()  # a job still running is cut short at exit (see _Worker)
             self.models.close()
+
+    def _record_verdicts(self) -> None:
+        """Verdicts the slot layer sent while the loop was stopping: recorded all the same."""
+        left: list[LoopItem] = []
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, VerdictItem):
+                self._guarded(self._on_verdict, item)
+            else:
+                left.append(item)
+        for item in left:
+            self.inbox.put(item)
 
     def _release_trials(self) -> None:
         """A clean stop does not count against the versions the slot layer is still trying."""
@@ -817,6 +839,7 @@ class DeviceAgent:
     def _on_desired(self, source: str, item: Incoming) -> None:
         if not item.payload:
             log.info("the %s deployment was removed from the broker; keeping what runs", source)
+            self._untrusted.pop(source, None)  # a document refused earlier is withdrawn
             return
         try:
             if len(item.payload) > MAX_METADATA_BYTES:
@@ -843,6 +866,12 @@ class DeviceAgent:
             if self.doc_error is not None:
                 self.doc_error = None
                 self._out.reported_dirty = True
+            if source not in self.documents:
+                # Accepted before, refused at start-up (its keyring had expired, say), and good
+                # again with the trust there is now: resume it.
+                self.documents[source] = verified
+                self._payloads[source] = item.payload
+                self._reconcile()
             return
         log.info(
             "accepted deployment %s (sequence %d) from %s",
@@ -855,6 +884,7 @@ class DeviceAgent:
         self.points[source] = verified.point
         self.store.save_trust(self.trusted, self.points)
         self.documents[source] = verified
+        self._payloads[source] = item.payload
         self.doc_error = None
         self._out.reported_dirty = True
         for slot in self.slots.values():  # a new document is a new attempt
@@ -873,14 +903,43 @@ class DeviceAgent:
         return DeploymentTarget(kind="group", id=source.removeprefix("group-"))
 
     def _effective(self) -> VerifiedDeployment | None:
-        own = self.documents.get("device")
-        if own is not None and not own.document.follow_groups:
-            return own
-        for group in self.config.groups:
-            found = self.documents.get(f"group-{group}")
-            if found is not None:
-                return found
+        """The device's own document, unless it hands the device back; else its first group's.
+
+        A document that takes over from another (a group's, once the device is handed back)
+        may have been accepted long ago: it is verified again first, against the floors and
+        the clock of now, and passed over if it no longer holds.
+        """
+        for source in ["device", *(f"group-{g}" for g in self.config.groups)]:
+            doc = self.documents.get(source)
+            if doc is None or (source == "device" and doc.document.follow_groups):
+                continue
+            if doc is not self.deployment:
+                doc = self._still_valid(source, doc)
+                if doc is None:
+                    continue
+            return doc
         return None
+
+    def _still_valid(self, source: str, doc: VerifiedDeployment) -> VerifiedDeployment | None:
+        payload = self._payloads.get(source)
+        if payload is None:
+            return doc
+        try:
+            again = self.trusted.verify_deployment(
+                payload, self._now(), targets=[self._target(source)], last=self.points.get(source)
+            )
+        except BadContentError as exc:
+            log.warning("the %s deployment no longer holds: %s", source, exc)
+            del self.documents[source]
+            topic = (
+                self.me.desired
+                if source == "device"
+                else self.topics.group_desired(source.removeprefix("group-"))
+            )
+            self._reject(topic, exc)
+            return None
+        self.documents[source] = again
+        return again
 
     def _reconcile(self) -> None:
         doc = self._effective()
@@ -944,7 +1003,8 @@ class DeviceAgent:
     def _cancel(self, slot: Slot) -> None:
         t = slot.transfer
         if t is not None and slot.phase == Phase.DOWNLOADING and not slot.opening:
-            # Its download stays for a later deployment; the sync to disk is the worker's.
+            # Its part file is synced to disk on the worker; the download is garbage from now
+            # on, unless a document names the bundle again before it is collected.
             t.suspend(self._mono())
             self._prepare.submit(t.pause)
         slot.transfer = None  # (while opening or past downloading it is the prepare worker's)
@@ -1131,7 +1191,10 @@ class DeviceAgent:
             slot.opening = False
             t = item.transfer
             if t is not None and slot.transfer is t and slot.phase == Phase.DOWNLOADING:
-                t.start(self._mono())
+                if item.error is not None:  # open() raised what it does not keep for start()
+                    t.fail(item.error)
+                else:
+                    t.start(self._mono())
                 self._after_transfer(slot)
             return
         if item.stage == "stored":
@@ -1163,6 +1226,13 @@ class DeviceAgent:
         assert slot.target is not None
         d = slot.target.descriptor
         self._phase(slot, Phase.LOADING)
+        floor = self.trusted.release_floor.get(slot.name, 0)
+        if d.release < floor:  # checked when the document came; the floor may have moved since
+            self._fail(
+                slot,
+                RollbackError(f"{slot.name} release {d.release} is older than release {floor}"),
+            )
+            return
         try:
             draft = InstalledModel(
                 model=slot.name,
@@ -1201,10 +1271,10 @@ class DeviceAgent:
         when this version took the agent down with it too often for this deployment."""
         deployment = slot.deployment_sha256 or ""
         prev = self.trials.get(slot.name)
+        # The same bundle again, even for a newer document (the fleet publishes documents for
+        # other models too): interrupted starts add up. A refused one starts afresh.
         again = (
-            prev is not None
-            and prev.verdict is None
-            and prev.for_deployment(draft.bundle_sha256, deployment)
+            prev is not None and prev.verdict is None and prev.bundle_sha256 == draft.bundle_sha256
         )
         starts = prev.starts + 1 if again and prev is not None else 1
         trial = Trial(
@@ -1268,8 +1338,10 @@ class DeviceAgent:
                     "deployment_sha256": slot.deployment_sha256,
                     "deployment_id": slot.deployment_id,
                 }
-            self._save_trial(trial.model_copy(update=update))
+            refused = trial.model_copy(update=update)
+            self.trials[item.name] = refused  # even if the disk refuses: not ended on rollback
             log.info("%s %s refused: %s", item.name, trial.version, verdict.message)
+            self.store.save_trial(refused)
         finally:
             item.done.set()
 
@@ -1298,6 +1370,7 @@ class DeviceAgent:
         for name in [n for n in self.slots if n not in wanted]:
             log.info("removing %s: the deployment no longer names it", name)
             self._cancel(self.slots[name])
+            self._restoring.discard(name)  # (READY waits for no model that is gone)
             self.models.remove(name)
             self.store.remove_installed(name)
             self._end_trial(name)
@@ -1321,9 +1394,14 @@ class DeviceAgent:
                 keep.add(sha)
                 if slot.transfer is not None or not self.store.bundle_path(sha).exists():
                     downloading.add(sha)  # a download in progress, or one to resume
+            if slot.loading is not None:  # with the slot layer (loading ... probation)
+                keep.add(slot.loading.bundle_sha256)
+            served = self.models.describe(slot.name)
+            if served is not None:  # what serves now (on probation: not committed yet)
+                keep.add(served.candidate.bundle_sha256)
         for trial in self.trials.values():
-            if trial.verdict is not None:
-                keep.add(trial.bundle_sha256)  # refused for one document; another may name it
+            # Being tried, or refused for one document (another may name it again).
+            keep.add(trial.bundle_sha256)
         sources = ["device", *(f"group-{g}" for g in self.config.groups)]
         try:
             found = self.store.garbage(
@@ -1459,7 +1537,7 @@ class DeviceAgent:
     ) -> None:
         out = self._out
         if out.event_seq >= out.event_seq_end:  # the numbers reserved on disk are used up
-            out.event_seq, out.event_seq_end = self.store.reserve_event_seq(out.event_seq)
+            self._reserve_event_seq()
         event = Event(
             device_id=self.config.device_id,
             seq=out.event_seq,
@@ -1474,6 +1552,18 @@ class DeviceAgent:
         )
         out.event_seq += 1
         self.upstream.put(self.me.events, event.to_bytes())
+
+    def _reserve_event_seq(self) -> None:
+        """More event numbers, reserved on disk so that they grow across restarts. A disk that
+        refuses (full, read-only) costs only that: numbering goes on from the clock, far above
+        what was reserved, and the reservation is tried again at the next block."""
+        out = self._out
+        try:
+            out.event_seq, out.event_seq_end = self.store.reserve_event_seq(out.event_seq)
+        except EdgeAgentError as exc:
+            log.warning("event numbers not reserved on disk: %s", exc)
+            out.event_seq = max(out.event_seq, time.time_ns() // 1000)
+            out.event_seq_end = out.event_seq + 1024
 
     def reported(self) -> Reported:
         doc = self.deployment

@@ -298,3 +298,24 @@ def test_cosigning_keeps_the_terms_signed_first(fleet: dict[str, Path], capsys) 
     assert code == 2
     assert "later than --days allows" in err
     assert json.loads(sidecar.read_text()) == doc  # left as it was
+
+
+def test_output_read_by_a_reader_that_stops_early_is_no_error(keys) -> None:  # type: ignore[no-untyped-def]
+    """`edge-fleet ... | head -1` or `| grep -q`: the reader has gone when the tool writes, and
+    the tool exits quietly (a reader gone before the first write is the sure way to test it)."""
+    fleet = str(Path(sys.executable).parent / "edge-fleet")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [fleet, "keys", "show", str(keys.dir)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0

@@ -229,3 +229,20 @@ def test_an_ordinary_deployment_does_not_carry_follow_groups(keys: Keys, descrip
     """Agents that predate the field read every ordinary document (they refuse unknown keys)."""
     data = deploy(keys, descriptors)
     assert "follow_groups" not in json.loads(base64.b64decode(json.loads(data)["payload"]))
+
+
+def test_a_key_scoped_to_some_models_may_not_sign_a_document_that_names_none(keys: Keys) -> None:
+    """An empty document removes every model a device runs, and a hand-back unpins all of
+    them: a key for ``camera-*`` alone must not be able to do either."""
+    from datetime import datetime, timezone
+
+    _, narrow = keys.store.rotate_release(
+        now=datetime.now(timezone.utc), models=["camera-*"], keep=[keys.release.keyid]
+    )
+    state = keys.store.state(NOW)
+    for kw in ({}, {"follow_groups": True}):
+        doc = deploy(keys, {}, signers=[narrow], **kw)
+        err = refused(KeyNotAllowedError, state.verify_deployment, doc, NOW, targets=MINE)
+        assert "names no model" in str(err)
+        # The unscoped key may.
+        assert state.verify_deployment(deploy(keys, {}, **kw), NOW, targets=MINE)

@@ -8,6 +8,7 @@ and no new document, and says in ``reported`` which root and keyring it trusts n
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,30 @@ def test_a_document_refused_for_want_of_a_keyring_is_deployed_once_trust_arrives
         assert reported.trust.keyring_version == 1
         assert reported.trust.keyring_expires is not None
         assert dev.session.connects == connects, "no reconnect needed"
+
+
+def test_a_refused_document_the_fleet_withdrew_is_not_deployed_when_trust_arrives(
+    tmp_path: Path, broker: Broker, keys: Keys, signed
+) -> None:  # type: ignore[no-untyped-def]
+    from agent.transport.messages import TrustUpdate
+
+    served = tmp_path / "served"
+    served.mkdir()
+    envelope = serve_copy(signed("1.0.0"), served)
+    config = agent_config(tmp_path / "state", keys.dir, broker, DEVICE).model_copy(
+        update={"trust": TrustSettings(root=keys.dir / "root.json", keyring=None)}
+    )
+    desired = TOPICS.device(DEVICE).desired
+    with watcher(broker) as fleet, bundle_server(broker, served), agent(config) as dev:
+        fleet.publish(desired, deployment({"tiny": envelope}, keys.release, device=DEVICE))
+        fleet.wait(DEVICE, lambda r: r.error is not None, what="refused: no keyring")
+        fleet.publish(desired, b"")  # withdrawn: the retained message cleared
+        update = TrustUpdate(keyring=json.loads(keys.store.keyring_bytes()))
+        fleet.publish(TOPICS.trust, update.to_bytes())
+        reported = fleet.wait(
+            DEVICE,
+            lambda r: r.trust is not None and r.trust.keyring_version == 1,
+            what="the keyring taken",
+        )
+        assert "tiny" not in reported.models
+        assert not dev.documents

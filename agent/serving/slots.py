@@ -280,6 +280,7 @@ class SlotManager:
                 future.set_result(Phase.FAILED)
                 return
             if not self._swap(slot, version):
+                self._phase(candidate.name, Phase.FAILED, _removed(candidate))
                 future.set_result(Phase.FAILED)
                 return
             slot.last_good = candidate
@@ -356,6 +357,7 @@ class SlotManager:
             replaced = slot.active
         baseline = replaced.stats.snapshot() if replaced is not None else None
         if not self._swap(slot, version):
+            self._phase(candidate.name, Phase.FAILED, _removed(candidate))
             future.set_result(Phase.FAILED)
             return
         self._phase(candidate.name, Phase.PROBATION)
@@ -525,6 +527,10 @@ class SlotManager:
         failpoint("rolled-back")
         self._on_swap(slot.name, previous.version, True)
         self._phase(slot.name, Phase.ROLLED_BACK, error)
+
+
+def _removed(candidate: Candidate) -> ToolError:
+    return ToolError(f"{candidate.name} was removed while {candidate.version} loaded")
 
 
 def self_test_version(version: Version, candidate: Candidate) -> None:

@@ -206,8 +206,9 @@ class Transfer:
         if self.state != "opening":
             return
         if self._opened is None:
-            if not self._inline:
-                raise RuntimeError("start() before open()")
+            if not self._inline:  # the caller's mistake: fail this transfer, not the caller
+                self.fail(StorageError(f"{self.dir}: the transfer was started before it opened"))
+                return
             self.open()
         opened, self._opened = self._opened, None
         self._last_progress = now

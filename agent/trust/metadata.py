@@ -119,6 +119,10 @@ class ReleaseKey(_Strict):
     def may_sign(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.models)
 
+    def may_sign_any(self) -> bool:
+        """Unscoped: it may sign every model name (``*``)."""
+        return "*" in self.models
+
 
 class KeyringMetadata(_Strict):
     type: Literal["keyring"] = "keyring"

@@ -223,12 +223,24 @@ class TrustedState:
     def _allowed(
         keyring: KeyringMetadata, signers: frozenset[str], models: list[str]
     ) -> frozenset[str]:
-        """The signers that may sign every one of ``models``; KeyNotAllowedError if too few."""
-        allowed = frozenset(
-            k for k in signers if all(keyring.release_keys[k].may_sign(m) for m in models)
-        )
+        """The signers that may sign every one of ``models``; KeyNotAllowedError if too few.
+
+        A document that names no model (one that removes every model, or hands a device back
+        to its groups) touches every model a device runs: only unscoped keys may sign it.
+        """
+        if models:
+            allowed = frozenset(
+                k for k in signers if all(keyring.release_keys[k].may_sign(m) for m in models)
+            )
+        else:
+            allowed = frozenset(k for k in signers if keyring.release_keys[k].may_sign_any())
         if len(allowed) < keyring.threshold:
             ids = ", ".join(sorted(k[:16] for k in signers - allowed))
+            if not models:
+                raise KeyNotAllowedError(
+                    f"key(s) {ids} may not sign a deployment that names no model (it affects "
+                    "every model: only keys for '*' may)"
+                )
             names = ", ".join(repr(m) for m in models)
             raise KeyNotAllowedError(f"key(s) {ids} may not sign model {names}")
         return allowed

@@ -117,6 +117,18 @@ def deployment(
     )
 
 
+def hand_back(signer: Signer, device: str, *, sequence: int) -> bytes:
+    """A device document that hands ``device`` back to its groups."""
+    return make_deployment(
+        {},
+        target=DeploymentTarget(kind="device", id=device),
+        signers=[signer],
+        now=datetime.now(timezone.utc),
+        sequence=sequence,
+        follow_groups=True,
+    )
+
+
 @dataclass
 class Watcher:
     """The fleet's view: reported, online and events of every device, from a real session."""

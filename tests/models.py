@@ -107,6 +107,120 @@ def _tflite_weights(inputs: int, outputs: int, seed: int) -> tuple[np.ndarray, n
     return w, b
 
 
+class _Flat:
+    """What both TFLite models need of the ``tflite`` flatbuffer bindings: vectors, tensors, and
+    the model around one operator in one subgraph."""
+
+    def __init__(self) -> None:
+        import flatbuffers
+        import tflite
+
+        self.tflite = tflite
+        self.builder = flatbuffers.Builder(1024)
+
+    def ints(self, start: object, values: list[int]) -> int:
+        start(self.builder, len(values))  # type: ignore[operator]
+        for v in reversed(values):
+            self.builder.PrependInt32(v)
+        return int(self.builder.EndVector())
+
+    def tables(self, start: object, offsets: list[int]) -> int:
+        start(self.builder, len(offsets))  # type: ignore[operator]
+        for off in reversed(offsets):
+            self.builder.PrependUOffsetTRelative(off)
+        return int(self.builder.EndVector())
+
+    def data(self, data: bytes) -> int:
+        # Tensor data 16-byte aligned, as the TFLite converter writes it.
+        b = self.builder
+        b.StartVector(1, len(data), 16)
+        b.head -= len(data)
+        b.Bytes[b.head : b.head + len(data)] = data
+        return int(b.EndVector())
+
+    def buffer(self, data: int | None = None) -> int:
+        t = self.tflite
+        t.BufferStart(self.builder)
+        if data is not None:
+            t.BufferAddData(self.builder, data)
+        return int(t.BufferEnd(self.builder))
+
+    def tensor(self, name: str, shape: list[int], buffer: int, signature: list[int] | None) -> int:
+        t, b = self.tflite, self.builder
+        name_off = b.CreateString(name)
+        shape_off = self.ints(t.TensorStartShapeVector, shape)
+        sig_off = (
+            None if signature is None else self.ints(t.TensorStartShapeSignatureVector, signature)
+        )
+        t.TensorStart(b)
+        t.TensorAddShape(b, shape_off)
+        if sig_off is not None:
+            t.TensorAddShapeSignature(b, sig_off)
+        t.TensorAddType(b, t.TensorType.FLOAT32)
+        t.TensorAddBuffer(b, buffer)
+        t.TensorAddName(b, name_off)
+        return int(t.TensorEnd(b))
+
+    def write(
+        self,
+        path: Path,
+        *,
+        code: int,
+        options_type: int,
+        options: int,
+        tensors: list[int],
+        op_io: tuple[list[int], list[int]],
+        graph_io: tuple[list[int], list[int]],
+        buffers: list[int],
+        description: str,
+    ) -> Path:
+        """One operator (``code``, below 127 so both code fields hold it) in one subgraph."""
+        t, b = self.tflite, self.builder
+        op_inputs = self.ints(t.OperatorStartInputsVector, op_io[0])
+        op_outputs = self.ints(t.OperatorStartOutputsVector, op_io[1])
+        t.OperatorStart(b)
+        t.OperatorAddOpcodeIndex(b, 0)
+        t.OperatorAddInputs(b, op_inputs)
+        t.OperatorAddOutputs(b, op_outputs)
+        t.OperatorAddBuiltinOptionsType(b, options_type)
+        t.OperatorAddBuiltinOptions(b, options)
+        operator = t.OperatorEnd(b)
+
+        tensors_off = self.tables(t.SubGraphStartTensorsVector, tensors)
+        sg_inputs = self.ints(t.SubGraphStartInputsVector, graph_io[0])
+        sg_outputs = self.ints(t.SubGraphStartOutputsVector, graph_io[1])
+        operators_off = self.tables(t.SubGraphStartOperatorsVector, [operator])
+        sg_name = b.CreateString("main")
+        t.SubGraphStart(b)
+        t.SubGraphAddTensors(b, tensors_off)
+        t.SubGraphAddInputs(b, sg_inputs)
+        t.SubGraphAddOutputs(b, sg_outputs)
+        t.SubGraphAddOperators(b, operators_off)
+        t.SubGraphAddName(b, sg_name)
+        subgraph = t.SubGraphEnd(b)
+
+        t.OperatorCodeStart(b)
+        t.OperatorCodeAddDeprecatedBuiltinCode(b, code)
+        t.OperatorCodeAddBuiltinCode(b, code)
+        t.OperatorCodeAddVersion(b, 1)
+        opcode = t.OperatorCodeEnd(b)
+
+        opcodes_off = self.tables(t.ModelStartOperatorCodesVector, [opcode])
+        subgraphs_off = self.tables(t.ModelStartSubgraphsVector, [subgraph])
+        buffers_off = self.tables(t.ModelStartBuffersVector, buffers)
+        description_off = b.CreateString(description)
+        t.ModelStart(b)
+        t.ModelAddVersion(b, 3)
+        t.ModelAddOperatorCodes(b, opcodes_off)
+        t.ModelAddSubgraphs(b, subgraphs_off)
+        t.ModelAddDescription(b, description_off)
+        t.ModelAddBuffers(b, buffers_off)
+        model = t.ModelEnd(b)
+        b.Finish(model, file_identifier=b"TFL3")
+        Path(path).write_bytes(bytes(b.Output()))
+        return Path(path)
+
+
 def make_tflite(path: Path, *, inputs: int = 16, outputs: int = 8, seed: int = 1) -> Path:
     """y = relu(x @ W + B), x: FP32[1, inputs], y: FP32[1, outputs], as one FULLY_CONNECTED op.
 
@@ -114,189 +228,56 @@ def make_tflite(path: Path, *, inputs: int = 16, outputs: int = 8, seed: int = 1
     :func:`make_onnx` makes for the same seed, so :func:`reference` on that ONNX model is also
     this model's answer; :func:`reference_tflite` computes it from this file alone.
     """
-    import flatbuffers
-    import tflite
-
-    w, b = _tflite_weights(inputs, outputs, seed)
-    builder = flatbuffers.Builder(1024)
-
-    def data_vector(data: bytes) -> int:
-        # Tensor data 16-byte aligned, as the TFLite converter writes it.
-        builder.StartVector(1, len(data), 16)
-        builder.head -= len(data)
-        builder.Bytes[builder.head : builder.head + len(data)] = data
-        return builder.EndVector()
-
-    def int_vector(start: object, values: list[int]) -> int:
-        start(builder, len(values))  # type: ignore[operator]
-        for v in reversed(values):
-            builder.PrependInt32(v)
-        return builder.EndVector()
-
+    f = _Flat()
+    t, b = f.tflite, f.builder
+    w, bias = _tflite_weights(inputs, outputs, seed)
     # Buffers: 0 is the empty buffer every tensor without constant data points at.
-    buffer_data = [None, data_vector(np.ascontiguousarray(w.T).tobytes()), data_vector(b.tobytes())]
-    buffers = []
-    for data in buffer_data:
-        tflite.BufferStart(builder)
-        if data is not None:
-            tflite.BufferAddData(builder, data)
-        buffers.append(tflite.BufferEnd(builder))
-
+    weights = f.data(np.ascontiguousarray(w.T).tobytes())
+    biases = f.data(bias.tobytes())
+    buffers = [f.buffer(), f.buffer(weights), f.buffer(biases)]
     # Tensors: 0 x, 1 W ([outputs, inputs], as FULLY_CONNECTED wants), 2 B, 3 y.
-    tensor_defs = [
-        ("x", [1, inputs], 0),
-        ("W", [outputs, inputs], 1),
-        ("B", [outputs], 2),
-        ("y", [1, outputs], 0),
+    tensors = [
+        f.tensor("x", [1, inputs], 0, None),
+        f.tensor("W", [outputs, inputs], 1, None),
+        f.tensor("B", [outputs], 2, None),
+        f.tensor("y", [1, outputs], 0, None),
     ]
-    tensors = []
-    for name, shape, buffer in tensor_defs:
-        name_off = builder.CreateString(name)
-        shape_off = int_vector(tflite.TensorStartShapeVector, shape)
-        tflite.TensorStart(builder)
-        tflite.TensorAddShape(builder, shape_off)
-        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
-        tflite.TensorAddBuffer(builder, buffer)
-        tflite.TensorAddName(builder, name_off)
-        tensors.append(tflite.TensorEnd(builder))
-
-    tflite.FullyConnectedOptionsStart(builder)
-    tflite.FullyConnectedOptionsAddFusedActivationFunction(
-        builder, tflite.ActivationFunctionType.RELU
+    t.FullyConnectedOptionsStart(b)
+    t.FullyConnectedOptionsAddFusedActivationFunction(b, t.ActivationFunctionType.RELU)
+    options = t.FullyConnectedOptionsEnd(b)
+    return f.write(
+        path,
+        code=t.BuiltinOperator.FULLY_CONNECTED,
+        options_type=t.BuiltinOptions.FullyConnectedOptions,
+        options=options,
+        tensors=tensors,
+        op_io=([0, 1, 2], [3]),
+        graph_io=([0], [3]),
+        buffers=buffers,
+        description="tiny",
     )
-    options = tflite.FullyConnectedOptionsEnd(builder)
-    op_inputs = int_vector(tflite.OperatorStartInputsVector, [0, 1, 2])
-    op_outputs = int_vector(tflite.OperatorStartOutputsVector, [3])
-    tflite.OperatorStart(builder)
-    tflite.OperatorAddOpcodeIndex(builder, 0)
-    tflite.OperatorAddInputs(builder, op_inputs)
-    tflite.OperatorAddOutputs(builder, op_outputs)
-    tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.FullyConnectedOptions)
-    tflite.OperatorAddBuiltinOptions(builder, options)
-    operator = tflite.OperatorEnd(builder)
-
-    def table_vector(start: object, offsets: list[int]) -> int:
-        start(builder, len(offsets))  # type: ignore[operator]
-        for off in reversed(offsets):
-            builder.PrependUOffsetTRelative(off)
-        return builder.EndVector()
-
-    tensors_off = table_vector(tflite.SubGraphStartTensorsVector, tensors)
-    sg_inputs = int_vector(tflite.SubGraphStartInputsVector, [0])
-    sg_outputs = int_vector(tflite.SubGraphStartOutputsVector, [3])
-    operators_off = table_vector(tflite.SubGraphStartOperatorsVector, [operator])
-    sg_name = builder.CreateString("main")
-    tflite.SubGraphStart(builder)
-    tflite.SubGraphAddTensors(builder, tensors_off)
-    tflite.SubGraphAddInputs(builder, sg_inputs)
-    tflite.SubGraphAddOutputs(builder, sg_outputs)
-    tflite.SubGraphAddOperators(builder, operators_off)
-    tflite.SubGraphAddName(builder, sg_name)
-    subgraph = tflite.SubGraphEnd(builder)
-
-    fc = tflite.BuiltinOperator.FULLY_CONNECTED  # 9: below 127, so both code fields hold it
-    tflite.OperatorCodeStart(builder)
-    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, fc)
-    tflite.OperatorCodeAddBuiltinCode(builder, fc)
-    tflite.OperatorCodeAddVersion(builder, 1)
-    opcode = tflite.OperatorCodeEnd(builder)
-
-    opcodes_off = table_vector(tflite.ModelStartOperatorCodesVector, [opcode])
-    subgraphs_off = table_vector(tflite.ModelStartSubgraphsVector, [subgraph])
-    buffers_off = table_vector(tflite.ModelStartBuffersVector, buffers)
-    description = builder.CreateString("tiny")
-    tflite.ModelStart(builder)
-    tflite.ModelAddVersion(builder, 3)
-    tflite.ModelAddOperatorCodes(builder, opcodes_off)
-    tflite.ModelAddSubgraphs(builder, subgraphs_off)
-    tflite.ModelAddDescription(builder, description)
-    tflite.ModelAddBuffers(builder, buffers_off)
-    model = tflite.ModelEnd(builder)
-    builder.Finish(model, file_identifier=b"TFL3")
-    Path(path).write_bytes(bytes(builder.Output()))
-    return Path(path)
 
 
 def make_tflite_add(path: Path) -> Path:
     """z = x + y, x, y and z FP32 [1, 4] with the shape signature [-1, 4] (a dynamic batch that
     the file does not name), as one ADD op."""
-    import flatbuffers
-    import tflite
-
-    builder = flatbuffers.Builder(1024)
-
-    def int_vector(start: object, values: list[int]) -> int:
-        start(builder, len(values))  # type: ignore[operator]
-        for v in reversed(values):
-            builder.PrependInt32(v)
-        return builder.EndVector()
-
-    def table_vector(start: object, offsets: list[int]) -> int:
-        start(builder, len(offsets))  # type: ignore[operator]
-        for off in reversed(offsets):
-            builder.PrependUOffsetTRelative(off)
-        return builder.EndVector()
-
-    tflite.BufferStart(builder)
-    empty = tflite.BufferEnd(builder)
-    tensors = []
-    for name in ("x", "y", "z"):
-        name_off = builder.CreateString(name)
-        shape_off = int_vector(tflite.TensorStartShapeVector, [1, 4])
-        signature_off = int_vector(tflite.TensorStartShapeSignatureVector, [-1, 4])
-        tflite.TensorStart(builder)
-        tflite.TensorAddShape(builder, shape_off)
-        tflite.TensorAddShapeSignature(builder, signature_off)
-        tflite.TensorAddType(builder, tflite.TensorType.FLOAT32)
-        tflite.TensorAddBuffer(builder, 0)
-        tflite.TensorAddName(builder, name_off)
-        tensors.append(tflite.TensorEnd(builder))
-
-    tflite.AddOptionsStart(builder)
-    options = tflite.AddOptionsEnd(builder)
-    op_inputs = int_vector(tflite.OperatorStartInputsVector, [0, 1])
-    op_outputs = int_vector(tflite.OperatorStartOutputsVector, [2])
-    tflite.OperatorStart(builder)
-    tflite.OperatorAddOpcodeIndex(builder, 0)
-    tflite.OperatorAddInputs(builder, op_inputs)
-    tflite.OperatorAddOutputs(builder, op_outputs)
-    tflite.OperatorAddBuiltinOptionsType(builder, tflite.BuiltinOptions.AddOptions)
-    tflite.OperatorAddBuiltinOptions(builder, options)
-    operator = tflite.OperatorEnd(builder)
-
-    tensors_off = table_vector(tflite.SubGraphStartTensorsVector, tensors)
-    sg_inputs = int_vector(tflite.SubGraphStartInputsVector, [0, 1])
-    sg_outputs = int_vector(tflite.SubGraphStartOutputsVector, [2])
-    operators_off = table_vector(tflite.SubGraphStartOperatorsVector, [operator])
-    sg_name = builder.CreateString("main")
-    tflite.SubGraphStart(builder)
-    tflite.SubGraphAddTensors(builder, tensors_off)
-    tflite.SubGraphAddInputs(builder, sg_inputs)
-    tflite.SubGraphAddOutputs(builder, sg_outputs)
-    tflite.SubGraphAddOperators(builder, operators_off)
-    tflite.SubGraphAddName(builder, sg_name)
-    subgraph = tflite.SubGraphEnd(builder)
-
-    tflite.OperatorCodeStart(builder)
-    tflite.OperatorCodeAddDeprecatedBuiltinCode(builder, tflite.BuiltinOperator.ADD)
-    tflite.OperatorCodeAddBuiltinCode(builder, tflite.BuiltinOperator.ADD)
-    tflite.OperatorCodeAddVersion(builder, 1)
-    opcode = tflite.OperatorCodeEnd(builder)
-
-    opcodes_off = table_vector(tflite.ModelStartOperatorCodesVector, [opcode])
-    subgraphs_off = table_vector(tflite.ModelStartSubgraphsVector, [subgraph])
-    buffers_off = table_vector(tflite.ModelStartBuffersVector, [empty])
-    description = builder.CreateString("add")
-    tflite.ModelStart(builder)
-    tflite.ModelAddVersion(builder, 3)
-    tflite.ModelAddOperatorCodes(builder, opcodes_off)
-    tflite.ModelAddSubgraphs(builder, subgraphs_off)
-    tflite.ModelAddDescription(builder, description)
-    tflite.ModelAddBuffers(builder, buffers_off)
-    model = tflite.ModelEnd(builder)
-    builder.Finish(model, file_identifier=b"TFL3")
-    Path(path).write_bytes(bytes(builder.Output()))
-    return Path(path)
+    f = _Flat()
+    t, b = f.tflite, f.builder
+    buffers = [f.buffer()]
+    tensors = [f.tensor(name, [1, 4], 0, [-1, 4]) for name in ("x", "y", "z")]
+    t.AddOptionsStart(b)
+    options = t.AddOptionsEnd(b)
+    return f.write(
+        path,
+        code=t.BuiltinOperator.ADD,
+        options_type=t.BuiltinOptions.AddOptions,
+        options=options,
+        tensors=tensors,
+        op_io=([0, 1], [2]),
+        graph_io=([0, 1], [2]),
+        buffers=buffers,
+        description="add",
+    )
 
 
 def reference_tflite(path: Path, x: np.ndarray) -> np.ndarray:

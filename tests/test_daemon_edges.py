@@ -22,7 +22,7 @@ from agent.transport.messages import Phase
 from agent.transport.session import Incoming
 from agent.transport.transfer import Transfer
 from tests.conftest import Keys
-from tests.fleet import TOPICS, WAIT, agent_config, deployment
+from tests.fleet import TOPICS, WAIT, agent_config, deployment, hand_back
 from tests.models import make_onnx
 from tests.test_daemon_races import DEVICE, publish, run_until, runs, stored
 
@@ -150,11 +150,6 @@ def test_a_group_document_below_the_floor_is_not_run_after_a_hand_back(
     """The lobby's document (1.0.0) was accepted long ago; the device's own (2.0.0) committed
     since. Handed back, the device verifies the lobby's again: below the floor, it is refused,
     and 2.0.0 keeps serving."""
-    from datetime import datetime, timezone
-
-    from agent.fleet.deploy import make_deployment
-    from agent.trust.metadata import DeploymentTarget
-
     with offline(tmp_path, keys) as dev:
         e1, _ = stored(dev, tmp_path, signed, "1.0.0", 1)
         group = deployment({"tiny": e1}, keys.release, group="lobby", sequence=1)
@@ -164,14 +159,7 @@ def test_a_group_document_below_the_floor_is_not_run_after_a_hand_back(
         e2, _ = stored(dev, tmp_path, signed, "2.0.0", 2)
         publish(dev, keys, e2, 5)
         run_until(dev, runs(dev, "2.0.0"), "its own 2.0.0")
-        back = make_deployment(
-            {},
-            target=DeploymentTarget(kind="device", id=DEVICE),
-            signers=[keys.release],
-            now=datetime.now(timezone.utc),
-            sequence=6,
-            follow_groups=True,
-        )
+        back = hand_back(keys.release, DEVICE, sequence=6)
         dev.handle(Incoming(TOPICS.device(DEVICE).desired, back, True))  # verified at once
         dev.tick()
         assert dev.doc_error is not None

@@ -30,6 +30,7 @@ from tests.fleet import (
     agent_config,
     bundle_server,
     deployment,
+    hand_back,
     mqtt_settings,
     serve_copy,
     watcher,
@@ -181,6 +182,7 @@ def test_a_device_handed_back_follows_its_group_again(
     v1 = serve_copy(signed("1.0.0"), served)
     v2 = serve_copy(signed("2.0.0"), served)
     v3 = serve_copy(signed("3.0.0"), served)
+    # (Going back to the group's 1.0.0 would be below the floor 2.0.0 set: test_daemon_edges.)
     group = TOPICS.group_desired("lobby")
     config = agent_config(tmp_path / "state", keys.dir, broker, DEVICE, groups=("lobby",))
     with watcher(broker) as fleet, bundle_server(broker, served), agent(config):
@@ -189,20 +191,14 @@ def test_a_device_handed_back_follows_its_group_again(
         own = deployment({"tiny": v2}, keys.release, device=DEVICE, sequence=10)
         fleet.publish(DESIRED, own)
         fleet.wait(DEVICE, active("tiny", "2.0.0"), what="its own 2.0.0")
-        back = make_deployment(
-            {},
-            target=DeploymentTarget(kind="device", id=DEVICE),
-            signers=[keys.release],
-            now=datetime.now(timezone.utc),
-            sequence=11,
-            follow_groups=True,
-        )
-        fleet.publish(DESIRED, back)
-        fleet.wait(DEVICE, active("tiny", "1.0.0"), what="handed back: the group's 1.0.0")
-        # The group's next document reaches it ...
+        # The group moves on meanwhile; the device follows its own document ...
         fleet.publish(group, deployment({"tiny": v3}, keys.release, group="lobby", sequence=2))
-        fleet.wait(DEVICE, active("tiny", "3.0.0"), what="the group's 3.0.0")
-        # ... and its own older document cannot be replayed to take it back.
+        fleet.publish(DESIRED, own)  # (the same document again: a redelivery, nothing changes)
+        assert fleet.wait(DEVICE, active("tiny", "2.0.0")).sequence == 10
+        # ... until it is handed back, and then runs the group's.
+        fleet.publish(DESIRED, hand_back(keys.release, DEVICE, sequence=11))
+        fleet.wait(DEVICE, active("tiny", "3.0.0"), what="handed back: the group's 3.0.0")
+        # Its own older document cannot be replayed to take it back.
         t0 = datetime.now(timezone.utc)
         fleet.publish(DESIRED, own)
         event = fleet.wait_event(lambda e: e.kind == "rejected" and e.at >= t0, what="replay")

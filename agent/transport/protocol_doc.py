@@ -70,7 +70,8 @@ payload type is `{deployment_type}` and whose payload is a `DeploymentDocument`.
 it only when:
 
 - release keys of the device's keyring sign it, at the keyring's threshold, and each of them may
-  sign every model it names;
+  sign every model it names (a document that names no model affects every model a device runs:
+  only keys that may sign any model, `*`, may sign it);
 - it is addressed to the device itself or to one of its groups (`target`);
 - it has not expired;
 - its `sequence` is higher than that of the last document accepted from the same topic (the same
@@ -89,7 +90,9 @@ removes them all.
 **Handing a device back to its group.** A device's own document holds until a newer one
 replaces it. A device document with `"follow_groups": true` (and no models) hands it back: the
 device follows its groups' documents again (keeping what runs while none names a model). Its
-sequence counts like any other, so the device's older documents stay refused if replayed.
+sequence counts like any other, so the device's older documents stay refused if replayed. A
+group document that takes over is verified again first: one that has expired, or names a
+release below one the device has run since, is refused (`Reported.error`) and what runs stays.
 `edge-fleet deploy --device cam-01 --follow-groups --key ...` signs and publishes one. (An empty
 retained message on the desired topic only clears the broker; the device keeps its document.)
 

@@ -36,6 +36,7 @@ import importlib.metadata
 import importlib.util
 import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
@@ -396,6 +397,16 @@ class RuntimeModel(ABC):
         self.dim_names: dict[str, list[str | None]] = {
             k: list(v) for k, v in (dim_names or {}).items()
         }
+        # Only names that stand at more than one axis constrain a request (checked per request).
+        counts = Counter(n for axes in self.dim_names.values() for n in axes if n is not None)
+        self._shared_dims: DimNames | None = (
+            {
+                k: [n if n is not None and counts[n] > 1 else None for n in axes]
+                for k, axes in self.dim_names.items()
+            }
+            if any(c > 1 for c in counts.values())
+            else None
+        )
         self._closed = False
         for spec in inputs:
             if spec.datatype not in DATATYPES:
@@ -432,7 +443,7 @@ class RuntimeModel(ABC):
         """
         if self._closed:
             raise ToolError(f"{self.path.name}: the model is closed")
-        feeds = check_inputs(self.inputs, inputs, self.dim_names)
+        feeds = check_inputs(self.inputs, inputs, self._shared_dims)
         try:
             return self._run(feeds)
         except EdgeAgentError:

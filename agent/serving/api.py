@@ -87,7 +87,7 @@ from agent.errors import BadContentError, SizeLimitError
 from agent.serving import tensors
 from agent.serving.admission import Admission, MemoryReader, SystemMemory
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from agent.serving.metrics import UNKNOWN_MODEL, ApiMetrics, InferenceStatistics, Timing
+from agent.serving.metrics import UNKNOWN_MODEL, ApiMetrics, InferenceStatistics
 from agent.serving.source import ModelSource, ServedModel, TensorSpec
 
 log = logging.getLogger("agent.serving.api")
@@ -572,13 +572,10 @@ class InferenceApi:
             model.name,
             model.version,
             batch=_batch_size(model, request),
-            timing=Timing(
-                queue=begun - submitted_ns,
-                compute_input=decoded - begun,
-                compute_infer=ran - decoded,
-                compute_output=done - ran,
-                total=done - submitted_ns,
-            ),
+            queue=begun - submitted_ns,
+            compute_input=decoded - begun,
+            compute_infer=ran - decoded,
+            compute_output=done - ran,
             now_ms=time.time_ns() // 1_000_000,
         )
         headers_out: tuple[tuple[str, str], ...] = ()

@@ -271,49 +271,24 @@ class _ActiveGauge(Gauge):
 # -- per-model statistics (Triton's statistics extension) ------------------------------------
 
 
-@dataclass
-class _Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += max(0, ns)
-
-    def doc(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
-
-
-@dataclass
-class _BatchStats:
-    compute_input: _Duration = field(default_factory=_Duration)
-    compute_infer: _Duration = field(default_factory=_Duration)
-    compute_output: _Duration = field(default_factory=_Duration)
+# Indexes into _VersionStats.ns and a batch's row: one list of integers each, so that recording a
+# request is a few additions under the lock (it runs once per request).
+SUCCESS, QUEUE, INPUT, INFER, OUTPUT = range(5)
 
 
 @dataclass
 class _VersionStats:
     last_inference_ms: int = 0
     inference_count: int = 0  # successful inferences, each row of a batch counted
-    execution_count: int = 0  # successful runs of the model
-    success: _Duration = field(default_factory=_Duration)
-    fail: _Duration = field(default_factory=_Duration)
-    queue: _Duration = field(default_factory=_Duration)
-    compute_input: _Duration = field(default_factory=_Duration)
-    compute_infer: _Duration = field(default_factory=_Duration)
-    compute_output: _Duration = field(default_factory=_Duration)
-    batches: dict[int, _BatchStats] = field(default_factory=dict)
+    execution_count: int = 0  # successful runs of the model (also the count of each duration)
+    ns: list[int] = field(default_factory=lambda: [0] * 5)  # summed durations (see the indexes)
+    fail_count: int = 0
+    fail_ns: int = 0
+    batches: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, in, infer, out]
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Where one successful request spent its time, in nanoseconds (``time.perf_counter_ns``)."""
-
-    queue: int  # admitted, waiting for a worker
-    compute_input: int  # decompressing and decoding the tensors
-    compute_infer: int  # the model
-    compute_output: int  # encoding the answer
-    total: int
+def _duration(count: int, ns: int) -> dict[str, int]:
+    return {"count": count, "ns": ns}
 
 
 class InferenceStatistics:
@@ -341,57 +316,74 @@ class InferenceStatistics:
         return entry
 
     def record_success(
-        self, model: str, version: str, *, batch: int, timing: Timing, now_ms: int
+        self,
+        model: str,
+        version: str,
+        *,
+        batch: int,
+        queue: int,
+        compute_input: int,
+        compute_infer: int,
+        compute_output: int,
+        now_ms: int,
     ) -> None:
+        """One request answered: its rows (``batch``) and where its time went, in ns
+        (``time.perf_counter_ns`` differences)."""
         with self._lock:
-            e = self._entry(model, version)
+            e = self._stats.get((model, version)) or self._entry(model, version)
             e.last_inference_ms = now_ms
             e.inference_count += batch
             e.execution_count += 1
-            e.success.add(timing.total)
-            e.queue.add(timing.queue)
-            e.compute_input.add(timing.compute_input)
-            e.compute_infer.add(timing.compute_infer)
-            e.compute_output.add(timing.compute_output)
-            b = e.batches.setdefault(batch, _BatchStats())
-            b.compute_input.add(timing.compute_input)
-            b.compute_infer.add(timing.compute_infer)
-            b.compute_output.add(timing.compute_output)
+            ns = e.ns
+            ns[SUCCESS] += queue + compute_input + compute_infer + compute_output
+            ns[QUEUE] += queue
+            ns[INPUT] += compute_input
+            ns[INFER] += compute_infer
+            ns[OUTPUT] += compute_output
+            row = e.batches.get(batch)
+            if row is None:
+                row = e.batches[batch] = [0, 0, 0, 0]
+            row[0] += 1
+            row[1] += compute_input
+            row[2] += compute_infer
+            row[3] += compute_output
 
     def record_failure(self, model: str, version: str, *, total_ns: int, now_ms: int) -> None:
         with self._lock:
             e = self._entry(model, version)
             e.last_inference_ms = now_ms
-            e.fail.add(total_ns)
+            e.fail_count += 1
+            e.fail_ns += max(0, total_ns)
 
     def model_stats(self, model: str, version: str) -> dict[str, Any]:
         """One entry of Triton's ``model_stats`` list (zeros for a version not used yet)."""
         with self._lock:
             e = self._stats.get((model, version)) or _VersionStats()
+            n, ns = e.execution_count, e.ns
             return {
                 "name": model,
                 "version": version,
                 "last_inference": e.last_inference_ms,
                 "inference_count": e.inference_count,
-                "execution_count": e.execution_count,
+                "execution_count": n,
                 "inference_stats": {
-                    "success": e.success.doc(),
-                    "fail": e.fail.doc(),
-                    "queue": e.queue.doc(),
-                    "compute_input": e.compute_input.doc(),
-                    "compute_infer": e.compute_infer.doc(),
-                    "compute_output": e.compute_output.doc(),
-                    "cache_hit": _Duration().doc(),  # no response cache here
-                    "cache_miss": _Duration().doc(),
+                    "success": _duration(n, ns[SUCCESS]),
+                    "fail": _duration(e.fail_count, e.fail_ns),
+                    "queue": _duration(n, ns[QUEUE]),
+                    "compute_input": _duration(n, ns[INPUT]),
+                    "compute_infer": _duration(n, ns[INFER]),
+                    "compute_output": _duration(n, ns[OUTPUT]),
+                    "cache_hit": _duration(0, 0),  # no response cache here
+                    "cache_miss": _duration(0, 0),
                 },
                 "batch_stats": [
                     {
                         "batch_size": size,
-                        "compute_input": b.compute_input.doc(),
-                        "compute_infer": b.compute_infer.doc(),
-                        "compute_output": b.compute_output.doc(),
+                        "compute_input": _duration(row[0], row[1]),
+                        "compute_infer": _duration(row[0], row[2]),
+                        "compute_output": _duration(row[0], row[3]),
                     }
-                    for size, b in sorted(e.batches.items())
+                    for size, row in sorted(e.batches.items())
                 ],
                 "memory_usage": [],
             }

@@ -72,7 +72,7 @@ from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
 from agent.serving.slots import Candidate, ProbationError, SlotManager, Version
-from agent.state.store import InstalledModel, StateStore, Trial, Verdict
+from agent.state.store import EVENT_SEQ_BLOCK, InstalledModel, StateStore, Trial, Verdict
 from agent.statusd import StatusServer
 from agent.transport.messages import (
     MAX_MESSAGE_BYTES,
@@ -125,6 +125,11 @@ def _sha_of(path: Path) -> str:
 
 def _error(exc: EdgeAgentError) -> ErrorInfo:
     return ErrorInfo(code=exc.code, message=str(exc)[:1024])
+
+
+def _verdict(exc: EdgeAgentError) -> Verdict:
+    """What a trial records of the error that ended it (the reported ErrorInfo's fields)."""
+    return Verdict(code=exc.code, message=str(exc)[:1024])
 
 
 def reported_hardware(profile: hardware.HardwareProfile) -> HardwareProfile:
@@ -228,13 +233,13 @@ class Slot:
     retry_at: float | None = None  # monotonic time of the next attempt after a transient failure
     loading: InstalledModel | None = None  # the record to write once the slot layer commits it
     waiting: Path | None = None  # a verified bundle waiting for the slot's current deployment
-    runtime: str | None = None  # what runs the active version
     warm_progress: float | None = None
     attempt: int = 0  # bumped by every prepare job and every cancel: older results are stale
 
     def status(self, served: Version | None = None) -> ModelStatus:
         """What the slot serves (``served``, the slot layer's active version; else the record
-        of the committed one) and where its deployment stands. While a new version serves on
+        of the committed one, which then does not serve: no runtime) and where its deployment
+        stands. While a new version serves on
         probation, ``fallback`` names the committed one a failed probation returns to."""
         i = self.installed
         progress = None
@@ -247,11 +252,12 @@ class Slot:
         release: int | None
         variant: str | None
         sha: str | None
+        runtime: str | None
         if served is not None:
             c = served.candidate
             version, release = c.version, c.manifest.release
             variant, sha = c.variant.id, c.bundle_sha256
-            runtime: str | None = served.runtime
+            runtime = served.runtime
             if i is not None and i.bundle_sha256 != sha:
                 fallback = VersionRef(
                     version=i.version, release=i.release, bundle_sha256=i.bundle_sha256
@@ -259,7 +265,7 @@ class Slot:
         else:
             version, release = (i.version, i.release) if i else (None, None)
             variant, sha = (i.variant, i.bundle_sha256) if i else (None, None)
-            runtime = self.runtime
+            runtime = None
         return ModelStatus(
             phase=self.phase,
             version=version,
@@ -700,10 +706,7 @@ class DeviceAgent:
             ):
                 # Failed on its own (a load, warm-up or self-test): tried again after a restart.
                 self._end_trial(slot.name)
-        served = None
-        if event.phase in FINAL:
-            served = self.models.describe(slot.name)
-            slot.runtime = served.runtime if served is not None else None
+        served = self.models.describe(slot.name) if event.phase in FINAL else None
         if slot.target is not None and (
             restoring
             or draft is None
@@ -902,6 +905,15 @@ class DeviceAgent:
             return DeploymentTarget(kind="device", id=self.config.device_id)
         return DeploymentTarget(kind="group", id=source.removeprefix("group-"))
 
+    def _sources(self) -> list[str]:
+        """The desired topics followed, by the names documents are kept under, in precedence."""
+        return ["device", *(f"group-{g}" for g in self.config.groups)]
+
+    def _desired_topic(self, source: str) -> str:
+        if source == "device":
+            return self.me.desired
+        return self.topics.group_desired(source.removeprefix("group-"))
+
     def _effective(self) -> VerifiedDeployment | None:
         """The device's own document, unless it hands the device back; else its first group's.
 
@@ -909,7 +921,7 @@ class DeviceAgent:
         may have been accepted long ago: it is verified again first, against the floors and
         the clock of now, and passed over if it no longer holds.
         """
-        for source in ["device", *(f"group-{g}" for g in self.config.groups)]:
+        for source in self._sources():
             doc = self.documents.get(source)
             if doc is None or (source == "device" and doc.document.follow_groups):
                 continue
@@ -931,12 +943,7 @@ class DeviceAgent:
         except BadContentError as exc:
             log.warning("the %s deployment no longer holds: %s", source, exc)
             del self.documents[source]
-            topic = (
-                self.me.desired
-                if source == "device"
-                else self.topics.group_desired(source.removeprefix("group-"))
-            )
-            self._reject(topic, exc)
+            self._reject(self._desired_topic(source), exc)
             return None
         self.documents[source] = again
         return again
@@ -1292,9 +1299,7 @@ class DeviceAgent:
                 f"{draft.version} (a crash, a kill or a power cut each time); not trying it "
                 "again for this deployment"
             )
-            trial = trial.model_copy(
-                update={"starts": starts - 1, "verdict": Verdict(code=exc.code, message=str(exc))}
-            )
+            trial = trial.model_copy(update={"starts": starts - 1, "verdict": _verdict(exc)})
             self._save_trial(trial)
             self._fail(slot, exc)
             return False
@@ -1329,7 +1334,7 @@ class DeviceAgent:
             slot = self.slots.get(item.name)
             if trial is None or trial.bundle_sha256 != item.bundle_sha256:
                 return  # not a version this agent handed over (cannot happen)
-            verdict = Verdict(code=item.error.code, message=str(item.error)[:1024])
+            verdict = _verdict(item.error)
             update: dict[str, Any] = {"verdict": verdict}
             if slot is not None and slot.deployment_sha256 is not None:
                 # The document the slot heads for now (one naming the same bundle may have
@@ -1402,14 +1407,13 @@ class DeviceAgent:
         for trial in self.trials.values():
             # Being tried, or refused for one document (another may name it again).
             keep.add(trial.bundle_sha256)
-        sources = ["device", *(f"group-{g}" for g in self.config.groups)]
         try:
             found = self.store.garbage(
                 keep,
                 busy=self._in_flight,
                 downloading=downloading,
                 models=self.slots,
-                sources=sources,
+                sources=self._sources(),
             )
         except (EdgeAgentError, OSError) as exc:
             log.warning("garbage collection: %s", exc)
@@ -1563,7 +1567,7 @@ class DeviceAgent:
         except EdgeAgentError as exc:
             log.warning("event numbers not reserved on disk: %s", exc)
             out.event_seq = max(out.event_seq, time.time_ns() // 1000)
-            out.event_seq_end = out.event_seq + 1024
+            out.event_seq_end = out.event_seq + EVENT_SEQ_BLOCK
 
     def reported(self) -> Reported:
         doc = self.deployment

@@ -72,7 +72,14 @@ from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
 from agent.serving.slots import Candidate, ProbationError, SlotManager, Version
-from agent.state.store import EVENT_SEQ_BLOCK, InstalledModel, StateStore, Trial, Verdict
+from agent.state.store import (
+    EVENT_SEQ_BLOCK,
+    InstalledModel,
+    StateStore,
+    Trial,
+    Verdict,
+    bundle_sha,
+)
 from agent.statusd import StatusServer
 from agent.transport.messages import (
     MAX_MESSAGE_BYTES,
@@ -115,12 +122,6 @@ TRUST_CODES = frozenset(
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _sha_of(path: Path) -> str:
-    """The bundle digest a stored, unpacked or downloading path belongs to ("" if none)."""
-    sha = path.name.lstrip(".").split(".", 1)[0]
-    return sha if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) else ""
 
 
 def _error(exc: EdgeAgentError) -> ErrorInfo:
@@ -1421,7 +1422,7 @@ class DeviceAgent:
         if not found:
             return
         # Nothing may start on these files before they are gone (see _start_transfer).
-        shas = tuple(sorted({_sha_of(p) for p in found} - {""}))
+        shas = tuple(sorted({bundle_sha(p) for p in found} - {""}))
         for sha in shas:
             self._busy(sha)
 

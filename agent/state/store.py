@@ -111,6 +111,13 @@ class Trial(BaseModel):
         return self.bundle_sha256 == bundle_sha256 and self.deployment_sha256 == deployment_sha256
 
 
+def bundle_sha(path: Path) -> str:
+    """The bundle digest a path under ``bundles/``, ``models/{name}/`` or ``downloads/`` is
+    named for: ``{sha256}.emb``, ``{sha256}``, ``.{sha256}.*.unpack`` ...; "" for any other."""
+    sha = path.name.lstrip(".").split(".", 1)[0]
+    return sha if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) else ""
+
+
 EVENT_SEQ_BLOCK = 1024  # event numbers reserved on disk at a time: a restart skips the rest
 
 
@@ -362,7 +369,7 @@ class StateStore:
         for sub in ("trust", "desired", "slots", "trials", "bundles", "."):
             found += self.root.joinpath(sub).glob(".*.tmp")
         for path in self._list("bundles"):
-            sha = path.name.split(".", 1)[0]
+            sha = bundle_sha(path)
             if (
                 sha not in keep
                 and path.suffix in (".emb", ".blocks")
@@ -373,14 +380,12 @@ class StateStore:
             if not model_dir.is_dir():
                 continue
             if model_dir.name not in models:
-                if not any(
-                    p.name.lstrip(".").split(".", 1)[0] in busy for p in self._list(model_dir)
-                ):
+                if not any(bundle_sha(p) in busy for p in self._list(model_dir)):
                     found.append(model_dir)
                 continue
             for unpacked in self._list(model_dir):
                 # Names are SHA-256s, or ".{sha256}.*.unpack" left by an interrupted unpack.
-                sha = unpacked.name.lstrip(".").split(".", 1)[0]
+                sha = bundle_sha(unpacked)
                 partial = unpacked.name.endswith(".unpack")
                 if sha not in keep or (partial and sha not in busy):
                     found.append(unpacked)
@@ -389,12 +394,10 @@ class StateStore:
                 found.append(download)
             else:
                 found += download.glob(".*.tmp")
-        for path in self._list("slots"):
-            if path.suffix == ".json" and path.stem not in models:
-                found.append(path)
-        for path in self._list("trials"):
-            if path.suffix == ".json" and path.stem not in models:
-                found.append(path)
+        for records in ("slots", "trials"):
+            for path in self._list(records):
+                if path.suffix == ".json" and path.stem not in models:
+                    found.append(path)
         if sources is not None:
             wanted = set(sources)
             for path in self._list("desired"):

@@ -497,8 +497,7 @@ class Transfer:
         self._fetched_list = True
         self.state = "opening"
         if self._inline:
-            self.open()
-            self.start(now)
+            self.start(now)  # opens it first
 
     def _on_block(self, header: BlockReplyHeader, data: bytes, now: float) -> None:
         i = header.index

@@ -860,14 +860,10 @@ def _agent_serve(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from agent.config import read_toml
     from agent.runtime.hardware import RuntimeConfig
     from agent.serving.api import ApiSettings
     from agent.standalone import serve_bundle
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -878,13 +874,7 @@ def _agent_serve(args: argparse.Namespace) -> int:
     api_table: dict[str, Any] = {"unix_socket": None}
     runtime_table: dict[str, Any] = {}
     if args.config is not None:
-        try:
-            with open(args.config, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.config}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{args.config} is not valid TOML: {exc}") from None
+        data = read_toml(args.config)
         for key, table in (("api", api_table), ("runtime", runtime_table)):
             value = data.get(key, {})
             if not isinstance(value, dict):

@@ -177,6 +177,22 @@ def _validate(
     return config
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """The tables of a TOML file; ConfigProblems saying why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigProblems([f"{path} does not exist"]) from None
+    except IsADirectoryError:
+        raise ConfigProblems([f"{path} is a directory"]) from None
+    except OSError as exc:
+        raise ConfigProblems([f"cannot read {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigProblems([f"{path} is not valid TOML: {exc}"]) from None
+    return data
+
+
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> AgentConfig:
     """Read and check agent.toml, then the ``EDGE_AGENT_...`` overrides in ``environ``.
 
@@ -188,17 +204,7 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> AgentCon
     ConfigProblems (a ConfigError) names, for each problem, the file or the variable, the dotted
     key and the reason.
     """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigProblems([f"{path} does not exist"]) from None
-    except IsADirectoryError:
-        raise ConfigProblems([f"{path} is a directory"]) from None
-    except OSError as exc:
-        raise ConfigProblems([f"cannot read {path}: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigProblems([f"{path} is not valid TOML: {exc}"]) from None
+    data = read_toml(path)
     overrides = env_overrides(environ)
     clashes = _apply(data, overrides)
     if clashes:

@@ -8,6 +8,7 @@ side watches the retained topics with its own MQTT session (``Watcher``). Every 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import queue
 import shutil
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from agent.config import AgentConfig, TrustSettings
 from agent.daemon import DeviceAgent
@@ -373,6 +376,29 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock.settimeout(WAIT)
         sock.connect(str(self.unix_path))
         self.sock = sock
+
+
+def infer_unix(sock: Path, x: np.ndarray, model: str = "tiny") -> tuple[int, dict[str, Any]]:
+    """POST ``x`` (FP32, as input ``x``) to ``model`` on the agent's Unix socket, in JSON:
+    the status and the decoded answer."""
+    body = {
+        "inputs": [
+            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
+    conn = UnixHTTPConnection(sock)
+    try:
+        conn.request(
+            "POST",
+            f"/v2/models/{model}/infer",
+            json.dumps(body),
+            {"Content-Type": "application/json"},
+        )
+        reply = conn.getresponse()
+        doc = json.loads(reply.read())
+    finally:
+        conn.close()
+    return reply.status, doc
 
 
 # -- what the tests wait for ----------------------------------------------------------------------

@@ -12,7 +12,6 @@ is tests/test_transfer.py's resume test.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -32,12 +31,12 @@ from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
     WAIT,
-    UnixHTTPConnection,
     active,
     agent_config,
     agent_process,
     bundle_server,
     deployment,
+    infer_unix,
     two_versions,
     watcher,
     write_agent_toml,
@@ -52,21 +51,8 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 def _infer(sock: Path, x: np.ndarray) -> tuple[str, np.ndarray]:
-    body = {
-        "inputs": [
-            {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-        ]
-    }
-    conn = UnixHTTPConnection(sock)
-    try:
-        conn.request(
-            "POST", "/v2/models/tiny/infer", json.dumps(body), {"Content-Type": "application/json"}
-        )
-        reply = conn.getresponse()
-        data = json.loads(reply.read())
-    finally:
-        conn.close()
-    assert reply.status == 200, data
+    status, data = infer_unix(sock, x)
+    assert status == 200, data
     out = data["outputs"][0]
     return data["model_version"], np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 

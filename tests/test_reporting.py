@@ -4,13 +4,13 @@ telemetry of the models that run, and a device handed back to its group.
 
 from __future__ import annotations
 
-import json
 import queue
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.fleet.deploy import make_deployment
@@ -24,13 +24,13 @@ from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
     WAIT,
-    UnixHTTPConnection,
     active,
     agent,
     agent_config,
     bundle_server,
     deployment,
     hand_back,
+    infer_unix,
     mqtt_settings,
     serve_copy,
     watcher,
@@ -109,15 +109,8 @@ def test_event_numbers_grow_across_restarts(tmp_path: Path, broker: Broker, keys
 
 
 def _infer(sock: Path, model: str) -> None:
-    body = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
-    conn = UnixHTTPConnection(sock)
-    try:
-        conn.request("POST", f"/v2/models/{model}/infer", json.dumps(body))
-        reply = conn.getresponse()
-        reply.read()
-    finally:
-        conn.close()
-    assert reply.status == 200
+    status, data = infer_unix(sock, np.full((1, 16), 0.5, dtype=np.float32), model)
+    assert status == 200, data
 
 
 def test_telemetry_stops_naming_a_removed_model(

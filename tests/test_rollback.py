@@ -11,7 +11,6 @@ it, and keep the release floor at 1.1.0's. A new document naming 1.2.0 tries it 
 from __future__ import annotations
 
 import http.client
-import json
 import signal
 import threading
 import time
@@ -32,7 +31,6 @@ from tests.conftest import Keys
 from tests.fleet import (
     TOPICS,
     WAIT,
-    UnixHTTPConnection,
     Watcher,
     active,
     agent_config,
@@ -40,6 +38,7 @@ from tests.fleet import (
     bundle_server,
     deployment,
     failed,
+    infer_unix,
     watcher,
     write_agent_toml,
 )
@@ -105,22 +104,8 @@ def _write_toml(box: Box, keys: Keys, broker: Broker, probation_s: float = 30.0)
 
 
 def _infer(sock: Path, rows: int) -> tuple[int, str | None]:
-    x = np.ones((rows, 16), dtype=np.float32)
-    body = {
-        "inputs": [
-            {"name": "x", "shape": [rows, 16], "datatype": "FP32", "data": x.ravel().tolist()}
-        ]
-    }
-    conn = UnixHTTPConnection(sock)
-    try:
-        conn.request(
-            "POST", "/v2/models/tiny/infer", json.dumps(body), {"Content-Type": "application/json"}
-        )
-        reply = conn.getresponse()
-        data = json.loads(reply.read())
-    finally:
-        conn.close()
-    return reply.status, data.get("model_version")
+    status, data = infer_unix(sock, np.ones((rows, 16), dtype=np.float32))
+    return status, data.get("model_version")
 
 
 class Traffic:

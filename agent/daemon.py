@@ -1577,6 +1577,7 @@ class DeviceAgent:
             agent_version=__version__,
             at=self._now(),
             hardware=self.hardware,
+            groups=list(self.config.groups),
             deployment_id=doc.document.deployment_id if doc else None,
             sequence=doc.document.sequence if doc else None,
             models=self._reported_models(),

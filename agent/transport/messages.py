@@ -133,6 +133,9 @@ class Reported(_Message):
     agent_version: Annotated[str, Field(max_length=64)]
     at: AwareDatetime
     hardware: HardwareProfile | None = None
+    # The groups the device follows, in order of precedence (agent.toml): what the fleet selects
+    # a group's devices by (a rollout's target set, ``deploy --group --wait``).
+    groups: list[TargetId] = Field(default=[], max_length=32)
     deployment_id: TargetId | None = None
     sequence: Annotated[int, Field(ge=1)] | None = None
     models: dict[ModelName, ModelStatus] = Field(default={}, max_length=16)

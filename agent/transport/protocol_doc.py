@@ -266,6 +266,7 @@ _EXAMPLE_REPORTED = Reported(
     device_id="cam-01",
     agent_version="0.1.0",
     at=_AT,
+    groups=["lobby"],
     hardware=HardwareProfile(arch="aarch64", cpu_count=6, memory_mb=7620),
     deployment_id="dep-1767605400000",
     sequence=1767605400000,

@@ -29,12 +29,13 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fleet.keys import KeyStore, load_signer
-from agent.trust.envelope import Envelope, sign_envelope
+from agent.trust.envelope import Envelope, parse_envelope, sign_envelope
 from agent.trust.keys import Signer
 from agent.trust.metadata import (
     DESCRIPTOR_TYPE,
     KEYRING_TYPE,
     ROOT_TYPE,
+    BundleDescriptor,
     KeyringMetadata,
     PublicKey,
     ReleaseKey,
@@ -436,6 +437,60 @@ def test_release_floor_never_goes_down(keys: Keys) -> None:
         RollbackError, state.verify_descriptor, sign_descriptor([keys.release], release=4), NOW
     )
     assert keys.state().release_floor == {}
+
+
+# -- a re-issued descriptor: an earlier bundle under a higher release ------------------------------
+def test_a_descriptor_without_bundle_release_keeps_its_bytes(signed) -> None:  # type: ignore[no-untyped-def]
+    """The field is written only when set: every other descriptor reads and writes as before,
+    so agents that predate it read them all."""
+    descriptor = BundleDescriptor.model_validate_json(canonical(descriptor_doc()))
+    assert descriptor.bundle_release is None
+    assert descriptor.manifest_release == descriptor.release == 1
+    # The bytes the model without the field dumped (what was signed before it existed).
+    before = {k: v for k, v in descriptor.model_dump(mode="json").items() if k != "bundle_release"}
+    assert set(before) == set(descriptor_doc())
+    assert descriptor.to_payload() == canonical(before)
+    # What edge-fleet bundle sign writes: those fields, and it reads back to the same bytes.
+    _, envelope = signed("1.0.0")
+    written = parse_envelope(envelope).payload
+    assert set(json.loads(written)) == set(descriptor_doc())
+    assert BundleDescriptor.model_validate_json(written).to_payload() == written
+
+
+def test_a_reissued_descriptor_is_judged_by_its_own_release(keys: Keys) -> None:
+    """The floor compares ``release``; ``bundle_release`` is what the manifest says."""
+    state = keys.state().with_release("tiny", 2)
+    reissued = sign_descriptor([keys.release], release=3, bundle_release=1)
+    verified = state.verify_descriptor(reissued, NOW)
+    assert (verified.descriptor.release, verified.descriptor.bundle_release) == (3, 1)
+    assert verified.descriptor.manifest_release == 1
+    assert b"bundle_release" in parse_envelope(reissued).payload
+    # The bundle's original descriptor stays below the floor, and a re-issue cannot lower it.
+    raises_exactly(
+        RollbackError, state.verify_descriptor, sign_descriptor([keys.release], release=1), NOW
+    )
+    raises_exactly(
+        RollbackError,
+        state.with_release("tiny", 4).verify_descriptor,
+        reissued,
+        NOW,
+        match="release 3 is older",
+    )
+
+
+@pytest.mark.parametrize(("release", "bundle_release"), [(3, 3), (3, 4), (3, 0)])
+def test_bundle_release_not_below_release_is_malformed(
+    keys: Keys, release: int, bundle_release: int
+) -> None:
+    data = sign_descriptor([keys.release], release=release, bundle_release=bundle_release)
+    exc = raises_exactly(FormatError, keys.state().verify_descriptor, data, NOW)
+    assert "bundle_release" in str(exc)
+
+
+def test_a_reissued_descriptor_needs_a_release_key(keys: Keys) -> None:
+    """Re-issuing is signing: a key outside the keyring gains nothing by it."""
+    data = sign_descriptor(fresh(1), release=3, bundle_release=1)
+    raises_exactly(UntrustedKeyError, keys.state().verify_descriptor, data, NOW)
 
 
 def test_keyring_version_rollback(keys: Keys) -> None:

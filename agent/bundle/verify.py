@@ -121,10 +121,20 @@ def check_bundle_structure(
     manifest = index.manifest
     if index.manifest_sha256 != descriptor.manifest_sha256:
         raise DigestMismatchError("manifest.json differs from the signed manifest")
-    signed = (descriptor.model, descriptor.version, descriptor.release, descriptor.block_size)
+    # A re-issued descriptor signs a higher release than the manifest's; it names the
+    # manifest's in ``bundle_release`` (agent.trust.metadata).
+    signed = (
+        descriptor.model,
+        descriptor.version,
+        descriptor.manifest_release,
+        descriptor.block_size,
+    )
     found = (manifest.name, manifest.version, manifest.release, manifest.block_size)
     if signed != found:
-        raise DigestMismatchError(f"the manifest says {found}, the descriptor signs {signed}")
+        raise DigestMismatchError(
+            "the manifest says (name, version, release, block size) "
+            f"{found}, the descriptor signs {signed}"
+        )
     return index
 
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent._fsutil import atomic_write_bytes
-from agent._strictjson import dump_model, parse_model
+from agent._strictjson import parse_model
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.reader import check_members, read_index
@@ -85,7 +85,7 @@ def sign_bundle(
     fresh = describe_bundle(bundle, now=now, days=days)
     existing = _existing(out, fresh)
     if existing is None:
-        envelope = sign_envelope(DESCRIPTOR_TYPE, dump_model(fresh), signers)
+        envelope = sign_envelope(DESCRIPTOR_TYPE, fresh.to_payload(), signers)
     else:
         added = sign_envelope(DESCRIPTOR_TYPE, existing.payload, signers).signatures
         have = {s.keyid for s in existing.signatures}

@@ -8,7 +8,10 @@ Roles, after TUF:
   patterns), and how many release signatures a descriptor needs. Versioned; signed by root.
 * **bundle descriptor** -- what a release key vouches for: the bundle's SHA-256 and size, its
   block size and the hash of its block-hash list, the manifest's digest, the model name, version
-  and release counter, and an expiry.
+  and release counter, and an expiry. The release counter belongs to the descriptor, not to the
+  bytes (as TUF's and Uptane's counters belong to their metadata): a *re-issued* descriptor
+  names an earlier bundle under a new, higher release, and ``bundle_release`` keeps the release
+  its manifest was built with.
 * **deployment** -- what a device or a group should run: for each model, the bundle's signed
   descriptor. Signed by release keys allowed to sign every model in it; bound to its target; a
   sequence number that only grows, so an older retained document cannot be replayed; an expiry.
@@ -154,10 +157,32 @@ class BundleDescriptor(_Strict):
     manifest_sha256: Hex64
     created: AwareDatetime
     expires: AwareDatetime
+    # Only on a re-issued descriptor (an earlier bundle, signed afresh under a higher release):
+    # the release in the bundle's manifest. Written only when set, so that every other
+    # descriptor's bytes are what they were and agents that predate the field read them.
+    bundle_release: Annotated[int, Field(ge=1, le=2**53)] | None = None
+
+    @model_validator(mode="after")
+    def _reissued_higher(self) -> BundleDescriptor:
+        if self.bundle_release is not None and self.bundle_release >= self.release:
+            raise ValueError(
+                f"bundle_release {self.bundle_release} must be below release {self.release}: "
+                "a re-issued descriptor raises the release"
+            )
+        return self
 
     @property
     def block_count(self) -> int:
         return -(-self.bundle_size // self.block_size)
+
+    @property
+    def manifest_release(self) -> int:
+        """The release the bundle's manifest says: ``bundle_release`` once re-issued."""
+        return self.release if self.bundle_release is None else self.bundle_release
+
+    def to_payload(self) -> bytes:
+        """The canonical bytes to sign (``bundle_release`` only when set)."""
+        return _payload(self, bundle_release=None)
 
 
 # A device, group or deployment id: one MQTT topic level, so no '/', '+' or '#'.
@@ -199,7 +224,14 @@ class DeploymentDocument(_Strict):
 
     def to_payload(self) -> bytes:
         """The canonical bytes to sign (``follow_groups`` only when set)."""
-        data = self.model_dump(mode="json")
-        if not self.follow_groups:
-            del data["follow_groups"]
-        return canonical(data)
+        return _payload(self, follow_groups=False)
+
+
+def _payload(model: BaseModel, **unset: object) -> bytes:
+    """``model``'s canonical bytes without the fields that hold their ``unset`` value: fields
+    added after the first agents shipped, left out when unused so those agents read the rest."""
+    data = model.model_dump(mode="json")
+    for name, value in unset.items():
+        if data[name] == value:
+            del data[name]
+    return canonical(data)

@@ -247,6 +247,42 @@ class TrustedState:
 
     def verify_descriptor(self, data: bytes, now: datetime) -> VerifiedDescriptor:
         """Check a signed bundle descriptor against the keyring, the clock and the release floor."""
+        descriptor, signers = self._descriptor_signed(data, now)
+        if descriptor.expires <= now:
+            raise ExpiredError(
+                f"descriptor of {descriptor.model} {descriptor.version} expired at "
+                f"{descriptor.expires:%Y-%m-%d %H:%M}Z"
+            )
+        # The floor compares the descriptor's release: a re-issued descriptor's, never the
+        # release its bundle was built with (``bundle_release``).
+        floor = self.release_floor.get(descriptor.model, 0)
+        if descriptor.release < floor:
+            raise RollbackError(
+                f"{descriptor.model} release {descriptor.release} is older than the trusted "
+                f"release {floor}"
+            )
+        return VerifiedDescriptor(
+            descriptor=descriptor,
+            signers=signers,
+            envelope_sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    def descriptor_once_signed(self, data: bytes, now: datetime) -> BundleDescriptor:
+        """A descriptor that release keys trusted *now* signed, whatever its own expiry and the
+        release floor: for a fleet that re-issues it (``edge-fleet bundle reissue``).
+
+        Its expiry protects devices from being held on old metadata (freeze); what a re-issue
+        takes from it are the hashes that pin a bundle's bytes, which do not go stale, and the
+        re-issued descriptor gets an expiry of its own. The keys are judged as a device judges
+        them today: the root and keyring must be current, and a key since revoked, expired or
+        not allowed the model counts for nothing, so a descriptor signed by a key a thief holds
+        cannot be laundered into a fresh signature.
+        """
+        return self._descriptor_signed(data, now)[0]
+
+    def _descriptor_signed(
+        self, data: bytes, now: datetime
+    ) -> tuple[BundleDescriptor, frozenset[str]]:
         envelope, signers, keyring = self._release_signed(
             data, DESCRIPTOR_TYPE, now, "bundle descriptor"
         )
@@ -257,23 +293,7 @@ class TrustedState:
             what="bundle descriptor",
             max_bytes=MAX_METADATA_BYTES,
         )
-        allowed = self._allowed(keyring, signers, [descriptor.model])
-        if descriptor.expires <= now:
-            raise ExpiredError(
-                f"descriptor of {descriptor.model} {descriptor.version} expired at "
-                f"{descriptor.expires:%Y-%m-%d %H:%M}Z"
-            )
-        floor = self.release_floor.get(descriptor.model, 0)
-        if descriptor.release < floor:
-            raise RollbackError(
-                f"{descriptor.model} release {descriptor.release} is older than the trusted "
-                f"release {floor}"
-            )
-        return VerifiedDescriptor(
-            descriptor=descriptor,
-            signers=allowed,
-            envelope_sha256=hashlib.sha256(data).hexdigest(),
-        )
+        return descriptor, self._allowed(keyring, signers, [descriptor.model])
 
     def verify_deployment(
         self,

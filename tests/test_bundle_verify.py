@@ -24,6 +24,9 @@ from agent.bundle.reader import BundleIndex, read_index
 from agent.bundle.unpack import unpack_bundle
 from agent.bundle.verify import check_bundle_file, verify_bundle
 from agent.errors import DigestMismatchError, SizeLimitError
+from agent.fleet.sign import reissue_descriptor
+from agent.trust.envelope import sign_envelope
+from agent.trust.metadata import DESCRIPTOR_TYPE
 from tests.conftest import NOW, Keys
 from tests.models import make_onnx
 
@@ -239,3 +242,30 @@ def test_signed_size_at_the_cap_is_accepted(signed: SignedFn, keys: Keys) -> Non
     limits = BundleLimits(max_bundle_bytes=path.stat().st_size)
     verified = verify_bundle(path, envelope, keys.state(), NOW, limits)
     assert verified.index.file_size == path.stat().st_size
+
+
+# -- a re-issued descriptor ------------------------------------------------------------------------
+def test_a_reissued_descriptor_verifies_the_same_bytes(
+    signed: SignedFn, keys: Keys, tmp_path: Path
+) -> None:
+    """Under a new release the manifest's release is ``bundle_release``; the bytes are as signed."""
+    path, envelope = signed("1.0.0", release=1)
+    original = keys.state().verify_descriptor(envelope, NOW).descriptor
+    again = reissue_descriptor(original, [keys.release], release=3, now=NOW, days=30)
+    verified = verify_bundle(path, again, keys.state().with_release("tiny", 2), NOW)
+    assert (verified.descriptor.release, verified.descriptor.bundle_release) == (3, 1)
+    assert verified.index.manifest.release == 1
+
+
+@pytest.mark.parametrize("bundle_release", [None, 2])
+def test_a_reissued_descriptor_that_misnames_the_manifest_release_is_refused(
+    signed: SignedFn, keys: Keys, tmp_path: Path, bundle_release: int | None
+) -> None:
+    """Without ``bundle_release``, or with another one, release 3 is not what the manifest says."""
+    path, envelope = signed("1.0.0", release=1)
+    original = keys.state().verify_descriptor(envelope, NOW).descriptor
+    wrong = original.model_copy(update={"release": 3, "bundle_release": bundle_release})
+    forged = sign_envelope(DESCRIPTOR_TYPE, wrong.to_payload(), [keys.release]).to_bytes()
+    message = refused(tmp_path, path, forged, keys, DigestMismatchError)
+    assert f"the descriptor signs ('tiny', '1.0.0', {bundle_release or 3}, " in message
+    assert "('tiny', '1.0.0', 1, " in message

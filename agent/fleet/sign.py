@@ -1,4 +1,14 @@
-"""``edge-fleet bundle sign`` and ``verify``: descriptors, envelopes, and trust loaded from files."""
+"""``edge-fleet bundle sign``, ``reissue`` and ``verify``: descriptors, envelopes, and trust
+loaded from files.
+
+A rollback the fleet wants is a *re-issue* (after TUF and Uptane, where the anti-rollback
+counter belongs to the signed metadata and the target's bytes stay pinned by hash): the
+earlier bundle's descriptor, signed afresh by release keys under a new, higher ``release``,
+with ``bundle_release`` naming the release its manifest was built with. The bytes do not change,
+so a device that kept the earlier bundle (it keeps the last good one) fetches nothing, and its
+release floor still only rises. Re-issuing takes a release key, as building a new bundle with
+a higher ``--release`` does, and gives no power beyond that.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +16,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pydantic
+
 from agent._fsutil import atomic_write_bytes
-from agent._strictjson import parse_model
+from agent._strictjson import describe_validation_error, parse_model
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.reader import check_members, read_index
@@ -79,10 +91,104 @@ def sign_bundle(
     Adding lets several holders of release keys sign one descriptor when the keyring's threshold
     is above one.
     """
+    fresh = describe_bundle(bundle, now=now, days=days)
+    return _sign(fresh, signers, Path(out) if out else envelope_path(bundle))
+
+
+def reissue_path(bundle: Path, release: int) -> Path:
+    """Where ``bundle reissue`` writes by default: beside ``BUNDLE.dsse``, which is kept."""
+    return Path(f"{bundle}.r{release}{ENVELOPE_SUFFIX}")
+
+
+def reissue_bundle(
+    bundle: Path,
+    signers: Sequence[Signer],
+    *,
+    release: int,
+    now: datetime,
+    days: int = 90,
+    out: Path | None = None,
+) -> tuple[Path, Envelope]:
+    """Re-issue ``bundle``'s descriptor under ``release``, described from the file's bytes as
+    :func:`sign_bundle` describes it (a co-signer adds to an envelope on the same terms)."""
+    fresh = reissued(
+        describe_bundle(bundle, now=now, days=days), release=release, now=now, days=days
+    )
+    return _sign(fresh, signers, Path(out) if out else reissue_path(bundle, release))
+
+
+def reissued(
+    descriptor: BundleDescriptor, *, release: int, now: datetime, days: int
+) -> BundleDescriptor:
+    """``descriptor`` under a new, higher ``release``, with a new ``created`` and expiry.
+
+    Everything that pins the bytes stays; ``bundle_release`` is the release the manifest says
+    (the original descriptor's ``release``, or its ``bundle_release`` if it was a re-issue).
+    """
+    if release <= descriptor.release:
+        raise ConfigError(
+            f"release {release} is not above {descriptor.model} {descriptor.version}'s release "
+            f"{descriptor.release}: a re-issue must raise it (above every release the devices "
+            "have run, or they refuse it as a rollback)"
+        )
+    data = descriptor.model_dump()
+    data.update(
+        release=release,
+        bundle_release=descriptor.manifest_release,
+        created=now.replace(microsecond=0),
+        expires=(now + timedelta(days=days)).replace(microsecond=0),
+    )
+    try:
+        return BundleDescriptor.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(
+            f"the re-issued descriptor would be invalid: {describe_validation_error(exc)}"
+        ) from None
+
+
+def reissue_descriptor(
+    descriptor: BundleDescriptor,
+    signers: Sequence[Signer],
+    *,
+    release: int,
+    now: datetime,
+    days: int,
+) -> bytes:
+    """The envelope of ``descriptor`` re-issued under ``release`` (:func:`reissued`), signed by
+    ``signers``. Pure: bytes out, nothing written.
+
+    Sign only a descriptor the fleet has reason to trust: one read back from a document it
+    published is checked first with :func:`descriptor_to_reissue`.
+    """
+    if not signers:
+        raise ConfigError("give at least one release key")
+    fresh = reissued(descriptor, release=release, now=now, days=days)
+    return sign_envelope(DESCRIPTOR_TYPE, fresh.to_payload(), signers).to_bytes()
+
+
+def descriptor_to_reissue(envelope: bytes, trust: TrustedState, now: datetime) -> BundleDescriptor:
+    """The descriptor in an earlier envelope, once its signatures hold against ``trust`` now.
+
+    ``envelope`` is its bytes; a deployment's embedded one is read as the device reads it,
+    ``json.dumps(entry.descriptor).encode()``.
+
+    Its own expiry is not checked: a rollback may come long after the descriptor expired, and
+    what a re-issue keeps of it (the hashes that pin the bundle, its block list and manifest)
+    does not go stale. What is checked is that release keys the fleet trusts today signed it,
+    at the keyring's threshold and allowed for its model
+    (:meth:`~agent.trust.verifier.TrustedState.descriptor_once_signed`). Without that, whoever
+    can write the documents the fleet reads back (the broker) would have the fleet sign any
+    bundle hash under a fresh release. A descriptor whose keys have since been revoked or have
+    expired is refused: re-issue it from the bundle file instead (``edge-fleet bundle reissue``,
+    which describes the bytes it holds).
+    """
+    return trust.descriptor_once_signed(envelope, now)
+
+
+def _sign(fresh: BundleDescriptor, signers: Sequence[Signer], out: Path) -> tuple[Path, Envelope]:
+    """Write ``fresh``'s envelope to ``out``, or add ``signers`` to the one there on its terms."""
     if not signers:
         raise ConfigError("give at least one --key")
-    out = Path(out) if out else envelope_path(bundle)
-    fresh = describe_bundle(bundle, now=now, days=days)
     existing = _existing(out, fresh)
     if existing is None:
         envelope = sign_envelope(DESCRIPTOR_TYPE, fresh.to_payload(), signers)

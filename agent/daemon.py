@@ -51,7 +51,7 @@ from agent._lazy import release_free_memory
 from agent.bundle.blocks import BlockSource
 from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.bundle.unpack import unpack_bundle
-from agent.bundle.verify import check_bundle
+from agent.bundle.verify import check_bundle, check_bundle_structure
 from agent.config import AgentConfig
 from agent.errors import (
     BadContentError,
@@ -97,7 +97,7 @@ from agent.transport.messages import (
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
 from agent.transport.transfer import Transfer
-from agent.trust.metadata import MAX_METADATA_BYTES, DeploymentTarget
+from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
 from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment, VerifiedDescriptor
 from agent.upstream import Upstream
 
@@ -256,8 +256,10 @@ class Slot:
         runtime: str | None
         if served is not None:
             c = served.candidate
-            version, release = c.version, c.manifest.release
-            variant, sha = c.variant.id, c.bundle_sha256
+            version, variant, sha = c.version, c.variant.id, c.bundle_sha256
+            # The signed release, never the manifest's: the record's while it is the version
+            # served (a re-issued descriptor raises that one in place), else the candidate's.
+            release = i.release if i is not None and i.bundle_sha256 == sha else c.release
             runtime = served.runtime
             if i is not None and i.bundle_sha256 != sha:
                 fallback = VersionRef(
@@ -663,6 +665,7 @@ class DeviceAgent:
         return Candidate(
             name=name,
             version=installed.version,
+            release=installed.release,
             bundle_sha256=installed.bundle_sha256,
             directory=installed.path,
             manifest=manifest,
@@ -757,6 +760,33 @@ class DeviceAgent:
             ),
         )
         self._collect_garbage()
+
+    def _raise_release(self, slot: Slot, release: int) -> None:
+        """The effective document names the bytes the slot runs, under a higher release (a
+        re-issued descriptor): nothing is fetched or loaded, and the release moves as a commit
+        moves it, the floor first, then the record."""
+        assert slot.installed is not None
+        trusted = self.trusted.with_release(slot.name, release)
+        self.store.save_trust(trusted, self.points)
+        self.trusted = trusted
+        installed = slot.installed.model_copy(
+            update={"release": release, "deployment_id": slot.deployment_id}
+        )
+        self.store.save_installed(installed)
+        slot.installed = installed
+        self._out.reported_dirty = True
+        log.info(
+            "%s %s runs on as release %d",
+            slot.name,
+            installed.version,
+            release,
+            extra=log_fields(
+                model=slot.name,
+                version=installed.version,
+                deployment_id=installed.deployment_id,
+                bundle_id=installed.bundle_sha256,
+            ),
+        )
 
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step of the loop; a failure is logged and reported, and the loop goes on.
@@ -966,13 +996,18 @@ class DeviceAgent:
                 self._follow(slot, doc)
                 if name in self._restoring:  # loading what it ran before: the slot layer says when
                     continue
+                if verified.descriptor.release > slot.installed.release:
+                    self._raise_release(slot, verified.descriptor.release)
                 if slot.phase != Phase.ACTIVE or moved_on:
                     slot.error = None
                     self._phase(slot, Phase.ACTIVE)
                 continue
             if slot.target is not None and slot.target.descriptor.bundle_sha256 == want:
+                # Already on its way (or failed: a new document is needed). The bytes are the
+                # same; the release is the newer document's (it may be a re-issue).
+                slot.target = verified
                 self._follow(slot, doc)
-                continue  # already on its way (or failed: a new document is needed)
+                continue
             self._cancel(slot)
             slot.target, slot.variant = verified, variant
             self._follow(slot, doc)
@@ -1168,12 +1203,19 @@ class DeviceAgent:
             log.warning("cannot remove %s: %s", t.dir, exc)
         return stored
 
-    def _unpack(self, bundle: Path, dest: Path, manifest_sha256: str) -> Path:
+    def _unpack(self, bundle: Path, dest: Path, d: BundleDescriptor) -> Path:
+        # A stored bundle was checked against the descriptor it came with; this one may be
+        # another for the same bytes (named again, or re-issued under a higher release), so its
+        # manifest terms are checked again. A refusal is the descriptor's fault: the stored
+        # bytes are the signed ones and stay.
+        check_bundle_structure(bundle, d, self.config.limits)
         if dest.exists():  # left by a run that stopped before recording it
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            unpack_bundle(bundle, dest, manifest_sha256=manifest_sha256, limits=self.config.limits)
+            unpack_bundle(
+                bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
+            )
         except BadContentError:
             bundle.unlink(missing_ok=True)  # the stored copy is bad: fetch it again next time
             raise
@@ -1227,7 +1269,7 @@ class DeviceAgent:
         # Unpacked again even where it is the installed version's directory: loading that one
         # again means its copy did not serve (its restore failed), so the copy is suspect.
         self._phase(slot, Phase.UNPACKING)
-        self._submit(slot, "unpacked", self._unpack, bundle, dest, d.manifest_sha256)
+        self._submit(slot, "unpacked", self._unpack, bundle, dest, d)
 
     def _load(self, slot: Slot, dest: Path) -> None:
         """Choose the unpacked bundle's variant and runtime, and hand it to the slot layer."""

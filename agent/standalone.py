@@ -74,6 +74,7 @@ def serve_bundle(
         candidate = Candidate(
             name=manifest.name,
             version=manifest.version,
+            release=d.release,
             bundle_sha256=d.bundle_sha256,
             directory=dest,
             manifest=manifest,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -201,14 +201,18 @@ class Watcher:
 
 
 @contextmanager
-def watcher(broker: Broker, identity: str = "fleet", protocol: str = "5") -> Iterator[Watcher]:
+def watcher(
+    broker: Broker, identity: str = "fleet", protocol: str = "5", also: Sequence[str] = ()
+) -> Iterator[Watcher]:
+    """The fleet's view; ``also``: more topic filters whose messages go to ``raw`` too (block
+    requests, say)."""
     inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
     view = FleetView(TOPICS)
     session = Session(
         mqtt_settings(broker, identity, protocol),
         f"watcher-{os.getpid()}-{threading.get_ident()}",
         inbox,
-        subscriptions=view.subscriptions,
+        subscriptions=[*view.subscriptions, *also],
         persistent=False,
     )
     session.start()

@@ -311,6 +311,7 @@ def slot_candidate(
     return Candidate(
         name=name,
         version=version,
+        release=manifest.release,
         bundle_sha256=built.sha256,
         directory=dest,
         manifest=manifest,

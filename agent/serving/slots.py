@@ -92,6 +92,9 @@ class Candidate:
 
     name: str
     version: str
+    # The release it was deployed under: the signed descriptor's, which a re-issue raises
+    # above the manifest's.
+    release: int
     bundle_sha256: str
     directory: Path  # the unpacked bundle
     manifest: Manifest

@@ -208,6 +208,26 @@ def _bundle_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_reissue(args: argparse.Namespace) -> int:
+    from agent.fleet.keys import load_signer
+    from agent.fleet.sign import reissue_bundle
+
+    signers = [load_signer(k) for k in args.key]
+    out, envelope = reissue_bundle(
+        args.bundle,
+        signers,
+        release=args.release,
+        now=_now(None),
+        days=args.days,
+        out=args.output,
+    )
+    print(
+        f"re-issued {args.bundle} as release {args.release}: {out} "
+        f"({len(envelope.signatures)} signature(s))"
+    )
+    return 0
+
+
 def _bundle_verify(args: argparse.Namespace) -> int:
     from agent.fleet.sign import verify_file
 
@@ -233,8 +253,9 @@ def _bundle_verify(args: argparse.Namespace) -> int:
         )
     else:
         signers = ", ".join(k[:16] for k in sorted(verified.signers))
+        reissue = "" if d.bundle_release is None else f", built as {d.bundle_release}"
         print(
-            f"verified {args.bundle}: {d.model} {d.version} (release {d.release}), "
+            f"verified {args.bundle}: {d.model} {d.version} (release {d.release}{reissue}), "
             f"{_size(d.bundle_size)}, signed by {signers}, expires {d.expires:%Y-%m-%d}"
         )
     return 0
@@ -436,12 +457,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    from agent._strictjson import parse_model
     from agent.fleet.control import fleet_session, publish_retained, stage_bundle
     from agent.fleet.deploy import make_deployment
     from agent.fleet.keys import load_signer
     from agent.fleet.sign import envelope_path, sign_bundle
     from agent.trust.envelope import parse_envelope
-    from agent.trust.metadata import BundleDescriptor, DeploymentTarget
+    from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
 
     topics = Topics(args.prefix)
     now = _now(None)
@@ -456,13 +478,21 @@ def _deploy(args: argparse.Namespace) -> int:
         raise ConfigError("--follow-groups hands a --device back to its groups: give no bundles")
     if not args.follow_groups and not args.bundles_to_deploy:
         raise ConfigError("name the bundles to deploy (or --follow-groups, with --device)")
+    given = _given_descriptors(args.descriptor, args.bundles_to_deploy)
     descriptors: dict[str, bytes] = {}
     for bundle in args.bundles_to_deploy:
-        env_path = envelope_path(bundle)
-        if not env_path.exists():
-            sign_bundle(bundle, signers, now=now)  # a descriptor signed with the same key(s)
-        data = env_path.read_bytes()
-        descriptor = BundleDescriptor.model_validate_json(parse_envelope(data).payload)
+        data = given.get(bundle)
+        if data is None:
+            env_path = envelope_path(bundle)
+            if not env_path.exists():
+                sign_bundle(bundle, signers, now=now)  # a descriptor signed with the same key(s)
+            data = env_path.read_bytes()
+        descriptor = parse_model(
+            BundleDescriptor,
+            parse_envelope(data).payload,
+            what=f"the descriptor of {bundle}",
+            max_bytes=MAX_METADATA_BYTES,
+        )
         if descriptor.model in descriptors:
             raise ConfigError(f"two bundles of model {descriptor.model!r}")
         descriptors[descriptor.model] = data
@@ -495,6 +525,50 @@ def _deploy(args: argparse.Namespace) -> int:
         if args.wait and args.device and not args.follow_groups:
             return _wait_for(session, inbox, topics, args.device, dep_id, args.wait)
     return 0
+
+
+def _given_descriptors(paths: list[Path], bundles: list[Path]) -> dict[Path, bytes]:
+    """``--descriptor`` envelopes by the BUNDLE each describes (the one with its manifest).
+
+    A descriptor is matched to a bundle by the manifest digest it signs; the device checks the
+    rest of the bytes against it.
+    """
+    from agent._strictjson import parse_model
+    from agent.bundle.reader import read_index
+    from agent.trust.envelope import parse_envelope
+    from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor
+
+    if not paths:
+        return {}
+    by_manifest: dict[str, Path] = {}
+    for bundle in bundles:
+        try:
+            with open(bundle, "rb") as f:
+                by_manifest[read_index(f).manifest_sha256] = bundle
+        except OSError as exc:
+            raise ConfigError(f"cannot read {bundle}: {exc.strerror}") from None
+    given: dict[Path, bytes] = {}
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --descriptor {path}: {exc.strerror}") from None
+        d = parse_model(
+            BundleDescriptor,
+            parse_envelope(data).payload,
+            what=f"--descriptor {path}",
+            max_bytes=MAX_METADATA_BYTES,
+        )
+        described = by_manifest.get(d.manifest_sha256)
+        if described is None:
+            raise ConfigError(
+                f"--descriptor {path} describes {d.model} {d.version}, which is none of the "
+                "bundles given: name its bundle too"
+            )
+        if described in given:
+            raise ConfigError(f"two --descriptor envelopes for {described}")
+        given[described] = data
+    return given
 
 
 def _wait_for(
@@ -732,6 +806,29 @@ def fleet_parser() -> argparse.ArgumentParser:
     b.add_argument("--days", type=int, default=90, help="days until the signature expires")
     b.add_argument("-o", "--output", type=Path, help="envelope path (default BUNDLE.dsse)")
     b.set_defaults(handler=_bundle_sign)
+    b = bundle.add_parser(
+        "reissue",
+        help="sign an earlier bundle's descriptor afresh under a higher release (a rollback)",
+        description="Sign BUNDLE's descriptor again under release N, above every release the "
+        "devices have run: devices go back to the bundle's bytes (blocks they kept are not "
+        "fetched again) while their release floor only rises. Deploy it with "
+        "'edge-fleet deploy BUNDLE --descriptor OUT'.",
+    )
+    b.add_argument("bundle", type=Path)
+    b.add_argument(
+        "--release", type=int, required=True, metavar="N", help="the new release counter"
+    )
+    b.add_argument(
+        "--key", type=Path, action="append", required=True, help="release private key (repeatable)"
+    )
+    b.add_argument("--days", type=int, default=90, help="days until the signature expires")
+    b.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="envelope path (default BUNDLE.rN.dsse; BUNDLE.dsse stays)",
+    )
+    b.set_defaults(handler=_bundle_reissue)
     b = bundle.add_parser("verify", help="verify a bundle as a device would")
     b.add_argument("bundle", type=Path)
     b.add_argument(
@@ -786,6 +883,15 @@ def fleet_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("EDGE_FLEET_BUNDLES", "bundles")),
         metavar="DIR",
         help="the bundle server's directory (default $EDGE_FLEET_BUNDLES or ./bundles)",
+    )
+    d.add_argument(
+        "--descriptor",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="ENVELOPE",
+        help="deploy this signed descriptor for the BUNDLE it describes, in place of "
+        "BUNDLE.dsse (e.g. one 'bundle reissue' wrote; repeatable)",
     )
     d.add_argument("--days", type=int, default=30, help="days until the deployment expires")
     d.add_argument("--sequence", type=int, help="default: milliseconds since the epoch")

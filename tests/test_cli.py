@@ -319,3 +319,67 @@ def test_output_read_by_a_reader_that_stops_early_is_no_error(keys) -> None:  # 
         os.close(write)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0
+
+
+def test_reissue_signs_the_bundle_afresh_under_a_higher_release(
+    fleet: dict[str, Path], capsys
+) -> None:
+    """Beside BUNDLE.dsse, which stays; verified as a device at the old floor verifies it; and
+    deploy takes it with --descriptor."""
+    from agent.trust.envelope import parse_envelope
+
+    bundle, key, trust = fleet["bundle"], fleet["release"], fleet["keys"]
+    original = Path(f"{bundle}.dsse").read_bytes()
+    code, out, err = run(capsys, "bundle", "reissue", bundle, "--release", 1000005, "--key", key)
+    assert (code, err) == (0, "")
+    reissued = Path(f"{bundle}.r1000005.dsse")
+    assert out == f"re-issued {bundle} as release 1000005: {reissued} (1 signature(s))\n"
+    assert Path(f"{bundle}.dsse").read_bytes() == original
+    payload = json.loads(parse_envelope(reissued.read_bytes()).payload)
+    assert (payload["release"], payload["bundle_release"]) == (1000005, 1000000)
+    code, out, err = run(
+        capsys,
+        "bundle",
+        "verify",
+        bundle,
+        "--trust",
+        trust,
+        "--envelope",
+        reissued,
+        "--min-release",
+        1000003,
+    )
+    assert (code, err) == (0, "")
+    assert "m 1.0.0 (release 1000005, built as 1000000)" in out
+    # The release must rise.
+    code, _, err = run(capsys, "bundle", "reissue", bundle, "--release", 1000000, "--key", key)
+    assert code == 2
+    assert "release 1000000 is not above m 1.0.0's release 1000000" in err
+
+    document = fleet["keys"].parent / "deployment.json"
+    served = fleet["keys"].parent / "served"
+    deploy = ["deploy", bundle, "--device", "cam-01", "--key", key, "--bundles", served]
+    code, _, err = run(capsys, *deploy, "--descriptor", reissued, "-o", document, "--no-publish")
+    assert (code, err) == (0, "")
+    models = json.loads(parse_envelope(document.read_bytes()).payload)["models"]
+    assert models["m"]["descriptor"] == json.loads(reissued.read_bytes())
+    # A descriptor of none of the bundles named is a mistake, said so.
+    other = fleet["keys"].parent / "other.emb"
+    model = make_onnx(fleet["keys"].parent / "o.onnx", seed=9)
+    assert (
+        run(capsys, "bundle", "build", "--name", "m", "--version", "1.0.1", "-o", other, model)[0]
+        == 0
+    )
+    code, _, err = run(
+        capsys,
+        *deploy[:1],
+        other,
+        *deploy[2:],
+        "--descriptor",
+        reissued,
+        "-o",
+        document,
+        "--no-publish",
+    )
+    assert code == 2
+    assert "describes m 1.0.0, which is none of the bundles given" in err

@@ -193,6 +193,60 @@ With the mosquitto clients: write the message without publishing it, then publis
     mosquitto_pub -h BROKER -p 8883 --cafile ca.crt --cert fleet.crt --key fleet.key -V mqttv5 \\
         -t '{trust}' -r -q 1 -f trust.json
 
+## Going back to an earlier bundle
+
+A device refuses a bundle descriptor whose `release` is below its release floor for the model:
+the highest release it has committed, which only rises. To send devices back to an earlier
+bundle the fleet does not rebuild it: it *re-issues* the earlier bundle's descriptor, signed
+afresh by release keys, under a new `release` above every release the devices have run, with
+`bundle_release` set to the release the bundle's manifest was built with:
+
+    edge-fleet bundle reissue classifier-1.1.0.emb --release 1003000 \\
+        --key keys/private/release-KEYID.pem
+    edge-fleet deploy classifier-1.1.0.emb --descriptor classifier-1.1.0.emb.r1003000.dsse \\
+        --device cam-01 --key keys/private/release-KEYID.pem
+
+As in TUF and Uptane, the anti-rollback counter belongs to the signed metadata, and the bytes
+stay pinned by their hash: they do not change, so a device that kept the bundle (it keeps the
+last good one) fetches nothing, and blocks it holds in other stored bundles are copied, not
+fetched. The device checks the manifest against the descriptor as for any bundle, comparing the
+manifest's release with `bundle_release` where it is set (else with `release`); it reports the
+descriptor's `release` and raises its floor to it when the version commits. A device that runs
+those very bytes already takes the higher release at once, with no reload. `bundle_release`
+appears only in a re-issued descriptor and must be below its `release`.
+
+## Threats, in TUF and Uptane terms
+
+An attacker who controls the broker or the network can drop, delay, reorder and replay any
+message, and publish whatever the broker lets them; they hold no release or root key.
+
+- **Rollback and replay.** An older deployment replayed on a desired topic is refused by its
+  `sequence` (kept per topic, never lower after a restart); an older descriptor inside a newer
+  document is refused by the release floor (`rollback`). Once a device has run a re-issued
+  descriptor, the bundle's original one (a lower release) is refused like any older release.
+- **Freeze.** Holding a device on old metadata is bounded by expiry: roots, keyrings, release
+  keys, descriptors and deployments all expire, and the device refuses what has (`expired`).
+- **Mix and match.** The descriptor pins the bundle's SHA-256 and size, the hash of its block
+  list and the manifest's digest together: each block is checked against the list before it is
+  written, the file and each member before anything is installed (`digest-mismatch`).
+- **Arbitrary bundle, endless data.** Only keyring release keys, at the keyring's threshold and
+  allowed the model, sign descriptors and deployments; every size is bounded by the descriptor
+  and by the device's limits.
+
+A re-issue needs a release key, and gives it no power it lacked: a key that may sign a
+descriptor of the model under any release can as well build and sign a new bundle with a
+higher `--release`. The fleet re-issues only a descriptor that release keys it trusts today
+signed (whatever that descriptor's own expiry: the hashes a re-issue keeps do not go stale), or
+one it describes afresh from the bundle file (`edge-fleet bundle reissue`); otherwise whoever
+writes the documents the fleet reads back could have it sign any bytes under a fresh release.
+
+What a re-issue cannot do: lower a floor (the device compares the descriptor's `release`, and
+nothing takes a device below a release it has committed), or change the bytes (they stay pinned
+by their hash). An agent that predates `bundle_release` refuses a re-issued descriptor as
+malformed (`format`) and keeps what it runs: upgrade it first, or build the bundle again with a
+higher `--release` for it. Descriptors that are not re-issues carry no `bundle_release`, so
+such agents read all of them as before.
+
 ## Telemetry
 
 `{d.telemetry}` carries a `Telemetry` message every `[telemetry] interval_s` (60 s by
@@ -235,8 +289,8 @@ A document it refuses (say, the same deployment signed by a key the keyring does
 changes nothing; `Reported.error` says `{{"code": "untrusted-key", ...}}`. Publishing an empty
 retained message to a desired topic (`-r -n`) removes the document from the broker; the device
 keeps what it runs. A device refuses a bundle whose release counter is below the one it runs
-(anti-rollback): to go back to an earlier model, deploy it as a new release, a bundle built
-with a higher `--release`, in a new document.
+(anti-rollback): to go back to an earlier model, re-issue its descriptor under a higher release
+(below, "Going back to an earlier bundle") and deploy that.
 
 Watch the blocks a device receives (frames; the JSON header is readable):
 

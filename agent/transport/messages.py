@@ -291,6 +291,136 @@ def decode_block_reply(
     return header, payload[_HEAD.size + length :]
 
 
+# -- rollouts (fleet side) ----------------------------------------------------------------------
+# A rollout's plan, state and the operators' requests are retained under ``rollouts/{id}/``, so
+# that any controller can carry a rollout on and any operator can see it; devices never read them.
+RolloutStatus = Literal[
+    "running", "paused", "halted", "aborted", "done", "rolling-back", "rolled-back"
+]
+ROLLOUT_FINAL: frozenset[str] = frozenset({"aborted", "done", "rolled-back"})
+MAX_ROLLOUT_DEVICES = 5000  # the plan of so many stays well under MAX_MESSAGE_BYTES
+HEARTBEAT_S = 5.0  # a driving controller says so this often on the state topic
+LEASE_S = 3 * HEARTBEAT_S  # a state whose heartbeat is older has no live controller
+# Failure codes of a rollout that are not a device's own error codes.
+TIMED_OUT, OFFLINE, NOT_RETURNED = "timed-out", "offline", "not-returned"
+Envelope = dict[str, object]  # a DSSE envelope as its JSON object
+
+
+class RolloutModel(_Message):
+    """A model the rollout deploys: its bundle's signed descriptor, and what that says."""
+
+    version: Annotated[str, Field(max_length=64)]
+    release: Annotated[int, Field(ge=1)]
+    bundle_sha256: Hex64
+    descriptor: Envelope
+
+
+class DocumentTerms(_Message):
+    """The terms every device document of a rollout (or of its rollback) is signed on: the same
+    terms give the same bytes (Ed25519 is deterministic), so publishing one again changes
+    nothing on a device."""
+
+    deployment_id: TargetId
+    sequence: Annotated[int, Field(ge=1, le=2**53)]
+    issued: AwareDatetime
+    expires: AwareDatetime
+
+
+class Gate(_Message):
+    """What a wave must show before the next one starts."""
+
+    wave_timeout_s: Annotated[float, Field(gt=0)]
+    max_failures: Annotated[int, Field(ge=0)] | None = 0  # failed, rolled back, refused, timed out
+    max_failures_percent: Annotated[float, Field(ge=0, le=100)] | None = None  # of the wave
+    soak_s: Annotated[float, Field(ge=0)] = 0.0  # then the wave's telemetry against the old one's
+    max_error_rate_increase: Annotated[float, Field(ge=0, le=1)] = 0.01  # errors per request
+    max_p99_ratio: Annotated[float, Field(ge=1)] = 1.5
+
+
+class PriorVersion(_Message):
+    """What some devices ran of a model before the rollout: where a rollback returns them."""
+
+    version: Annotated[str, Field(max_length=64)]
+    release: Annotated[int, Field(ge=1)]
+    bundle_sha256: Hex64
+    variant: Annotated[str, Field(max_length=32)] | None = None  # the one it ran
+    devices: list[TargetId] = Field(max_length=MAX_ROLLOUT_DEVICES)
+
+
+class RolloutPlan(_Message):
+    """``rollouts/{id}/plan``, retained: written once, when the rollout starts."""
+
+    type: Literal["rollout-plan"] = "rollout-plan"
+    rollout_id: TargetId
+    created: AwareDatetime
+    created_by: Annotated[str, Field(max_length=128)]
+    group: TargetId | None = None
+    selectors: list[Annotated[str, Field(max_length=128)]] = Field(default=[], max_length=16)
+    models: dict[ModelName, RolloutModel] = Field(min_length=1, max_length=16)
+    variants: dict[ModelName, Annotated[str, Field(max_length=32)]] = {}
+    terms: DocumentTerms
+    gate: Gate
+    waves: list[list[TargetId]] = Field(min_length=1, max_length=64)
+    # Devices a model ran on before, per model and version; a device not listed ran none.
+    prior: dict[ModelName, list[PriorVersion]] = {}
+    prior_descriptors: dict[Hex64, Envelope] = {}  # signed descriptors of those versions
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for wave in self.waves for d in wave]
+
+
+class DeviceFailure(_Message):
+    device: TargetId
+    wave: Annotated[int, Field(ge=0)]
+    code: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")]
+    message: Text = ""
+
+
+class RollbackTerms(_Message):
+    """What a rollback publishes: fresh terms, and each earlier bundle's descriptor re-issued
+    with a release above every one the rollout reached (the bytes, so the blocks, unchanged)."""
+
+    terms: DocumentTerms
+    descriptors: dict[Hex64, Envelope]  # bundle sha256 -> re-issued descriptor
+    devices: list[TargetId] = Field(max_length=MAX_ROLLOUT_DEVICES)  # those it returns
+    published: bool = False  # every device's document is on the broker
+
+
+class RolloutState(_Message):
+    """``rollouts/{id}/state``, retained: where the rollout stands, written by its controller.
+
+    ``wave`` is the current wave (0-based); its documents are all on the broker once
+    ``published`` is above it. ``owner`` and ``heartbeat`` say which controller drives it: another
+    one takes over only once the heartbeat is old (or the owner's process is gone).
+    """
+
+    type: Literal["rollout-state"] = "rollout-state"
+    rollout_id: TargetId
+    status: RolloutStatus
+    wave: Annotated[int, Field(ge=0)] = 0
+    published: Annotated[int, Field(ge=0)] = 0
+    wave_started: AwareDatetime | None = None
+    soak_started: AwareDatetime | None = None
+    failures: list[DeviceFailure] = Field(default=[], max_length=MAX_ROLLOUT_DEVICES)
+    reason: Text | None = None
+    rollback: RollbackTerms | None = None
+    control_at: AwareDatetime | None = None  # the last operator request taken
+    owner: Annotated[str, Field(max_length=128)] | None = None
+    heartbeat: AwareDatetime | None = None
+    updated: AwareDatetime
+
+
+class RolloutControl(_Message):
+    """``rollouts/{id}/control``, retained: an operator's request to the rollout's controller."""
+
+    type: Literal["rollout-control"] = "rollout-control"
+    rollout_id: TargetId
+    action: Literal["pause", "resume", "abort"]
+    at: AwareDatetime
+    by: Annotated[str, Field(max_length=128)] = ""
+
+
 MESSAGES: dict[str, type[_Message]] = {
     "online": Online,
     "reported": Reported,
@@ -299,6 +429,9 @@ MESSAGES: dict[str, type[_Message]] = {
     "block request": BlockRequest,
     "block reply header": BlockReplyHeader,
     "trust": TrustUpdate,
+    "rollout plan": RolloutPlan,
+    "rollout state": RolloutState,
+    "rollout control": RolloutControl,
 }
 
 __all__ = [
@@ -315,6 +448,9 @@ __all__ = [
     "Online",
     "Phase",
     "Reported",
+    "RolloutControl",
+    "RolloutPlan",
+    "RolloutState",
     "Telemetry",
     "TrustStatus",
     "TrustUpdate",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
+from typing import get_args
 
 from pydantic import BaseModel
 
@@ -16,16 +17,21 @@ from agent import errors
 from agent.errors import EdgeAgentError
 from agent.transport.messages import (
     BLOCK_LIST_PAGE,
+    HEARTBEAT_S,
+    LEASE_S,
     MAX_TELEMETRY_METRICS,
     MAX_WINDOW,
     MESSAGES,
     METRICS,
+    OFFLINE,
+    TIMED_OUT,
     Event,
     HardwareProfile,
     ModelStatus,
     Online,
     Phase,
     Reported,
+    RolloutStatus,
     TrustStatus,
 )
 from agent.transport.topics import Topics
@@ -59,6 +65,9 @@ of letters, digits, `.`, `_` and `-` (at most 64 characters).
 | `{request}` | no | device -> bundle servers | `BlockRequest` |
 | `{d.blocks}` | no | bundle server -> device | block reply frame |
 | `{trust}` | yes | fleet -> devices | `TrustUpdate` |
+| `{rollouts}/plan` | yes | fleet -> fleet | `RolloutPlan` |
+| `{rollouts}/state` | yes | fleet -> fleet | `RolloutState` |
+| `{rollouts}/control` | yes | fleet -> fleet | `RolloutControl` |
 
 Bundle servers subscribe to `{shared}` (an MQTT 5 shared subscription, so several servers
 split the load; on a 3.1.1 broker one server subscribes to `{plain}`).
@@ -258,6 +267,46 @@ models that run.
 |---|---|---|
 {metrics}
 
+## Rollouts
+
+A rollout (`edge-fleet rollout start`) takes a version to a target set in waves. Its state lives
+on the broker, retained, so that any controller on any machine can carry it on after a crash and
+every operator sees the same thing; devices never read these topics (the shipped ACL gives them
+no access):
+
+- `{rollouts}/plan` is written once, when the rollout starts: the rolled-out models with
+  their signed descriptors, the target (a group, narrowed by selectors on what devices report),
+  the waves (device ids, ordered by a hash of the rollout id and the device id), the gate, the
+  terms every device document is signed on (`deployment_id`, `sequence`, `issued`, `expires`),
+  and what each device ran of each model before, with those versions' signed descriptors.
+- `{rollouts}/state` is written by the controller that drives the rollout, before and after
+  every step: `status` ({statuses}), the current `wave` and how many waves are `published`, the
+  failures with their reason codes, why it halted, the rollback's terms, and `owner` and
+  `heartbeat` (every {heartbeat:g} s). Another controller takes over only when the heartbeat is
+  older than {lease:g} s or the owner's process is gone.
+- `{rollouts}/control` carries an operator's `pause`, `resume` or `abort`; the driving
+  controller applies a request newer than the last it took (`control_at`).
+
+During a rollout each device gets a document of its own on its desired topic: what its
+effective document named, with the rolled-out models replaced (so its other models stay), signed
+on the plan's terms. The same terms give the same bytes, so a controller that publishes a
+document again after a restart changes nothing on the device. A wave passes its gate once each
+of its devices reports `active` on the new bundles, with failures (`failed`, `rolled-back`, a
+refusal -- a `rejected` event on its desired topic --, `{timed_out}` or `{offline}` at the
+wave's timeout) counted over every device published so far at most the threshold; with a soak
+time, the new version's error rate and p99 latency from `model.<name>.*` telemetry are then
+compared with those of devices still on the old version. A gate that fails halts the rollout.
+
+A rollback (`edge-fleet rollout rollback`) sends every device the rollout reached a document
+that names what it ran before, each earlier bundle's descriptor re-issued with a release above
+every one the rollout reached (see "Going back to an earlier bundle" above): devices keep
+refusing older releases, and the bytes, so the blocks a device kept, are the same. Two rollouts
+that share a device are refused: a new one is checked against every rollout not yet done,
+aborted or rolled back, and of two started at the same moment the one whose plan the broker
+took first stands (the other aborts itself before it publishes to any device). On a clustered
+broker that order is the order of the node that holds the retained plans; start rollouts from
+one place there.
+
 ## Worked example: driving a device with the mosquitto clients
 
 The fleet's certificate (`fleet.crt`, CN `fleet`) may publish desired documents; a device's may
@@ -373,6 +422,12 @@ def render(prefix: str = "ema/v1") -> str:
             group=f"{prefix}/groups/{{group}}/desired",
             request=f"{prefix}/bundles/{{sha256}}/request/{{id}}",
             trust=topics.trust,
+            rollouts=f"{prefix}/rollouts/{{id}}",
+            statuses=", ".join(f"`{x}`" for x in get_args(RolloutStatus)),
+            heartbeat=HEARTBEAT_S,
+            lease=LEASE_S,
+            timed_out=TIMED_OUT,
+            offline=OFFLINE,
             shared=topics.bundle_requests_filter(),
             plain=topics.bundle_requests_filter(shared=False),
             deployment_type=DEPLOYMENT_TYPE,

@@ -11,6 +11,9 @@ Under one configurable prefix (default ``ema/v1``)::
     groups/{group}/desired   retained   fleet -> devices  signed deployment document
     bundles/{sha256}/request/{id}       device -> server  block requests (a shared subscription)
     trust                    retained   fleet -> devices  root chain and keyring updates
+    rollouts/{id}/plan       retained   fleet -> fleet    a rollout's plan (waves, gate, prior versions)
+    rollouts/{id}/state      retained   fleet -> fleet    where it stands, and which controller drives it
+    rollouts/{id}/control    retained   fleet -> fleet    pause, resume, abort
 
 The requesting device's id is the last level of a block request's topic, where the broker's ACL
 binds it to the device's certificate; a bundle server answers that device only.
@@ -35,6 +38,7 @@ _ID = re.compile(ID_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PREFIX = re.compile(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,7}")
 
+RolloutChannel = Literal["plan", "state", "control"]
 DeviceChannel = Literal["desired", "reported", "online", "telemetry", "events", "blocks"]
 _DEVICE_CHANNELS: tuple[DeviceChannel, ...] = (
     "desired",
@@ -44,6 +48,8 @@ _DEVICE_CHANNELS: tuple[DeviceChannel, ...] = (
     "events",
     "blocks",
 )
+
+_ROLLOUT_CHANNELS: tuple[RolloutChannel, ...] = ("plan", "state", "control")
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -60,7 +66,7 @@ def check_id(value: str, what: str = "id") -> str:
 class TopicRef:
     """What an incoming topic addresses."""
 
-    kind: Literal["device", "group", "bundle", "trust"]
+    kind: Literal["device", "group", "bundle", "trust", "rollout"]
     channel: str  # "desired", "reported", ..., "request", "trust"
     id: str = ""  # device id, group id or bundle sha256
     device: str = ""  # the requesting device, for a block request
@@ -125,6 +131,12 @@ class Topics:
     def trust(self) -> str:
         return f"{self.prefix}/trust"
 
+    def rollout(self, rollout_id: str, channel: RolloutChannel) -> str:
+        return f"{self.prefix}/rollouts/{check_id(rollout_id, 'rollout id')}/{channel}"
+
+    def all_rollouts_filter(self, channel: RolloutChannel) -> str:
+        return f"{self.prefix}/rollouts/+/{channel}"
+
     # -- subscriptions of the fleet side --------------------------------------------------------
     def bundle_requests_filter(self, shared: bool = True) -> str:
         """Block requests for every bundle; shared so several servers split the load (MQTT 5)."""
@@ -149,6 +161,8 @@ class Topics:
                 return TopicRef("device", channel, ident)
             if section == "groups" and channel == "desired" and _ID.fullmatch(ident):
                 return TopicRef("group", channel, ident)
+            if section == "rollouts" and channel in _ROLLOUT_CHANNELS and _ID.fullmatch(ident):
+                return TopicRef("rollout", channel, ident)
         if len(parts) == 4:
             section, ident, channel, device = parts
             if (

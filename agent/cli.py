@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent._strictjson import loads
 from agent.errors import BadContentError, ConfigError, EdgeAgentError
-from agent.transport.messages import COMMON_PACKET_LIMIT, Phase
+from agent.transport.messages import COMMON_PACKET_LIMIT
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
 
@@ -456,14 +456,63 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deploy(args: argparse.Namespace) -> int:
+def _stage_bundles(
+    bundles: Sequence[Path],
+    signers: Sequence[Any],
+    now: datetime,
+    bundles_dir: Path,
+    given: Mapping[Path, bytes] | None = None,
+) -> dict[str, bytes]:
+    """Each bundle's signed descriptor (``given``, else its ``.dsse``, signed now if it has
+    none), the bundle copied into the bundle server's directory: model -> descriptor envelope."""
     from agent._strictjson import parse_model
-    from agent.fleet.control import fleet_session, publish_retained, stage_bundle
-    from agent.fleet.deploy import make_deployment
-    from agent.fleet.keys import load_signer
+    from agent.fleet.control import stage_bundle
     from agent.fleet.sign import envelope_path, sign_bundle
     from agent.trust.envelope import parse_envelope
-    from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
+    from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor
+
+    descriptors: dict[str, bytes] = {}
+    for bundle in bundles:
+        data = (given or {}).get(bundle)
+        if data is None:
+            env_path = envelope_path(bundle)
+            if not env_path.exists():
+                sign_bundle(bundle, signers, now=now)  # a descriptor signed with the same key(s)
+            data = env_path.read_bytes()
+        descriptor = parse_model(
+            BundleDescriptor,
+            parse_envelope(data).payload,
+            what=f"the descriptor of {bundle}",
+            max_bytes=MAX_METADATA_BYTES,
+        )
+        if descriptor.model in descriptors:
+            raise ConfigError(f"two bundles of model {descriptor.model!r}")
+        descriptors[descriptor.model] = data
+        staged = stage_bundle(bundle, bundles_dir)
+        print(f"{descriptor.model} {descriptor.version}: {staged} (served from {bundles_dir})")
+    return descriptors
+
+
+def _sha(descriptor_envelope: bytes) -> str:
+    from agent.trust.envelope import parse_envelope
+    from agent.trust.metadata import BundleDescriptor
+
+    payload = parse_envelope(descriptor_envelope).payload
+    return BundleDescriptor.model_validate_json(payload).bundle_sha256
+
+
+def _variants(given: Sequence[str]) -> dict[str, str]:
+    if any("=" not in v for v in given):
+        raise ConfigError("--variant takes MODEL=VARIANT")
+    return dict(v.split("=", 1) for v in given)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from agent.fleet.control import fleet_session, publish_retained
+    from agent.fleet.deploy import make_deployment
+    from agent.fleet.keys import load_signer
+    from agent.trust.envelope import parse_envelope
+    from agent.trust.metadata import DeploymentTarget
 
     topics = Topics(args.prefix)
     now = _now(None)
@@ -479,28 +528,8 @@ def _deploy(args: argparse.Namespace) -> int:
     if not args.follow_groups and not args.bundles_to_deploy:
         raise ConfigError("name the bundles to deploy (or --follow-groups, with --device)")
     given = _given_descriptors(args.descriptor, args.bundles_to_deploy)
-    descriptors: dict[str, bytes] = {}
-    for bundle in args.bundles_to_deploy:
-        data = given.get(bundle)
-        if data is None:
-            env_path = envelope_path(bundle)
-            if not env_path.exists():
-                sign_bundle(bundle, signers, now=now)  # a descriptor signed with the same key(s)
-            data = env_path.read_bytes()
-        descriptor = parse_model(
-            BundleDescriptor,
-            parse_envelope(data).payload,
-            what=f"the descriptor of {bundle}",
-            max_bytes=MAX_METADATA_BYTES,
-        )
-        if descriptor.model in descriptors:
-            raise ConfigError(f"two bundles of model {descriptor.model!r}")
-        descriptors[descriptor.model] = data
-        staged = stage_bundle(bundle, args.bundles)
-        print(f"{descriptor.model} {descriptor.version}: {staged} (served from {args.bundles})")
-    if any("=" not in v for v in args.variant):
-        raise ConfigError("--variant takes MODEL=VARIANT")
-    variants = dict(v.split("=", 1) for v in args.variant)
+    descriptors = _stage_bundles(args.bundles_to_deploy, signers, now, args.bundles, given)
+    variants = _variants(args.variant)
     document = make_deployment(
         descriptors,
         target=target,
@@ -518,13 +547,27 @@ def _deploy(args: argparse.Namespace) -> int:
         if args.no_publish:
             return 0
     settings = _mqtt_settings(args)
+    dep_id = json.loads(parse_envelope(document).payload)["deployment_id"]
     with fleet_session(settings, _client_id(args, "deploy")) as (session, inbox):
-        publish_retained(session, topic, document)
-        dep_id = json.loads(parse_envelope(document).payload)["deployment_id"]
-        print(f"published deployment {dep_id} to {topic}")
-        if args.wait and args.device and not args.follow_groups:
-            return _wait_for(session, inbox, topics, args.device, dep_id, args.wait)
-    return 0
+
+        def publish() -> None:
+            publish_retained(session, topic, document)
+            print(f"published deployment {dep_id} to {topic}", flush=True)
+
+        if not args.wait or args.follow_groups:
+            publish()
+            return 0
+        return _wait_for(
+            session,
+            inbox,
+            topics,
+            publish,
+            dep_id=dep_id,
+            want={name: _sha(data) for name, data in descriptors.items()},
+            timeout=args.wait,
+            device=args.device,
+            group=args.group,
+        )
 
 
 def _given_descriptors(paths: list[Path], bundles: list[Path]) -> dict[Path, bytes]:
@@ -572,34 +615,76 @@ def _given_descriptors(paths: list[Path], bundles: list[Path]) -> dict[Path, byt
 
 
 def _wait_for(
-    session: Any, inbox: Any, topics: Topics, device: str, dep_id: str, timeout: float
+    session: Any,
+    inbox: Any,
+    topics: Topics,
+    publish: Callable[[], None],
+    *,
+    dep_id: str,
+    want: Mapping[str, str | None],
+    timeout: float,
+    device: str | None = None,
+    group: str | None = None,
 ) -> int:
-    """Follow one device's reported state until every model is final; show progress bars."""
+    """Publish, then follow a device (or every device of a group, as they report) until each
+    is active on what was deployed, failed, or refused the document; progress on stderr.
+    Subscribed and caught up with the retained state before the document goes out, so that
+    a refusal that comes at once is seen as it comes.
+
+    0: all active, 1: any failed or refused, 3: not all finished within ``timeout``.
+    """
     import queue as _queue
 
-    from agent.fleet.control import FINAL, FleetView, bar
+    from agent.fleet.control import bar
+    from agent.fleet.rollout import Follower, Knowledge, collect
     from agent.transport.session import Incoming
 
-    view = FleetView(topics)
-    session.subscribe(topics.device(device).reported)
-    deadline = time.monotonic() + timeout
+    knowledge = Knowledge(topics)
+    if device:
+        d = topics.device(device)
+        filters = [d.reported, d.online, d.events]
+    else:
+        filters = knowledge.view.subscriptions
+    for f in filters:
+        session.subscribe(f)
+    collect(inbox, knowledge, quiet=0.3)
+    publish()
+    follower = Follower(knowledge, dep_id, group=group)
     tty = sys.stderr.isatty()
+    deadline = time.monotonic() + timeout
     last_line = ""
-    while time.monotonic() < deadline:
-        try:
-            item = inbox.get(timeout=0.2)
-        except _queue.Empty:
-            continue
-        if not isinstance(item, Incoming) or view.update(item) != device:
-            continue
-        reported = view.devices[device].reported
-        if reported is None or reported.deployment_id != dep_id:
-            continue
-        parts = [
-            f"{name} {m.phase.value} {bar(m.progress) if m.progress is not None else ''}".rstrip()
-            for name, m in sorted(reported.models.items())
-        ]
-        line = f"{device}: " + ", ".join(parts)
+    while True:
+        if device:
+            follower.watching = {device}
+        else:
+            follower.watching = {
+                dev
+                for dev, view in knowledge.view.devices.items()
+                if view.reported and group in view.reported.groups
+            }
+        outcomes = {dev: follower.outcome(dev, want) for dev in sorted(follower.watching)}
+        if device and device in outcomes:
+            r = (
+                knowledge.view.devices[device].reported
+                if device in knowledge.view.devices
+                else None
+            )
+            parts = (
+                [
+                    f"{n} {m.phase.value} {bar(m.progress) if m.progress is not None else ''}".rstrip()
+                    for n, m in sorted(r.models.items())
+                ]
+                if r is not None and r.deployment_id == dep_id
+                else [outcomes[device].phase]
+            )
+            line = f"{device}: " + ", ".join(parts)
+        else:
+            counts: dict[str, int] = {}
+            for o in outcomes.values():
+                counts[o.phase] = counts.get(o.phase, 0) + 1
+            line = f"group {group}: " + (
+                ", ".join(f"{n} {p}" for p, n in sorted(counts.items())) or "no device reported"
+            )
         if line != last_line:
             print(
                 ("\r" + line.ljust(len(last_line))) if tty else line,
@@ -608,22 +693,29 @@ def _wait_for(
                 flush=True,
             )
             last_line = line
-        if reported.error is not None:
-            print(
-                f"\n{device} refused the deployment ({reported.error.code}): {reported.error.message}",
-                file=sys.stderr,
-            )
-            return 1
-        if reported.models and all(m.phase in FINAL for m in reported.models.values()):
+        if outcomes and all(o.final for o in outcomes.values()):
             if tty:
                 print(file=sys.stderr)
-            failed = {n: m for n, m in reported.models.items() if m.phase != Phase.ACTIVE}
-            for name, m in failed.items():
-                code = m.error.code if m.error else m.phase.value
-                print(f"{name}: {code}: {m.error.message if m.error else ''}", file=sys.stderr)
-            return 1 if failed else 0
-    print(f"\n{device} did not finish within {timeout:.0f} s", file=sys.stderr)
-    return 3
+            bad = {dev: o for dev, o in outcomes.items() if not o.ok}
+            for dev, o in bad.items():
+                if o.model:
+                    print(f"{dev}: {o.model}: {o.code}: {o.message}", file=sys.stderr)
+                else:
+                    print(f"{dev} refused the deployment ({o.code}): {o.message}", file=sys.stderr)
+            return 1 if bad else 0
+        if time.monotonic() >= deadline:
+            waiting = [dev for dev, o in outcomes.items() if not o.final]
+            shown = ", ".join(waiting[:10]) + (" ..." if len(waiting) > 10 else "")
+            print(f"\nnot finished within {timeout:.0f} s: {shown or 'no device'}", file=sys.stderr)
+            return 3
+        end = time.monotonic() + 0.2
+        while (left := end - time.monotonic()) > 0:
+            try:
+                item = inbox.get(timeout=left)
+            except _queue.Empty:
+                break
+            if isinstance(item, Incoming):
+                follower.update(item)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -692,6 +784,357 @@ def _trust_publish(args: argparse.Namespace) -> int:
         publish_retained(session, topics.trust, update.to_bytes())
     print(f"published {what} to {topics.trust}")
     return 0
+
+
+# -- edge-fleet rollout -------------------------------------------------------------------------
+def _rollout_trust(args: argparse.Namespace, now: datetime) -> Any:
+    """The fleet's trust (root and keyring) from --trust, else the first --key's directory."""
+    from agent.fleet.keys import ROOT_FILE
+    from agent.fleet.sign import load_trust
+
+    key_dir = args.key[0].parent  # keys init keeps release keys in <dir>/private/
+    where = args.trust or next(
+        (d for d in (key_dir, key_dir.parent) if (d / ROOT_FILE).exists()), key_dir
+    )
+    try:
+        return load_trust(where, now)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (give the key directory with --trust)") from None
+
+
+def _progress(line: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    print(f"{stamp} {line}", file=sys.stderr, flush=True)
+
+
+def _drive(controller: Any, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from agent.fleet.rollout import exit_code, render, summary
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    state = controller.run(stop.is_set)
+    info = summary(controller.plan, state, controller.k)
+    print(json.dumps(info) if args.json else render(info))
+    if stop.is_set() and state.status not in ("done", "halted", "aborted", "rolled-back"):
+        print(
+            f"stopped driving {state.rollout_id}; 'edge-fleet rollout resume "
+            f"{state.rollout_id}' carries it on",
+            file=sys.stderr,
+        )
+    return exit_code(state)
+
+
+def _rollout_session(args: argparse.Namespace, command: str, trust: Any = None) -> Any:
+    from agent.fleet.control import fleet_session
+    from agent.fleet.rollout import Knowledge
+
+    topics = Topics(args.prefix)
+    knowledge = Knowledge(topics, trust)
+    cm = fleet_session(
+        _mqtt_settings(args),
+        _client_id(args, f"rollout-{command}"),
+        subscriptions=knowledge.subscriptions,
+    )
+    return cm, knowledge
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    from agent.fleet.keys import load_signer
+    from agent.fleet.rollout import (
+        Controller,
+        Target,
+        begin,
+        collect,
+        parse_duration,
+        parse_failures,
+        plan_rollout,
+    )
+    from agent.transport.messages import Gate
+
+    now = _now(None)
+    if args.days < 1:
+        raise ConfigError("--days must be at least 1")
+    signers = [load_signer(k) for k in args.key]
+    trust = _rollout_trust(args, now)
+    count, pct = parse_failures(args.max_failures)
+    try:
+        gate = Gate(
+            wave_timeout_s=parse_duration(args.wave_timeout, "--wave-timeout"),
+            max_failures=count,
+            max_failures_percent=pct,
+            soak_s=parse_duration(args.soak, "--soak") if args.soak else 0.0,
+            max_error_rate_increase=args.max_error_increase,
+            max_p99_ratio=args.max_p99_ratio,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"gate: {exc}") from None
+    rollout_id = args.id or f"ro-{int(now.timestamp())}"
+    descriptors = _stage_bundles(args.bundles_to_deploy, signers, now, args.bundles)
+    target = Target(
+        group=args.group,
+        devices=args.device,
+        selectors=args.where,
+        include_offline=args.include_offline,
+    )
+    cm, knowledge = _rollout_session(args, "start", trust)
+    with cm as (session, inbox):
+        collect(inbox, knowledge)
+        planned = plan_rollout(
+            knowledge,
+            rollout_id=rollout_id,
+            descriptors=descriptors,
+            target=target,
+            waves=args.waves,
+            gate=gate,
+            now=now,
+            days=args.days,
+            variants=_variants(args.variant),
+            created_by=_client_id(args, "rollout"),
+        )
+        plan = planned.plan
+        sizes = "/".join(str(len(w)) for w in plan.waves)
+        print(
+            f"rollout {rollout_id}: {len(plan.devices)} device(s) in {len(plan.waves)} wave(s) "
+            f"({sizes})",
+            file=sys.stderr,
+        )
+        for device, why in sorted(planned.left_out.items()):
+            print(f"  left out {device}: {why}", file=sys.stderr)
+        if args.dry_run:
+            print(json.dumps(plan.model_dump(mode="json"), indent=2))
+            return 0
+        state = begin(session, inbox, knowledge, plan)
+        controller = Controller(session, inbox, knowledge, plan, state, signers, progress=_progress)
+        return _drive(controller, args)
+
+
+def _rollout_resume(args: argparse.Namespace) -> int:
+    from agent.fleet.keys import load_signer
+    from agent.fleet.rollout import Controller, collect, request, take_over
+
+    now = _now(None)
+    signers = [load_signer(k) for k in args.key]
+    trust = _rollout_trust(args, now)
+    cm, knowledge = _rollout_session(args, "resume", trust)
+    with cm as (session, inbox):
+        collect(inbox, knowledge)
+        plan, state = take_over(knowledge, inbox, args.rollout, progress=_progress)
+        if state.status in ("done", "aborted", "rolled-back"):
+            print(f"rollout {args.rollout} is {state.status}: nothing to resume", file=sys.stderr)
+            return 0 if state.status != "aborted" else 5
+        controller = Controller(session, inbox, knowledge, plan, state, signers, progress=_progress)
+        if state.status in ("paused", "halted"):
+            control = request(
+                session, knowledge.topics, args.rollout, "resume", _client_id(args, "rollout")
+            )
+            controller._advance_if_halted(control.at)
+        return _drive(controller, args)
+
+
+def _rollout_rollback(args: argparse.Namespace) -> int:
+    from agent.fleet.keys import load_signer
+    from agent.fleet.rollout import Controller, collect, lease_free, load, request, take_over
+
+    now = _now(None)
+    signers = [load_signer(k) for k in args.key]
+    trust = _rollout_trust(args, now)
+    cm, knowledge = _rollout_session(args, "rollback", trust)
+    with cm as (session, inbox):
+        collect(inbox, knowledge)
+        _, state = load(knowledge, args.rollout)
+        if not lease_free(state, now):  # its controller stops at the next tick, then hands over
+            request(session, knowledge.topics, args.rollout, "abort", _client_id(args, "rollout"))
+        plan, state = take_over(knowledge, inbox, args.rollout, progress=_progress)
+        controller = Controller(session, inbox, knowledge, plan, state, signers, progress=_progress)
+        controller.start_rollback(trust, days=args.days)
+        return _drive(controller, args)
+
+
+def _rollout_control(args: argparse.Namespace) -> int:
+    """pause, abort: a request the driving controller takes at its next tick; with none
+    driving, the state is changed here."""
+    from agent.fleet.control import publish_retained
+    from agent.fleet.rollout import collect, lease_free, load, request
+
+    action = args.action
+    cm, knowledge = _rollout_session(args, action)
+    with cm as (session, inbox):
+        collect(inbox, knowledge)
+        _, state = load(knowledge, args.rollout)
+        if state.status in ("done", "aborted", "rolled-back"):
+            raise ConfigError(f"rollout {args.rollout} is {state.status}")
+        control = request(
+            session, knowledge.topics, args.rollout, action, _client_id(args, "rollout")
+        )
+        if lease_free(state, control.at):
+            status = "aborted" if action == "abort" else "paused"
+            if action == "pause" and state.status != "running":
+                status = state.status
+            new = state.model_copy(
+                update={"status": status, "control_at": control.at, "updated": control.at}
+            )
+            if action == "abort":
+                new = new.model_copy(update={"reason": f"aborted by {control.by}"})
+            publish_retained(
+                session, knowledge.topics.rollout(args.rollout, "state"), new.to_bytes()
+            )
+            print(f"rollout {args.rollout}: {status} (no controller was driving it)")
+        else:
+            print(f"rollout {args.rollout}: asked {state.owner} to {action}")
+    return 0
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    import queue as _queue
+
+    from agent.fleet.rollout import collect, exit_code, load, render, summary
+    from agent.transport.session import Incoming
+
+    cm, knowledge = _rollout_session(args, "status")
+    with cm as (_session, inbox):
+        collect(inbox, knowledge)
+        if not args.rollout:
+            rows = [(rid, knowledge.states.get(rid)) for rid in sorted(knowledge.plans)]
+            if args.json:
+                print(json.dumps({rid: st.status if st else None for rid, st in rows}))
+            for rid, st in rows if not args.json else ():
+                plan = knowledge.plans[rid]
+                models = ", ".join(f"{n} {m.version}" for n, m in sorted(plan.models.items()))
+                print(
+                    f"{rid}  {st.status if st else '?':12}  {len(plan.devices):>5} devices  {models}"
+                )
+            if not rows and not args.json:
+                print("no rollout on the broker")
+            return 0
+        deadline = time.monotonic() + (args.watch_for or float("inf"))
+        shown = ""
+        while True:
+            plan, state = load(knowledge, args.rollout)
+            info = summary(plan, state, knowledge)
+            text = json.dumps(info) if args.json else render(info)
+            if text != shown:
+                clear = (
+                    "\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() and not args.json else ""
+                )
+                print(f"{clear}{text}", flush=True)
+                shown = text
+            if not args.watch or state.status in ("done", "halted", "aborted", "rolled-back"):
+                return exit_code(state)
+            if time.monotonic() >= deadline:
+                return exit_code(state)
+            try:
+                item = inbox.get(timeout=0.5)
+            except _queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                return exit_code(state)
+            if isinstance(item, Incoming):
+                knowledge.update(item)
+
+
+def _rollout_parser(top: Any) -> None:
+    ro = top.add_parser(
+        "rollout",
+        help="roll a version out in waves with gates; pause, resume, abort, roll back",
+        description="Exit status of start, resume, rollback and status: 0 done (or rolled "
+        "back), 4 halted by a gate, 5 aborted, 6 not finished (running, paused); 2 usage or a "
+        "conflicting rollout, 3 broker or storage.",
+    ).add_subparsers(title="rollout commands")
+
+    def signed(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--key", type=Path, action="append", required=True, help="release private key"
+        )
+        p.add_argument(
+            "--trust", type=Path, metavar="DIR", help="key directory (default: the --key's)"
+        )
+        p.add_argument("--days", type=int, default=30, help="days until the documents expire")
+
+    r = ro.add_parser("start", help="plan a rollout and drive it to the end")
+    r.add_argument("bundles_to_deploy", nargs="+", type=Path, metavar="BUNDLE")
+    r.add_argument("--group", metavar="G", help="the devices that follow group G")
+    r.add_argument(
+        "--device", action="append", default=[], metavar="ID", help="these devices (repeatable)"
+    )
+    r.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=GLOB",
+        help="narrow by what devices report: device, arch, accelerator, agent_version, "
+        "runtime, variant, version, hardware.<detail> (KEY!=GLOB excludes; repeatable)",
+    )
+    r.add_argument("--include-offline", action="store_true", help="offline devices too")
+    r.add_argument(
+        "--waves",
+        default="1,10%,50%,100%",
+        help="devices reached by the end of each wave: counts or percentages "
+        "(default 1,10%%,50%%,100%%)",
+    )
+    r.add_argument(
+        "--wave-timeout", default="10m", help="each device of a wave active within (default 10m)"
+    )
+    r.add_argument(
+        "--max-failures",
+        default="0",
+        help="failures allowed so far: a count or a percentage (default 0)",
+    )
+    r.add_argument("--soak", help="then watch the wave's telemetry this long (e.g. 10m)")
+    r.add_argument(
+        "--max-error-increase",
+        type=float,
+        default=0.01,
+        metavar="FRACTION",
+        help="with --soak: error rate allowed above the old version's (default 0.01)",
+    )
+    r.add_argument(
+        "--max-p99-ratio",
+        type=float,
+        default=1.5,
+        metavar="RATIO",
+        help="with --soak: p99 latency allowed against the old version's (default 1.5)",
+    )
+    r.add_argument("--id", help="rollout id (default ro-<seconds since the epoch>)")
+    r.add_argument("--variant", action="append", default=[], metavar="MODEL=VARIANT")
+    r.add_argument(
+        "--bundles",
+        type=Path,
+        default=Path(os.environ.get("EDGE_FLEET_BUNDLES", "bundles")),
+        metavar="DIR",
+        help="the bundle server's directory (default $EDGE_FLEET_BUNDLES or ./bundles)",
+    )
+    r.add_argument("--dry-run", action="store_true", help="print the plan; publish nothing")
+    r.add_argument("--json", action="store_true", help="the final summary as JSON")
+    signed(r)
+    _add_broker_options(r)
+    r.set_defaults(handler=_rollout_start)
+
+    for name, handler, text in (
+        ("resume", _rollout_resume, "carry a rollout on (after a pause, a halt or a crash)"),
+        ("rollback", _rollout_rollback, "return every device it reached to what it ran before"),
+    ):
+        r = ro.add_parser(name, help=text)
+        r.add_argument("rollout", metavar="ID")
+        r.add_argument("--json", action="store_true", help="the final summary as JSON")
+        signed(r)
+        _add_broker_options(r)
+        r.set_defaults(handler=handler)
+    for action, text in (("pause", "start no further wave"), ("abort", "stop the rollout")):
+        r = ro.add_parser(action, help=text)
+        r.add_argument("rollout", metavar="ID")
+        _add_broker_options(r)
+        r.set_defaults(handler=_rollout_control, action=action)
+    r = ro.add_parser("status", help="waves, phases and failures (no ID: every rollout)")
+    r.add_argument("rollout", nargs="?", metavar="ID")
+    r.add_argument("--watch", action="store_true", help="follow until it ends (Ctrl-C stops)")
+    r.add_argument("--watch-for", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
+    r.add_argument("--json", action="store_true")
+    _add_broker_options(r)
+    r.set_defaults(handler=_rollout_status)
 
 
 def fleet_parser() -> argparse.ArgumentParser:
@@ -928,6 +1371,7 @@ def fleet_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-publish", action="store_true", help="with -o: write only")
     _add_broker_options(t)
     t.set_defaults(handler=_trust_publish)
+    _rollout_parser(top)
     return p
 
 

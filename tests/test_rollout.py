@@ -1,6 +1,7 @@
 """``edge-fleet rollout`` against a real mosquitto and real device agents.
 
-Three agents follow group ``lobby`` and run tiny 1.0.0 from the group's document. A rollout of
+Three ``edge-agent run`` processes follow group ``lobby`` and run tiny 1.0.0 from the group's
+document. A rollout of
 2.0.0 goes out in waves (a canary, then the rest) through the real CLI in a process of its
 own, so that it can be killed as ``kill -9`` kills it; the fleet's view is a separate session.
 """
@@ -31,13 +32,14 @@ from tests.fleet import (
     TOPICS,
     Watcher,
     active,
-    agent,
     agent_config,
+    agent_process,
     bundle_server,
     deployment,
     downloading_past,
     two_versions,
     watcher,
+    write_agent_toml,
 )
 
 DEVICES = ("cam-a", "cam-b", "cam-c")
@@ -109,9 +111,10 @@ def fleet(request, tmp_path: Path, broker: Broker, keys: Keys, signed) -> Iterat
     with ExitStack() as stack:
         stack.enter_context(bundle_server(broker, two.served, rate_bytes_s=rate))
         watch = stack.enter_context(watcher(broker))
-        for device in DEVICES:
+        for device in DEVICES:  # each a real `edge-agent run` process
             config = agent_config(tmp_path / device, keys.dir, broker, device, groups=(GROUP,))
-            stack.enter_context(agent(config))
+            toml = write_agent_toml(config, tmp_path / f"{device}.toml")
+            stack.enter_context(agent_process(toml, tmp_path / f"{device}.log"))
         watch.publish(
             TOPICS.group_desired(GROUP),
             deployment({"tiny": two.envelopes["1.0.0"]}, keys.release, group=GROUP),

@@ -464,6 +464,7 @@ class DeviceAgent:
         doc = self.deployment
         source = next((s for s, d in self.documents.items() if d is doc), None)
         mqtt = self.config.mqtt
+        host, port = self.session.endpoint  # with failover nodes: the one connected to
         models: dict[str, Any] = {}
         for name in sorted(self.slots):
             slot = self.slots[name]
@@ -484,8 +485,8 @@ class DeviceAgent:
             "ready": ready,
             "summary": self.status_line(),
             "broker": {
-                "host": mqtt.host,
-                "port": mqtt.port,
+                "host": host,
+                "port": port,
                 "tls": mqtt.tls,
                 "connected": self.session.connected.is_set(),
                 "connects": self.session.connects,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 MAKE_CERTS = REPO / "config" / "broker" / "make-certs.sh"
@@ -34,6 +35,16 @@ SHIPPED_ACL = REPO / "config" / "broker" / "acl"
 HOST = "127.0.0.1"
 SYSTEM_PORT = 1883
 START_TIMEOUT = 5.0
+
+
+class Endpoint(Protocol):
+    """What a test's MQTT client needs of a broker: a :class:`Broker` or a cluster's node."""
+
+    host: str
+    port: int
+    certs: Path | None
+
+    def log(self) -> str: ...
 
 
 @dataclass

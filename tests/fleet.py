@@ -40,7 +40,7 @@ from agent.transport.topics import Topics
 from agent.transport.transfer import TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import DeploymentTarget
-from tests.broker import Broker
+from tests.broker import Endpoint
 from tests.models import make_onnx
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,11 +48,18 @@ WAIT = 20.0
 TOPICS = Topics()
 
 
-def mqtt_settings(broker: Broker, identity: str | None = None, protocol: str = "5") -> MqttSettings:
-    """Settings for ``broker``: TLS with ``identity``'s certificate when the broker has certs."""
+def mqtt_settings(
+    broker: Endpoint,
+    identity: str | None = None,
+    protocol: str = "5",
+    failover: Sequence[Endpoint] = (),
+) -> MqttSettings:
+    """Settings for ``broker``: TLS with ``identity``'s certificate when the broker has certs;
+    ``failover``: other nodes of its cluster."""
     common: dict[str, Any] = {
         "host": broker.host,
         "port": broker.port,
+        "failover": [f"{b.host}:{b.port}" for b in failover],
         "protocol": protocol,
         "backoff_initial_s": 0.2,
         "backoff_max_s": 1.0,
@@ -73,18 +80,19 @@ def mqtt_settings(broker: Broker, identity: str | None = None, protocol: str = "
 def agent_config(
     state: Path,
     keys_dir: Path,
-    broker: Broker,
+    broker: Endpoint,
     device_id: str,
     *,
     groups: tuple[str, ...] = (),
     protocol: str = "5",
     transfer: TransferSettings | None = None,
+    failover: Sequence[Endpoint] = (),
 ) -> AgentConfig:
     return AgentConfig(
         device_id=device_id,
         groups=list(groups),
         state_dir=state,
-        mqtt=mqtt_settings(broker, device_id, protocol),
+        mqtt=mqtt_settings(broker, device_id, protocol, failover),
         trust=TrustSettings(root=keys_dir / "root.json", keyring=keys_dir / "keyring.json"),
         transfer=transfer
         or TransferSettings(window=8, request_timeout_s=2.0, stall_timeout_s=30.0),
@@ -202,7 +210,7 @@ class Watcher:
 
 @contextmanager
 def watcher(
-    broker: Broker, identity: str = "fleet", protocol: str = "5", also: Sequence[str] = ()
+    broker: Endpoint, identity: str = "fleet", protocol: str = "5", also: Sequence[str] = ()
 ) -> Iterator[Watcher]:
     """The fleet's view; ``also``: more topic filters whose messages go to ``raw`` too (block
     requests, say)."""
@@ -225,7 +233,7 @@ def watcher(
 
 @contextmanager
 def bundle_server(
-    broker: Broker,
+    broker: Endpoint,
     bundles: Path,
     *,
     identity: str = "fleet",
@@ -315,6 +323,7 @@ def write_agent_toml(config: AgentConfig, path: Path) -> Path:
         f"keepalive_s = {m.keepalive_s}",
         f"backoff_initial_s = {m.backoff_initial_s}",
         f"backoff_max_s = {m.backoff_max_s}",
+        f"failover = [{', '.join(q(e) for e in m.failover)}]",
     ]
     for name in ("ca_file", "cert_file", "key_file"):
         if getattr(m, name) is not None:

@@ -22,6 +22,12 @@ broker may have expired the session). The will message (retained) says ``offline
 ``devices/{id}/online`` when the connection drops without a DISCONNECT; on connect the session
 publishes the retained ``online`` message.
 
+Broker clusters: ``failover`` names further nodes of the same cluster. An attempt that does not
+reach a successful CONNACK moves on to the next one, in turn; a connection that was up is tried
+again where it was first. The session the broker keeps is the cluster's, so it resumes on any
+node. A node that dies sends no will (it held the connection), so ``online`` stays as it was
+until the device says it again from another node.
+
 Packet size: a broker drops a client that sends a packet larger than it accepts (mosquitto's
 ``max_packet_size``; AWS IoT Core's 128 KiB per message), and paho, reconnecting, sends the same
 QoS 1 message again. On MQTT 5 the broker announces its limit in the CONNACK (Maximum Packet
@@ -48,7 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.errors import ConfigError
 
@@ -73,6 +79,16 @@ class MqttSettings(BaseModel):
     backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Other nodes of the same broker cluster, tried in turn after host:port: "HOST" (with
+    # ``port``), "HOST:PORT" or "[IPv6]:PORT".
+    failover: list[str] = Field(default=[], max_length=16)
+
+    @field_validator("failover")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_endpoint(entry, 1)  # raises ValueError with what is wrong
+        return value
 
     @model_validator(mode="after")
     def _pair(self) -> MqttSettings:
@@ -81,6 +97,28 @@ class MqttSettings(BaseModel):
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must not be below backoff_initial_s")
         return self
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Where to connect, in the order tried: host:port, then each failover node."""
+        return [(self.host, self.port), *(parse_endpoint(e, self.port) for e in self.failover)]
+
+
+def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT`` as (host, port); ValueError if malformed."""
+    host, colon, port = text, "", ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
+        colon, port = rest[:1], rest[1:]
+    elif text.count(":") == 1:  # more than one: a bare IPv6 address
+        host, colon, port = text.partition(":")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{text!r} is not HOST, HOST:PORT or [IPv6]:PORT")
+    if colon and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port) if port else default_port
 
 
 @dataclass(frozen=True)
@@ -205,7 +243,14 @@ class Session:
         # ``connected`` is, read from any thread.
         self.max_packet_size: int | None = None
         self.v5 = settings.protocol == "5"
+        self._endpoints = settings.endpoints
+        self._endpoint = 0  # index of the node connected to, or tried next
         self._client = self._make_client()
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """The broker node connected to (or tried next): host and port."""
+        return self._endpoints[self._endpoint]
 
     # -- set-up -----------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -264,8 +309,7 @@ class Session:
         self.connected.set()
         log.info(
             "connected to %s:%d (MQTT %s, session %s%s)",
-            self.settings.host,
-            self.settings.port,
+            *self.endpoint,
             self.settings.protocol,
             "resumed" if flags.session_present else "new",
             "" if self.max_packet_size is None else f", packets up to {self.max_packet_size} bytes",
@@ -320,6 +364,7 @@ class Session:
     # -- the network thread -------------------------------------------------------------------
     def _connect_once(self) -> bool:
         s = self.settings
+        host, port = self.endpoint
         properties = None
         clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if self.v5:
@@ -328,26 +373,29 @@ class Session:
             properties.SessionExpiryInterval = s.session_expiry_s if self._persistent else 0
         try:
             self._client.connect(
-                s.host,
-                s.port,
+                host,
+                port,
                 keepalive=s.keepalive_s,
                 clean_start=clean_start,
                 properties=properties,
             )
         except (OSError, ssl.SSLError) as exc:
-            log.warning("cannot connect to %s:%d: %s", s.host, s.port, exc)
+            log.warning("cannot connect to %s:%d: %s", host, port, exc)
             return False
         return True
 
     def _run(self) -> None:
         s = self.settings
         while not self._stop.is_set():
+            connects = self.connects
             if self._connect_once():
                 rc = mqtt.MQTT_ERR_SUCCESS
                 while not self._stop.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
                     rc = self._client.loop(timeout=0.5)
                 if self._stop.is_set():
                     break
+            if self.connects == connects:  # never got through: the next node (if any) next
+                self._endpoint = (self._endpoint + 1) % len(self._endpoints)
             delay = backoff_delay(self.attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
             self.attempts += 1
             log.info("reconnecting in %.1f s", delay)

@@ -28,6 +28,11 @@ again where it was first. The session the broker keeps is the cluster's, so it r
 node. A node that dies sends no will (it held the connection), so ``online`` stays as it was
 until the device says it again from another node.
 
+Refused subscriptions: the session names each topic the broker refused in the SUBACK and asks
+for it again, with the same jittered backoff, for as long as the connection lasts (and again at
+every connect). A refusal may pass: a clustered broker may refuse while it re-elects the node
+that stores subscriptions, and a server whose request subscription was lost would answer nobody.
+
 Packet size: a broker drops a client that sends a packet larger than it accepts (mosquitto's
 ``max_packet_size``; AWS IoT Core's 128 KiB per message), and paho, reconnecting, sends the same
 QoS 1 message again. On MQTT 5 the broker announces its limit in the CONNACK (Maximum Packet
@@ -44,6 +49,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +251,12 @@ class Session:
         self.v5 = settings.protocol == "5"
         self._endpoints = settings.endpoints
         self._endpoint = 0  # index of the node connected to, or tried next
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE message id -> its topics
+        # Topics the broker refused, asked for again at ``_retry_at`` (network thread only).
+        self._refused_topics: list[str] = []
+        self._retry_at = 0.0
+        self._retries = 0
+        self._answered = False  # a CONNACK came for the connection attempt (network thread)
         self._client = self._make_client()
 
     @property
@@ -293,6 +305,7 @@ class Session:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        self._answered = True
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
@@ -300,8 +313,10 @@ class Session:
         self.max_packet_size = announced if isinstance(announced, int) else None
         with self._lock:
             topics = list(self._subscriptions)
+        self._refused_topics.clear()  # all asked for again now
+        self._retries = 0
         if topics:
-            client.subscribe([(t, 1) for t in topics])
+            self._subscribed(topics, client.subscribe([(t, 1) for t in topics])[1])
         if self._online is not None and self._will is not None:
             client.publish(self._will.topic, self._online, qos=1, retain=True)
         self.attempts = 0
@@ -357,9 +372,45 @@ class Session:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        refused = [rc for rc in reason_codes if rc.is_failure]
-        if refused:
-            log.error("broker refused a subscription: %s", ", ".join(map(str, refused)))
+        with self._lock:
+            topics = self._subscribing.pop(mid, [])
+        failed = [i for i, rc in enumerate(reason_codes) if rc.is_failure]
+        if not failed:
+            return
+        # Nothing arrives on these topics: say which, so a person can check the ACL (or what
+        # the broker accepts in a topic).
+        log.error(
+            "broker refused the subscription to %s",
+            ", ".join(
+                f"{topics[i]} ({reason_codes[i]})" if i < len(topics) else str(reason_codes[i])
+                for i in failed
+            ),
+        )
+        # A refusal may pass (see the module docstring): ask again, with backoff.
+        again = [topics[i] for i in failed if i < len(topics)]
+        if again:
+            self._refused_topics.extend(t for t in again if t not in self._refused_topics)
+            s = self.settings
+            delay = backoff_delay(self._retries, s.backoff_initial_s, s.backoff_max_s, self._rng)
+            self._retries += 1
+            self._retry_at = time.monotonic() + delay
+
+    def _retry_refused(self) -> None:
+        """Subscribe again to what the broker refused, once its time has come (network thread)."""
+        if not self._refused_topics or time.monotonic() < self._retry_at:
+            return
+        with self._lock:
+            topics = [t for t in self._refused_topics if t in self._subscriptions]
+        self._refused_topics.clear()
+        if topics and self.connected.is_set():
+            log.info("subscribing again to %s", ", ".join(topics))
+            self._subscribed(topics, self._client.subscribe([(t, 1) for t in topics])[1])
+
+    def _subscribed(self, topics: list[str], mid: int | None) -> None:
+        """Remember which topics SUBSCRIBE ``mid`` asked for, to name them in a refusal."""
+        if mid is not None:
+            with self._lock:
+                self._subscribing[mid] = topics
 
     # -- the network thread -------------------------------------------------------------------
     def _connect_once(self) -> bool:
@@ -388,12 +439,20 @@ class Session:
         s = self.settings
         while not self._stop.is_set():
             connects = self.connects
+            self._answered = False
             if self._connect_once():
                 rc = mqtt.MQTT_ERR_SUCCESS
                 while not self._stop.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
                     rc = self._client.loop(timeout=0.5)
+                    self._retry_refused()
                 if self._stop.is_set():
                     break
+                if not self._answered:  # MQTT 3.1.1 brokers close without a CONNACK to refuse
+                    log.warning(
+                        "%s:%d closed the connection without answering the CONNECT; the "
+                        "broker's log says why (e.g. a client id or will topic it refuses)",
+                        *self.endpoint,
+                    )
             if self.connects == connects:  # never got through: the next node (if any) next
                 self._endpoint = (self._endpoint + 1) % len(self._endpoints)
             delay = backoff_delay(self.attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
@@ -459,7 +518,7 @@ class Session:
                 return
             self._subscriptions.append(topic)
         if self.connected.is_set():
-            self._client.subscribe(topic, 1)
+            self._subscribed([topic], self._client.subscribe(topic, 1)[1])
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:

@@ -9,7 +9,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := --extra cpu --extra openvino --extra tflite --extra build --extra systemd --extra dev
 # systemd: systemd-journald for the journald test (not run as PID 1 here).
-DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config curl systemd
+# nats-server: the broker cluster of tests/test_cluster.py (three nodes the test starts itself).
+DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config curl systemd nats-server
 # Debian's packaging tools and the package's build dependencies: for `make deb`, and for the
 # test that builds, lints and installs the package (tests/test_deb.py).
 DEB_BUILD_PACKAGES := build-essential debhelper lintian python3-systemd

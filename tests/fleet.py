@@ -210,15 +210,20 @@ class Watcher:
 
 @contextmanager
 def watcher(
-    broker: Endpoint, identity: str = "fleet", protocol: str = "5", also: Sequence[str] = ()
+    broker: Endpoint,
+    identity: str = "fleet",
+    protocol: str = "5",
+    also: Sequence[str] = (),
+    name: str = "watcher",
 ) -> Iterator[Watcher]:
     """The fleet's view; ``also``: more topic filters whose messages go to ``raw`` too (block
-    requests, say)."""
+    requests, say); ``name`` tells two watchers of one test apart (a broker lets one client id
+    in at once)."""
     inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
     view = FleetView(TOPICS)
     session = Session(
         mqtt_settings(broker, identity, protocol),
-        f"watcher-{os.getpid()}-{threading.get_ident()}",
+        f"{name}-{os.getpid()}-{threading.get_ident()}",
         inbox,
         subscriptions=[*view.subscriptions, *also],
         persistent=False,

@@ -126,6 +126,35 @@ def test_transfer_completes_with_stock_broker_limits(
     assert not (tmp_path / "cam-01" / "downloads" / bundle.stem).exists(), "download cleaned up"
 
 
+def test_two_servers_on_mqtt_311_both_answer_and_the_device_keeps_one_copy(
+    tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
+) -> None:
+    """MQTT 3.1.1 has no shared subscription: each bundle server subscribes to the plain filter
+    and answers every request. The device writes the first copy of a block and drops the rest."""
+    path, envelope = signed("1.0.0", models=[big_model], block_size=BLOCK, samples="none")
+    shutil.copyfile(path, bundles / path.name)
+    blocks = -(-path.stat().st_size // BLOCK)
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01", protocol="3.1.1")
+    requests = Requests()
+    with (
+        watcher(broker, protocol="3.1.1") as fleet,
+        bundle_server(broker, bundles, protocol="3.1.1", name="a") as a,
+        bundle_server(broker, bundles, protocol="3.1.1", name="b") as b,
+        agent(config) as dev,
+    ):
+        dev.session.publish = requests.wrap(dev.session.publish)  # type: ignore[method-assign]
+        fleet.publish(
+            TOPICS.device("cam-01").desired,
+            deployment({"tiny": envelope}, keys.release, device="cam-01"),
+        )
+        fleet.wait("cam-01", active("tiny", "1.0.0"), what="tiny 1.0.0 active")
+    [bundle] = (tmp_path / "cam-01" / "bundles").glob("*.emb")
+    assert bundle.read_bytes() == path.read_bytes()
+    assert sorted(requests.blocks()) == list(range(blocks)), "every block asked for once"
+    assert a[0].stats.blocks == blocks
+    assert b[0].stats.blocks == blocks
+
+
 def test_transfer_resumes_after_a_broker_restart_without_refetching(
     tmp_path: Path, broker: Broker, keys: Keys, signed, big_model: Path, bundles: Path
 ) -> None:

@@ -5,7 +5,9 @@ blocks; the server answers each page or block with one frame on ``devices/{id}/b
 server keeps nothing per device but a token bucket: all state of a transfer lives on the device.
 
 Several servers share the load through the MQTT 5 shared subscription
-``$share/ema-bundle-servers/...``; on a 3.1.1 broker one server subscribes to the plain filter.
+``$share/ema-bundle-servers/...``. MQTT 3.1.1 has none: there each server subscribes to the plain
+filter and answers every request, and the device keeps the first copy of each block, so several
+servers give redundancy (one may go away mid-transfer), not capacity.
 Each serves the bundles of its own ``--bundles`` directory, found by SHA-256 (the directory is
 rescanned, at most every few seconds, when a request names a bundle it does not know, so
 ``edge-fleet deploy`` can add bundles while it runs).

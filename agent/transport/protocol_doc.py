@@ -70,7 +70,8 @@ of letters, digits, `.`, `_` and `-` (at most 64 characters).
 | `{rollouts}/control` | yes | fleet -> fleet | `RolloutControl` |
 
 Bundle servers subscribe to `{shared}` (an MQTT 5 shared subscription, so several servers
-split the load; on a 3.1.1 broker one server subscribes to `{plain}`).
+split the load; on a 3.1.1 broker each server subscribes to `{plain}` and answers every
+request). A device writes the first reply for a block it asked for and drops any later copy.
 
 ## Deployments
 

@@ -839,7 +839,8 @@ class Controller:
         self.signers = list(signers)
         self.me = owner_id()
         self.progress = progress or (lambda _line: None)
-        self.follower = Follower(knowledge, plan.terms.deployment_id, models=list(plan.models))
+        terms = state.rollback.terms if state.rollback else plan.terms  # carrying a rollback on?
+        self.follower = Follower(knowledge, terms.deployment_id, models=list(plan.models))
         self.follower.watching = set(plan.devices)
         self._wave_mono = time.monotonic()
         self._soak_mono = time.monotonic()

@@ -209,6 +209,66 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def new_client(
+    settings: MqttSettings,
+    client_id: str,
+    *,
+    will: Will | None = None,
+    persistent: bool = True,
+    tls: ssl.SSLContext | None = None,
+) -> mqtt.Client:
+    """A paho client set up as every connection of the project is; callbacks are the caller's.
+
+    ``tls`` is a context to share between many clients (default: one made from ``settings``).
+    The caller connects it with :func:`connect` and drives its network loop.
+    """
+    v5 = settings.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent,
+        reconnect_on_failure=False,  # the caller reconnects, with jitter
+    )
+    client.connect_timeout = settings.connect_timeout_s
+    # Replies and retained documents are never lost to a full paho queue: bounded by the
+    # request window on the device and by the bundle server's own backlog.
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(20)
+    if settings.tls:
+        client.tls_set_context(tls or _tls_context(settings))
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=1, retain=True)
+    client.on_socket_open = _no_delay
+    return client
+
+
+def connect(
+    client: mqtt.Client,
+    settings: MqttSettings,
+    *,
+    persistent: bool = True,
+    endpoint: tuple[str, int] | None = None,
+) -> None:
+    """Open the connection to ``endpoint`` (default: host and port) and send CONNECT, with the
+    session kept by the broker when ``persistent``. Blocks for up to ``connect_timeout_s``;
+    raises OSError or ssl.SSLError."""
+    host, port = endpoint or (settings.host, settings.port)
+    properties = None
+    clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+    if settings.protocol == "5":
+        clean_start = not persistent
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = settings.session_expiry_s if persistent else 0
+    client.connect(
+        host,
+        port,
+        keepalive=settings.keepalive_s,
+        clean_start=clean_start,
+        properties=properties,
+    )
+
+
 class Session:
     """A paho client on its own network thread, reconnecting with jittered backoff.
 
@@ -266,29 +326,14 @@ class Session:
 
     # -- set-up -----------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-            clean_session=None if self.v5 else not self._persistent,
-            reconnect_on_failure=False,  # our own thread reconnects, with jitter
+        client = new_client(
+            self.settings, self.client_id, will=self._will, persistent=self._persistent
         )
-        client.connect_timeout = s.connect_timeout_s
-        # Replies and retained documents are never lost to a full paho queue: bounded by the
-        # request window on the device and by the bundle server's own backlog.
-        client.max_queued_messages_set(0)
-        client.max_inflight_messages_set(20)
-        if s.tls:
-            client.tls_set_context(_tls_context(s))
-        if self._will is not None:
-            client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
-        client.on_socket_open = _no_delay
         # publish() and subscribe() are called from other threads. Without this callback paho
         # writes to the socket from the caller's thread, racing loop() on the network thread
         # (interleaved packets, corrupted TLS records); with it, paho queues the packet and
@@ -416,20 +461,8 @@ class Session:
     def _connect_once(self) -> bool:
         s = self.settings
         host, port = self.endpoint
-        properties = None
-        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
-        if self.v5:
-            clean_start = not self._persistent
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = s.session_expiry_s if self._persistent else 0
         try:
-            self._client.connect(
-                host,
-                port,
-                keepalive=s.keepalive_s,
-                clean_start=clean_start,
-                properties=properties,
-            )
+            connect(self._client, s, persistent=self._persistent, endpoint=(host, port))
         except (OSError, ssl.SSLError) as exc:
             log.warning("cannot connect to %s:%d: %s", host, port, exc)
             return False

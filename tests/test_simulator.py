@@ -1,0 +1,380 @@
+"""Simulated devices (``edge-fleet simulate``) against a real mosquitto and a real bundle server:
+they verify, fetch, report and fail as the agent does, with only the runtime simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.fleet.keys import KeyStore, load_signer
+from agent.fleet.sign import load_trust
+from agent.fleet.simulator import LoadFailure, Simulator, make_settings
+from agent.transport.messages import Online, Phase, Reported, Telemetry
+from agent.trust.envelope import parse_envelope
+from tests.broker import Broker, plain_broker
+from tests.conftest import Keys
+from tests.fleet import (
+    REPO,
+    TOPICS,
+    WAIT,
+    Watcher,
+    active,
+    bundle_server,
+    deployment,
+    failed,
+    mqtt_settings,
+    two_versions,
+    watcher,
+)
+
+GROUP = "site-a"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with plain_broker(tmp_path) as b:
+        yield b
+
+
+@contextmanager
+def simulated(broker: Broker, keys: Keys, state: Path, **fields: Any) -> Iterator[Simulator]:
+    """A simulator on a thread of its own, stopped (offline said) on exit."""
+    settings = make_settings({"groups": [GROUP], "load_s": 0.05, **fields})
+    sim = Simulator(
+        settings,
+        mqtt_settings(broker),
+        load_trust(keys.dir, datetime.now(timezone.utc)),
+        topics=TOPICS,
+        state_dir=state,
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sim.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="simulator", daemon=True)
+    thread.start()
+    try:
+        yield sim
+    finally:
+        stop.set()
+        thread.join(15)
+        assert not thread.is_alive(), "the simulator did not stop"
+        assert not errors, errors
+
+
+def wait_all(fleet: Watcher, sim: Simulator, check: Callable[[Reported], bool], what: str) -> None:
+    for d in sim.devices:
+        fleet.wait(d.id, check, what=what)
+
+
+def phases(fleet: Watcher, device: str, since: int = 0) -> list[Phase | None]:
+    return [e.phase for e in fleet.events[since:] if e.device_id == device and e.kind == "phase"]
+
+
+def running(model: str, sha: str, deployment_id: str) -> Callable[[Reported], bool]:
+    def check(r: Reported) -> bool:
+        m = r.models.get(model)
+        return (
+            m is not None
+            and m.phase == Phase.ACTIVE
+            and m.bundle_sha256 == sha
+            and r.deployment_id == deployment_id
+        )
+
+    return check
+
+
+def dep_id(document: bytes) -> str:
+    return str(json.loads(parse_envelope(document).payload)["deployment_id"])
+
+
+def test_a_fleet_in_a_group_converges_on_the_group_deployment(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    sha = keys.state().verify_descriptor(v.envelopes["1.0.0"], datetime.now(timezone.utc))
+    want = sha.descriptor.bundle_sha256
+    doc = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP)
+    with bundle_server(broker, v.served), watcher(broker) as fleet:
+        with simulated(
+            broker, keys, tmp_path / "state", devices=30, hardware={"cpu": 2, "jetson": 1}
+        ) as sim:
+            wait_all(fleet, sim, lambda r: r.groups == [GROUP], "a first report")
+            fleet.publish(TOPICS.group_desired(GROUP), doc)
+            wait_all(fleet, sim, running("tiny", want, dep_id(doc)), "tiny 1.0.0 from the group")
+            assert all(fleet.view.devices[d.id].online for d in sim.devices)
+            reports = [fleet.view.devices[d.id].reported for d in sim.devices]
+            arches = set()
+            for d, r in zip(sim.devices, reports, strict=True):
+                assert r is not None
+                assert r.hardware is not None
+                arches.add(r.hardware.arch)
+                m = r.models["tiny"]
+                assert (m.version, m.release, m.variant) == (
+                    "1.0.0",
+                    sha.descriptor.release,
+                    "onnx-fp32",
+                )
+                jetson = "jetson" in r.hardware.accelerators
+                assert m.runtime is not None
+                assert ("Tensorrt" in m.runtime) == jetson
+                seen = phases(fleet, d.id)
+                assert seen[seen.index(Phase.DOWNLOADING) :] == [
+                    Phase.DOWNLOADING,
+                    Phase.VERIFYING,
+                    Phase.LOADING,
+                    Phase.ACTIVE,
+                ], seen
+            assert arches == {"x86_64", "aarch64"}  # both profiles drawn, as reported
+            assert sim.stats.transfers == 30
+            assert sim.stats.fetched_bytes == 30 * sha.descriptor.bundle_size
+        # Stopped: each device said offline on its retained online topic.
+        deadline = time.monotonic() + WAIT
+        while any(fleet.view.devices[d.id].online is not False for d in sim.devices):
+            assert time.monotonic() < deadline, "not every device said offline"
+            fleet._drain(0.1)
+
+
+def test_a_device_document_takes_over_from_the_group_one(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    group_doc = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP)
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(broker, keys, tmp_path / "state", devices=4) as sim,
+    ):
+        fleet.publish(TOPICS.group_desired(GROUP), group_doc)
+        wait_all(fleet, sim, active("tiny", "1.0.0"), "the group's version")
+        one = sim.devices[2].id
+        own = deployment({"tiny": v.envelopes["2.0.0"]}, keys.release, device=one)
+        fleet.publish(TOPICS.device(one).desired, own)
+        reported = fleet.wait(one, active("tiny", "2.0.0"), what="its own version")
+        assert reported.deployment_id == dep_id(own)
+        for d in sim.devices:
+            if d.id != one:
+                view = fleet.view.devices[d.id].reported
+                assert view is not None
+                assert view.models["tiny"].version == "1.0.0"
+
+
+def test_refused_documents_are_reported_with_their_codes(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    stranger = KeyStore.init(tmp_path / "other-keys", now=datetime.now(timezone.utc))
+    wrong_key = load_signer(stranger.release_key_paths()[0])
+    envelope = v.envelopes["1.0.0"]
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(broker, keys, tmp_path / "state", devices=3, groups=[]) as sim,
+    ):
+        a, b, c = (d.id for d in sim.devices)
+        fleet.publish(TOPICS.device(a).desired, deployment({"tiny": envelope}, wrong_key, device=a))
+        past = datetime.now(timezone.utc) - timedelta(days=40)
+        fleet.publish(
+            TOPICS.device(b).desired,
+            deployment({"tiny": envelope}, keys.release, device=b, now=past, days=30),
+        )
+        fleet.publish(
+            TOPICS.device(c).desired,
+            deployment({"tiny": envelope}, keys.release, device=c, sequence=50),
+        )
+        fleet.wait(c, active("tiny", "1.0.0"), what="the good document")
+        fleet.publish(  # an older sequence on the same topic
+            TOPICS.device(c).desired,
+            deployment({"tiny": v.envelopes["2.0.0"]}, keys.release, device=c, sequence=49),
+        )
+        for device, code in ((a, "untrusted-key"), (b, "expired"), (c, "rollback")):
+            r = fleet.wait(
+                device,
+                lambda r, code=code: r.error is not None and r.error.code == code,  # type: ignore[misc]
+                what=f"error {code}",
+            )
+            event = fleet.wait_event(
+                lambda e, d=device, code=code: (  # type: ignore[misc]
+                    e.device_id == d
+                    and e.kind == "rejected"
+                    and e.error is not None
+                    and e.error.code == code
+                ),
+                what=f"rejected {code}",
+            )
+            assert event.topic == TOPICS.device(device).desired
+        for device in (a, b):
+            view = fleet.view.devices[device].reported
+            assert view is not None
+            assert view.models == {}
+        assert r.models["tiny"].version == "1.0.0"  # c keeps what it runs
+        assert sim.stats.transfers == 1
+
+
+def test_injected_load_failures_are_reported_as_failed_with_their_code(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    failure = LoadFailure(version="2.0.0", fraction=0.3, devices=frozenset({"sim-00000"}))
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(broker, keys, tmp_path / "state", devices=12, failures=[failure]) as sim,
+    ):
+        fleet.publish(
+            TOPICS.group_desired(GROUP),
+            deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP),
+        )
+        wait_all(fleet, sim, active("tiny", "1.0.0"), "1.0.0, which every device loads")
+        fleet.publish(
+            TOPICS.group_desired(GROUP),
+            deployment({"tiny": v.envelopes["2.0.0"]}, keys.release, group=GROUP),
+        )
+        chosen = {d.id for d in sim.devices if failure.hits(d.id, "2.0.0")}
+        assert "sim-00000" in chosen
+        assert 1 < len(chosen) < 12
+        for d in sim.devices:
+            if d.id in chosen:
+                r = fleet.wait(d.id, failed("tiny", "self-test"), what="a failed self-test")
+                m = r.models["tiny"]
+                assert m.version == "1.0.0"  # what still serves
+                assert m.error is not None
+                assert "2.0.0" in m.error.message
+            else:
+                fleet.wait(d.id, active("tiny", "2.0.0"), what="2.0.0")
+
+
+def test_a_stored_bundle_is_not_fetched_again(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    flaky = LoadFailure(version="1.0.0", times=1)  # the first load fails, on every device
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(broker, keys, tmp_path / "state", devices=3, failures=[flaky]) as sim,
+    ):
+        first = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP)
+        fleet.publish(TOPICS.group_desired(GROUP), first)
+        wait_all(fleet, sim, failed("tiny", "self-test"), "the first, failed load")
+        fetched = sim.stats.fetched_bytes
+        assert sim.stats.transfers == 3
+        mark = len(fleet.events)
+        again = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP)
+        fleet.publish(TOPICS.group_desired(GROUP), again)
+        wait_all(
+            fleet,
+            sim,
+            lambda r: active("tiny", "1.0.0")(r) and r.deployment_id == dep_id(again),
+            "1.0.0 again",
+        )
+        for d in sim.devices:
+            assert phases(fleet, d.id, mark) == [
+                Phase.PENDING,
+                Phase.VERIFYING,
+                Phase.LOADING,
+                Phase.ACTIVE,
+            ]
+        assert (sim.stats.transfers, sim.stats.not_fetched) == (3, 3)
+        assert sim.stats.fetched_bytes == fetched
+
+
+def test_telemetry_says_what_each_version_is_set_to(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    metrics = {
+        "1.0.0": {"rps": 20.0, "error_rate": 0.0, "p99_ms": 20.0},
+        "2.0.0": {"rps": 20.0, "error_rate": 0.25, "p99_ms": 80.0},
+    }
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(
+            broker, keys, tmp_path / "state", devices=2, telemetry_interval_s=0.2, metrics=metrics
+        ) as sim,
+    ):
+        fleet.session.subscribe(TOPICS.all_devices_filter("telemetry"))
+        for version in ("1.0.0", "2.0.0"):
+            fleet.publish(
+                TOPICS.group_desired(GROUP),
+                deployment({"tiny": v.envelopes[version]}, keys.release, group=GROUP),
+            )
+            wait_all(fleet, sim, active("tiny", version), version)
+            mark = len(fleet.raw)
+            for d in sim.devices:
+                found = _telemetry(fleet, d.id, mark)
+                rps = found["model.tiny.rps"]
+                assert 18.0 <= rps <= 22.0
+                rate = metrics[version]["error_rate"]
+                assert found["model.tiny.errors_per_s"] == pytest.approx(rps * rate, abs=0.01)
+                p99 = metrics[version]["p99_ms"]
+                assert 0.9 * p99 <= found["model.tiny.p99_ms"] <= 1.1 * p99
+
+
+def _telemetry(fleet: Watcher, device: str, since: int) -> dict[str, float]:
+    deadline = time.monotonic() + WAIT
+    topic = TOPICS.device(device).telemetry
+    while time.monotonic() < deadline:
+        for item in fleet.raw[since:]:
+            if item.topic == topic:
+                return Telemetry.from_bytes(item.payload).metrics
+        fleet._drain(0.1)
+    raise AssertionError(f"no telemetry from {device}")
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "edge-fleet"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_edge_fleet_simulate_runs_devices_and_refuses_bad_options(
+    tmp_path: Path, broker: Broker, keys: Keys
+) -> None:
+    common = ["--no-tls", "--broker", f"{broker.host}:{broker.port}", "--trust", str(keys.dir)]
+    bad = _cli("simulate", *common, "--hardware", "tpu=1")
+    assert bad.returncode == 2
+    assert "no hardware profile tpu" in bad.stderr, bad.stderr
+    bad = _cli("simulate", *common, "--fail-load", "*", "--fail-code", "oops")
+    assert bad.returncode == 2
+    assert "'oops' is not one of" in bad.stderr, bad.stderr
+    with watcher(broker) as fleet:
+        done = _cli(
+            "simulate", *common, "--devices", "3", "--id-prefix", "cli", "--duration", "3", "--json"
+        )
+        assert done.returncode == 0, done.stderr
+        stats = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (stats["devices"], stats["connects"]) == (3, 3)
+        fleet._drain(0.5)
+        for device in ("cli-00000", "cli-00001", "cli-00002"):
+            view = fleet.view.devices[device]
+            assert view.online is False  # online while it ran, offline once it stopped
+            assert view.reported is not None
+            assert view.reported.models == {}
+        onlines = [
+            Online.from_bytes(i.payload).state
+            for i in fleet.raw
+            if i.topic == TOPICS.device("cli-00000").online
+        ]
+        assert onlines == ["online", "offline"]

@@ -34,6 +34,7 @@ from tests.fleet import (
     deployment,
     failed,
     mqtt_settings,
+    serve_copy,
     two_versions,
     watcher,
 )
@@ -155,6 +156,7 @@ def test_a_device_document_takes_over_from_the_group_one(
     tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
 ) -> None:
     v = two_versions(tmp_path, signed)
+    other = serve_copy(signed("3.1.0", name="detector", block_size=4096), v.served)
     group_doc = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP)
     with (
         bundle_server(broker, v.served),
@@ -164,10 +166,22 @@ def test_a_device_document_takes_over_from_the_group_one(
         fleet.publish(TOPICS.group_desired(GROUP), group_doc)
         wait_all(fleet, sim, active("tiny", "1.0.0"), "the group's version")
         one = sim.devices[2].id
-        own = deployment({"tiny": v.envelopes["2.0.0"]}, keys.release, device=one)
+        own = deployment(
+            {"tiny": v.envelopes["2.0.0"], "detector": other}, keys.release, device=one
+        )
         fleet.publish(TOPICS.device(one).desired, own)
-        reported = fleet.wait(one, active("tiny", "2.0.0"), what="its own version")
+        reported = fleet.wait(
+            one,
+            lambda r: active("tiny", "2.0.0")(r) and active("detector", "3.1.0")(r),
+            what="its own two models",
+        )
         assert reported.deployment_id == dep_id(own)
+        # One download at a time: the second model's began after the first one's ended.
+        events = [e for e in fleet.events if e.device_id == one and e.kind == "phase"]
+        starts = [i for i, e in enumerate(events) if e.phase == Phase.DOWNLOADING]
+        ends = [i for i, e in enumerate(events) if e.phase == Phase.VERIFYING]
+        assert len(starts) == 3  # tiny 1.0.0, then the two of its own document
+        assert ends[1] < starts[2]
         for d in sim.devices:
             if d.id != one:
                 view = fleet.view.devices[d.id].reported

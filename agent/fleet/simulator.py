@@ -71,6 +71,7 @@ from agent.errors import (
     TransferError,
 )
 from agent.runtime import hardware
+from agent.runtime.base import get_backend
 from agent.serving.slots import LoadTimeoutError, ProbationError, SelfTestError
 from agent.transport.messages import (
     ErrorInfo,
@@ -803,29 +804,28 @@ class SimulatedDevice:
         t = slot.transfer
         if t is None or slot.phase != Phase.DOWNLOADING:
             return
-        if t.state == "failed":
-            assert t.error is not None
-            t.discard()
-            self._fail(slot, t.error)
-            return
-        if t.state != "done":
+        if t.state not in ("done", "failed"):
             if t.progress - slot.reported_progress >= 1.0:
                 slot.reported_progress = t.progress
                 self._report(soon=False)
             return
         slot.transfer = None
-        self._phase(slot, Phase.VERIFYING)
-        d = t.descriptor
         try:
-            index = check_bundle(t.part_path, d, self._sim.settings.limits, bytes_checked=True)
-        except EdgeAgentError as exc:
-            self._fail(slot, exc)
-            return
+            if t.error is not None:
+                self._fail(slot, t.error)
+                return
+            self._phase(slot, Phase.VERIFYING)
+            d = t.descriptor
+            try:
+                index = check_bundle(t.part_path, d, self._sim.settings.limits, bytes_checked=True)
+            except EdgeAgentError as exc:
+                self._fail(slot, exc)
+                return
+            self.stored[d.bundle_sha256] = index.manifest  # kept by its hash alone
+            self._load(slot, index.manifest)
         finally:
-            t.discard()  # kept as "stored" by its hash alone
-        self.stored[d.bundle_sha256] = index.manifest
-        self._load(slot, index.manifest)
-        self._start_next()
+            t.discard()
+            self._start_next()  # the next model's download, if one waits
 
     # -- the runtime stub -------------------------------------------------------------------------
     def _load(self, slot: _Slot, manifest: Manifest) -> None:
@@ -1036,6 +1036,10 @@ class Simulator:
         self.stats = SimStats()
         self.tls = _tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
         self.mux = Multiplexer()
+        # The backends' modules (never their runtimes), imported now: choosing a variant needs
+        # them, and a first deployment should not wait for imports in the middle of it.
+        for backend in sorted(set(hardware.FORMAT_BACKENDS.values())):
+            get_backend(backend)
         self._due: dict[str, SimulatedDevice] = {}
         self._connect_warned = False
         self.devices = [SimulatedDevice(spec, self) for spec in device_specs(settings)]
@@ -1057,9 +1061,6 @@ class Simulator:
     def due(self, device: SimulatedDevice) -> None:
         """``device`` has a reported state to send (see :meth:`SimulatedDevice.publish_reported`)."""
         self._due[device.id] = device
-
-    def device(self, device_id: str) -> SimulatedDevice:
-        return next(d for d in self.devices if d.id == device_id)
 
     def run(
         self,

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paho.mqtt
 import paho.mqtt.client as mqtt
-from _common import cpu_s, say
+from _common import cpu_s, fs_type, say, shipped_broker_lines
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -101,7 +101,6 @@ BROKER_EXTRA = (
     "max_queued_messages 1000000",
 )
 # Lines of the shipped broker config that shape throughput; the bench's broker uses them too.
-SHIPPED_BROKER_CONF = Path(__file__).resolve().parents[1] / "config" / "broker" / "mosquitto.conf"
 SHIPPED_TUNING = (
     "max_inflight_messages",
     "max_inflight_bytes",
@@ -110,15 +109,6 @@ SHIPPED_TUNING = (
 )
 RAW_TOPIC = "bench/raw"
 PROBE_DEVICE = "bench-probe"
-
-
-def shipped_tuning() -> list[str]:
-    """The throughput settings of config/broker/mosquitto.conf (none if it is missing)."""
-    try:
-        lines = SHIPPED_BROKER_CONF.read_text().splitlines()
-    except OSError:
-        return []
-    return [line.strip() for line in lines if line.split(" ", 1)[0] in SHIPPED_TUNING]
 
 
 # -- bundles ------------------------------------------------------------------------------------
@@ -848,18 +838,6 @@ def mosquitto_version() -> str:
     return "unknown"
 
 
-def fs_type(path: Path) -> str:
-    """The type of the filesystem ``path`` lies on (from /proc/mounts)."""
-    best, kind = "", "unknown"
-    target = str(path.resolve())
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and target.startswith(parts[1]) and len(parts[1]) > len(best):
-                best, kind = parts[1], parts[2]
-    return kind
-
-
 def parse_args() -> argparse.Namespace:
     doc = __doc__ or ""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -917,7 +895,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             small = fleet.bundle("bench-small", args.devices_mib, args.block_size, seed=2)
         result["build_s"] = round(time.monotonic() - t, 3)
         count, size = big.count, big.descriptor.block_size
-        broker_lines = [*shipped_tuning(), *BROKER_EXTRA, *args.broker_option]
+        broker_lines = [*shipped_broker_lines(SHIPPED_TUNING), *BROKER_EXTRA, *args.broker_option]
         with (
             plain_broker(directory, extra=broker_lines) as broker,
             bundle_server(broker, fleet.served, big, logs, profile) as server,

@@ -72,6 +72,7 @@ docs: venv
 bench: venv
 	$(PY) bench/verify.py
 	$(PY) bench/transfer.py
+	$(PY) bench/fleet.py
 	$(PY) bench/serve.py
 	$(PY) bench/swap.py
 	$(PY) bench/footprint.py

@@ -1216,6 +1216,7 @@ def _simulate(args: argparse.Namespace) -> int:
             trust,
             topics=Topics(args.prefix),
             state_dir=args.state_dir or Path(tmp),
+            cert_dir=args.cert_dir,
         )
         ids = f"{sim.devices[0].id}..{sim.devices[-1].id}"
         groups = f" following {', '.join(settings.groups)}" if settings.groups else ""
@@ -1534,6 +1535,14 @@ def fleet_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--fail-times", type=int, metavar="N", help="only the first N loads fail (default: all)"
+    )
+    sim.add_argument(
+        "--cert-dir",
+        type=Path,
+        metavar="DIR",
+        help="each device's TLS certificate, DIR/ID.crt and DIR/ID.key (as make-certs.sh "
+        "writes them), for a broker whose ACL binds topics to the certificate; default: "
+        "every device presents --cert",
     )
     sim.add_argument("--window", type=int, default=32, help="blocks asked for at once")
     sim.add_argument(

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
+from agent.errors import ConfigError
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import load_trust
 from agent.fleet.simulator import LoadFailure, Simulator, make_settings
 from agent.transport.messages import Online, Phase, Reported, Telemetry
 from agent.trust.envelope import parse_envelope
-from tests.broker import Broker, plain_broker
+from tests.broker import Broker, make_certs, plain_broker, tls_broker
 from tests.conftest import Keys
 from tests.fleet import (
     REPO,
@@ -351,6 +352,53 @@ def _telemetry(fleet: Watcher, device: str, since: int) -> dict[str, float]:
                 return Telemetry.from_bytes(item.payload).metrics
         fleet._drain(0.1)
     raise AssertionError(f"no telemetry from {device}")
+
+
+def test_devices_with_their_own_certificates_work_under_the_shipped_acl(
+    tmp_path: Path, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    ids = ["sim-00000", "sim-00001", "sim-00002"]
+    certs = make_certs(tmp_path / "certs", *ids)
+    doc = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP)
+    with (
+        tls_broker(tmp_path, certs) as broker,
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+    ):
+        device_side = mqtt_settings(broker, "fleet").model_copy(
+            update={"cert_file": None, "key_file": None}
+        )
+        sim = Simulator(
+            make_settings({"devices": 3, "groups": [GROUP], "load_s": 0.05}),
+            device_side,
+            load_trust(keys.dir, datetime.now(timezone.utc)),
+            topics=TOPICS,
+            state_dir=tmp_path / "state",
+            cert_dir=certs,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            fleet.publish(TOPICS.group_desired(GROUP), doc)
+            for device in ids:  # reported, online and blocks all passed the ACL of their own
+                fleet.wait(device, active("tiny", "1.0.0"), what="1.0.0 under the ACL")
+                assert fleet.view.devices[device].online
+                assert f"as {device} (p5, c0, k5, u'{device}')" in broker.log()  # its own CN
+        finally:
+            stop.set()
+            thread.join(15)
+        assert not thread.is_alive()
+    with pytest.raises(ConfigError, match="need TLS"):
+        Simulator(
+            make_settings({}),
+            device_side.model_copy(update={"tls": False}),
+            load_trust(keys.dir, datetime.now(timezone.utc)),
+            topics=TOPICS,
+            state_dir=tmp_path / "state",
+            cert_dir=certs,
+        )
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

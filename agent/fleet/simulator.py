@@ -412,7 +412,7 @@ class _Link:
         self.attempts = 0  # since the last connect
         self.connects = 0
         offline = Will(self._online_topic, Online(state="offline").to_bytes())
-        self.client = new_client(sim.mqtt, client_id, will=offline, tls=sim.tls)
+        self.client = new_client(sim.mqtt, client_id, will=offline, tls=sim.tls_for(client_id))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -1025,8 +1025,13 @@ class Simulator:
         *,
         topics: Topics,
         state_dir: Path,
+        cert_dir: Path | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
+        """``cert_dir``: each device's own TLS client certificate, ``<id>.crt`` and ``<id>.key``
+        (config/broker/make-certs.sh writes them so), for a broker whose ACL binds each
+        device's topics to its certificate; without it every device presents the one of
+        ``mqtt_settings`` (if any)."""
         self.settings = settings
         self.mqtt = mqtt_settings
         self.trust = trust
@@ -1034,7 +1039,12 @@ class Simulator:
         self.state_dir = Path(state_dir)
         self.clock = clock
         self.stats = SimStats()
-        self.tls = _tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
+        if cert_dir is not None and not mqtt_settings.tls:
+            raise ConfigError("device certificates need TLS: leave out --no-tls")
+        if cert_dir is not None and not cert_dir.is_dir():
+            raise ConfigError(f"{cert_dir} is not a directory of device certificates")
+        self._cert_dir = cert_dir
+        self._tls = _tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
         self.mux = Multiplexer()
         # The backends' modules (never their runtimes), imported now: choosing a variant needs
         # them, and a first deployment should not wait for imports in the middle of it.
@@ -1044,6 +1054,17 @@ class Simulator:
         self._connect_warned = False
         self.devices = [SimulatedDevice(spec, self) for spec in device_specs(settings)]
         self.stats.devices = len(self.devices)
+
+    def tls_for(self, device: str) -> ssl.SSLContext | None:
+        if self._tls is None or self._cert_dir is None:
+            return self._tls
+        own = self.mqtt.model_copy(
+            update={
+                "cert_file": self._cert_dir / f"{device}.crt",
+                "key_file": self._cert_dir / f"{device}.key",
+            }
+        )
+        return _tls_context(own)
 
     def cannot_connect(self, device: str, exc: Exception) -> None:
         """Said once for the whole fleet (every device would say the same)."""

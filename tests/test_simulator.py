@@ -34,6 +34,7 @@ from tests.fleet import (
     bundle_server,
     deployment,
     failed,
+    hand_back,
     mqtt_settings,
     serve_copy,
     two_versions,
@@ -188,6 +189,40 @@ def test_a_device_document_takes_over_from_the_group_one(
                 view = fleet.view.devices[d.id].reported
                 assert view is not None
                 assert view.models["tiny"].version == "1.0.0"
+
+
+def test_a_device_handed_back_follows_its_group_again(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    v3 = serve_copy(signed("3.0.0", block_size=4096), v.served)
+    group = TOPICS.group_desired(GROUP)
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(broker, keys, tmp_path / "state", devices=2) as sim,
+    ):
+        other, one = (d.id for d in sim.devices)
+        first = deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group=GROUP, sequence=1)
+        fleet.publish(group, first)
+        own = deployment({"tiny": v.envelopes["2.0.0"]}, keys.release, device=one, sequence=10)
+        fleet.publish(TOPICS.device(one).desired, own)
+        fleet.wait(one, active("tiny", "2.0.0"), what="its own document")
+        # The group moves on; the device keeps to its own document ...
+        fleet.publish(group, deployment({"tiny": v3}, keys.release, group=GROUP, sequence=2))
+        fleet.wait(other, active("tiny", "3.0.0"), what="the group's new version")
+        assert fleet.wait(one, active("tiny", "2.0.0")).sequence == 10
+        # ... until it is handed back, and then runs the group's.
+        fleet.publish(TOPICS.device(one).desired, hand_back(keys.release, one, sequence=11))
+        fleet.wait(one, active("tiny", "3.0.0"), what="handed back: the group's 3.0.0")
+        # Its own older document cannot be replayed to take it back.
+        fleet.publish(TOPICS.device(one).desired, own)
+        event = fleet.wait_event(
+            lambda e: e.kind == "rejected" and e.device_id == one, what="the replay refused"
+        )
+        assert event.error is not None
+        assert event.error.code == "rollback"
+        assert fleet.wait(one, active("tiny", "3.0.0")).sequence == 2
 
 
 def test_refused_documents_are_reported_with_their_codes(

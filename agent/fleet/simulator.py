@@ -21,9 +21,10 @@ What is simulated: the runtime. Loading a model takes ``load_s`` and then it is 
 runtime is imported, nothing answers requests), or it fails with an injected error
 (:class:`LoadFailure`). Telemetry says what :class:`VersionMetrics` for the running version
 says. A bundle fetched once is kept as "stored" (its SHA-256, in memory; the bytes are removed
-once checked), so another deployment of it is not fetched again, as on a real box. Not
-simulated: the trust topic (trust is what ``--trust`` gives at start), probation, crash
-recovery and anything the local inference API does.
+once checked) for as long as the agent would keep it (what runs, what ran before it, what the
+model heads for), and is not fetched again meanwhile. Not simulated: the trust topic (trust is
+what ``--trust`` gives at start), probation, crash recovery, the per-second limit on
+``rejected`` events (each refusal is one) and anything the local inference API does.
 
 Threads: one. Every device, every connection (agent.transport.multiplex) and every timer runs
 on the thread that calls :meth:`Simulator.run`; nothing here takes a lock.
@@ -556,6 +557,7 @@ class SimulatedDevice:
         self.trusted = sim.trust
         self.points: dict[str, SequencePoint] = {}
         self.documents: dict[str, VerifiedDeployment] = {}
+        self._payloads: dict[str, bytes] = {}  # the envelopes behind ``documents``
         self.deployment: VerifiedDeployment | None = None
         self.doc_error: ErrorInfo | None = None
         self.slots: dict[str, _Slot] = {}
@@ -650,6 +652,7 @@ class SimulatedDevice:
         self._sim.stats.documents += 1
         self.points[source] = verified.point
         self.documents[source] = verified
+        self._payloads[source] = payload
         self.doc_error = None
         self._report()
         for slot in self.slots.values():  # a new document is a new attempt
@@ -658,13 +661,32 @@ class SimulatedDevice:
         self._reconcile()
 
     def _effective(self) -> VerifiedDeployment | None:
-        """The device's own document, unless it hands the device back; else its first group's."""
+        """The device's own document, unless it hands the device back; else its first group's.
+        One that takes over from another is verified again first (floors and clock of now)."""
         for source in ["device", *(f"group-{g}" for g in self.spec.groups)]:
             doc = self.documents.get(source)
             if doc is None or (source == "device" and doc.document.follow_groups):
                 continue
+            if doc is not self.deployment:
+                try:
+                    doc = self.trusted.verify_deployment(
+                        self._payloads[source],
+                        self._sim.clock(),
+                        targets=[self._target(source)],
+                        last=self.points.get(source),
+                    )
+                except BadContentError as exc:
+                    del self.documents[source]
+                    self._reject(self._desired_topic(source), exc)
+                    continue
+                self.documents[source] = doc
             return doc
         return None
+
+    def _desired_topic(self, source: str) -> str:
+        if source == "device":
+            return self._me.desired
+        return self._sim.topics.group_desired(source.removeprefix("group-"))
 
     def _reconcile(self) -> None:
         doc = self._effective()

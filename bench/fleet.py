@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import resource
+import select
 import signal
 import statistics
 import subprocess
@@ -127,10 +128,16 @@ def make_bundle(
 CHILDREN: list[subprocess.Popen[Any]] = []
 
 
-def spawn(command: Sequence[str], log: Path, **kw: Any) -> subprocess.Popen[str]:
-    """A child in a session of its own (Ctrl-C reaches this script, which stops it in order)."""
+def spawn(
+    command: Sequence[str], log: Path, *, stdout: int = subprocess.DEVNULL, stdin: int | None = None
+) -> subprocess.Popen[str]:
+    """A child in a session of its own (Ctrl-C reaches this script, which stops it in order);
+    its stderr goes to ``log``, its stdout nowhere unless piped (the last line of this script's
+    stdout is the result)."""
     with open(log, "ab") as err:
-        proc = subprocess.Popen(list(command), stderr=err, text=True, start_new_session=True, **kw)
+        proc = subprocess.Popen(
+            list(command), stdin=stdin, stdout=stdout, stderr=err, text=True, start_new_session=True
+        )
     CHILDREN.append(proc)
     return proc
 
@@ -165,8 +172,6 @@ def stop(proc: subprocess.Popen[str], *, timeout: float = 20.0) -> str:
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """One line of ``proc``'s stdout within ``timeout`` seconds."""
-    import select
-
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     if not ready:
@@ -185,9 +190,10 @@ def raise_file_limit() -> int:
     """This process's open-file limit to its hard limit; mosquitto and the simulators inherit
     it (a broker holds a descriptor per client)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    if soft != want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
 
 
 # -- the fleet side's view -----------------------------------------------------------------------
@@ -203,7 +209,7 @@ class Watch:
     """Every device's online, reported and events, from one paho client on its own thread."""
 
     def __init__(self, port: int) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self.devices: dict[str, DeviceState] = {}
         self._goal: Callable[[Reported], bool] | None = None
         self._ready = threading.Event()
@@ -228,7 +234,7 @@ class Watch:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         ref = TOPICS.parse(message.topic)
         payload = bytes(message.payload)
-        with self._cond:
+        with self._lock:
             state = self.devices.setdefault(ref.id, DeviceState())
             if not payload:
                 return
@@ -240,12 +246,11 @@ class Watch:
                 state.reported = Reported.from_bytes(payload)
                 goal = self._goal
                 if state.done_at is None and goal is not None and goal(state.reported):
-                    state.done_at = time.time()
-            self._cond.notify_all()
+                    state.done_at = time.time()  # (the arrival is the time: wait() only polls)
 
     def expect(self, goal: Callable[[Reported], bool]) -> None:
         """From now on, note when each device's report first satisfies ``goal``."""
-        with self._cond:
+        with self._lock:
             self._goal = goal
             for state in self.devices.values():
                 state.done_at = None
@@ -253,19 +258,19 @@ class Watch:
     def wait(
         self, ids: Sequence[str], check: Callable[[DeviceState], bool], timeout: float, what: str
     ) -> None:
+        """Until ``check`` holds for every device of ``ids``, looked at every 50 ms."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
+        while True:
+            with self._lock:
                 missing = [d for d in ids if not check(self.devices.get(d) or DeviceState())]
                 if not missing:
                     return
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if time.monotonic() > deadline:
                     sample = {d: self._describe(d) for d in missing[:5]}
                     raise RuntimeError(
                         f"{len(missing)} of {len(ids)} devices not {what} in {timeout:.0f} s: {sample}"
                     )
-                self._cond.wait(min(left, 0.5))
+            time.sleep(0.05)
 
     def _describe(self, device: str) -> str:
         state = self.devices.get(device)

@@ -19,7 +19,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.fleet.keys import KeyStore, load_signer
-from agent.fleet.sign import load_trust
+from agent.fleet.sign import descriptor_to_reissue, load_trust, reissue_descriptor
 from agent.fleet.simulator import LoadFailure, Simulator, make_settings
 from agent.transport.messages import Online, Phase, Reported, Telemetry
 from agent.trust.envelope import parse_envelope
@@ -343,6 +343,45 @@ def test_a_stored_bundle_is_not_fetched_again(
             ]
         assert (sim.stats.transfers, sim.stats.not_fetched) == (3, 3)
         assert sim.stats.fetched_bytes == fetched
+
+
+def test_a_reissued_descriptor_brings_a_kept_bundle_back_without_fetching_it(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., tuple[Path, bytes]]
+) -> None:
+    v = two_versions(tmp_path, signed)
+    now = datetime.now(timezone.utc)
+    original = descriptor_to_reissue(v.envelopes["1.0.0"], keys.state(now), now)
+    back = reissue_descriptor(original, [keys.release], release=3_000_000, now=now, days=30)
+    again = reissue_descriptor(original, [keys.release], release=4_000_000, now=now, days=30)
+    group = TOPICS.group_desired(GROUP)
+
+    def publish(envelope: bytes, sequence: int) -> None:
+        fleet.publish(
+            group, deployment({"tiny": envelope}, keys.release, group=GROUP, sequence=sequence)
+        )
+
+    def serving(version: str, release: int) -> Callable[[Reported], bool]:
+        return lambda r: active("tiny", version)(r) and r.models["tiny"].release == release
+
+    with (
+        bundle_server(broker, v.served),
+        watcher(broker) as fleet,
+        simulated(broker, keys, tmp_path / "state", devices=3) as sim,
+    ):
+        publish(v.envelopes["1.0.0"], 1)
+        wait_all(fleet, sim, serving("1.0.0", 1_000_000), "1.0.0")
+        publish(v.envelopes["2.0.0"], 2)
+        wait_all(fleet, sim, serving("2.0.0", 2_000_000), "2.0.0")
+        publish(back, 3)  # the rollback the fleet wants: 1.0.0's bytes as release 3000000
+        wait_all(fleet, sim, serving("1.0.0", 3_000_000), "1.0.0 re-issued")
+        assert (sim.stats.transfers, sim.stats.not_fetched) == (6, 3)  # nothing fetched again
+        publish(again, 4)  # the version that runs, re-issued: its release rises in place
+        wait_all(fleet, sim, serving("1.0.0", 4_000_000), "1.0.0 re-issued again")
+        publish(v.envelopes["1.0.0"], 5)  # the original descriptor: below the floor now
+        wait_all(
+            fleet, sim, lambda r: r.error is not None and r.error.code == "rollback", "refused"
+        )
+        assert sim.stats.transfers == 6
 
 
 def test_telemetry_says_what_each_version_is_set_to(

@@ -118,6 +118,13 @@ def check_bundle_structure(
             index = read_index(f, limits)
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    check_index(index, descriptor)
+    return index
+
+
+def check_index(index: BundleIndex, descriptor: BundleDescriptor) -> None:
+    """An archive's index, read before, against what a descriptor signs: the manifest's digest,
+    then its name, version, release and block size (no disk: for bytes checked already)."""
     manifest = index.manifest
     if index.manifest_sha256 != descriptor.manifest_sha256:
         raise DigestMismatchError("manifest.json differs from the signed manifest")
@@ -135,7 +142,6 @@ def check_bundle_structure(
             "the manifest says (name, version, release, block size) "
             f"{found}, the descriptor signs {signed}"
         )
-    return index
 
 
 def verify_bundle(

@@ -56,7 +56,8 @@ from agent import __version__
 from agent._strictjson import describe_validation_error
 from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import Manifest
-from agent.bundle.verify import check_bundle
+from agent.bundle.reader import BundleIndex
+from agent.bundle.verify import check_bundle, check_index
 from agent.daemon import reported_hardware
 from agent.errors import (
     BadContentError,
@@ -561,7 +562,7 @@ class SimulatedDevice:
         self.deployment: VerifiedDeployment | None = None
         self.doc_error: ErrorInfo | None = None
         self.slots: dict[str, _Slot] = {}
-        self.stored: dict[str, Manifest] = {}  # bundles fetched and checked, by SHA-256
+        self.stored: dict[str, BundleIndex] = {}  # bundles fetched and checked, by SHA-256
         self._failed_loads: Counter[str] = Counter()  # version -> injected failures so far
         self._event_seq = time.time_ns() // 1000  # grows across runs, as the agent's does
         self._reported_dirty = True
@@ -702,12 +703,21 @@ class SimulatedDevice:
             if slot.installed is not None and slot.installed.descriptor.bundle_sha256 == want:
                 if slot.target is not None:
                     self._cancel(slot)
+                if verified.descriptor.release > slot.installed.descriptor.release:
+                    # The bytes it runs, re-issued under a higher release: nothing is fetched
+                    # or loaded; the release moves as a commit moves it (the floor first).
+                    self.trusted = self.trusted.with_release(name, verified.descriptor.release)
+                    slot.installed.descriptor = verified.descriptor
+                    self._report()
                 if slot.phase != Phase.ACTIVE or moved_on:
                     slot.error = None
                     self._phase(slot, Phase.ACTIVE)
                 continue
             if slot.target is not None and slot.target.bundle_sha256 == want:
-                continue  # already on its way (or failed: a new document is needed)
+                # Already on its way (or failed: a new document is needed). The bytes are the
+                # same; the release is the newer document's (it may be a re-issue).
+                slot.target = verified.descriptor
+                continue
             self._cancel(slot)
             slot.target, slot.variant = verified.descriptor, doc.document.models[name].variant
             slot.error = None
@@ -773,10 +783,18 @@ class SimulatedDevice:
                 slot, SizeLimitError(f"the bundle is {d.bundle_size} bytes; the limit is {cap}")
             )
             return
-        if d.bundle_sha256 in self.stored:  # fetched before: not again
+        stored = self.stored.get(d.bundle_sha256)
+        if stored is not None:  # fetched before: not again
             self._sim.stats.not_fetched += 1
             self._phase(slot, Phase.VERIFYING)
-            self._load(slot, self.stored[d.bundle_sha256])
+            try:
+                # Checked against the descriptor it came with; this one may be another for the
+                # same bytes (named again, or re-issued under a higher release).
+                check_index(stored, d)
+            except BadContentError as exc:
+                self._fail(slot, exc)  # the descriptor's fault: the stored bytes stay
+                return
+            self._load(slot, stored.manifest)
             return
         self._sim.stats.transfers += 1
         slot.transfer = Transfer(
@@ -843,7 +861,7 @@ class SimulatedDevice:
             except EdgeAgentError as exc:
                 self._fail(slot, exc)
                 return
-            self.stored[d.bundle_sha256] = index.manifest  # kept by its hash alone
+            self.stored[d.bundle_sha256] = index  # kept by its hash and index alone
             self._load(slot, index.manifest)
         finally:
             t.discard()

@@ -23,7 +23,7 @@ from agent.fleet.sign import descriptor_to_reissue, load_trust, reissue_descript
 from agent.fleet.simulator import LoadFailure, Simulator, make_settings
 from agent.transport.messages import Online, Phase, Reported, Telemetry
 from agent.trust.envelope import parse_envelope
-from tests.broker import Broker, make_certs, plain_broker, tls_broker
+from tests.broker import Broker, free_port, make_certs, plain_broker, tls_broker
 from tests.conftest import Keys
 from tests.fleet import (
     REPO,
@@ -473,6 +473,34 @@ def test_devices_with_their_own_certificates_work_under_the_shipped_acl(
             state_dir=tmp_path / "state",
             cert_dir=certs,
         )
+
+
+def test_devices_try_the_next_broker_node_when_the_first_is_down(
+    tmp_path: Path, broker: Broker, keys: Keys
+) -> None:
+    down = free_port()  # nothing listens there
+    settings = mqtt_settings(broker).model_copy(
+        update={"port": down, "failover": [f"{broker.host}:{broker.port}"]}
+    )
+    sim = Simulator(
+        make_settings({"devices": 3}),
+        settings,
+        load_trust(keys.dir, datetime.now(timezone.utc)),
+        topics=TOPICS,
+        state_dir=tmp_path / "state",
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
+    with watcher(broker) as fleet:
+        thread.start()
+        try:
+            deadline = time.monotonic() + WAIT
+            while not all(fleet.online(d.id) for d in sim.devices):
+                assert time.monotonic() < deadline, "the devices did not reach the second node"
+        finally:
+            stop.set()
+            thread.join(15)
+    assert sim.stats.connects == 3
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

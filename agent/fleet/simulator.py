@@ -413,6 +413,11 @@ class _Link:
         self.connected = False
         self.attempts = 0  # since the last connect
         self.connects = 0
+        # Broker nodes in the order tried (failover): an attempt that does not get through
+        # moves on to the next; a connection that was up is tried again where it was.
+        self._endpoints = sim.mqtt.endpoints
+        self._endpoint = 0
+        self._connects_before = 0
         offline = Will(self._online_topic, Online(state="offline").to_bytes())
         self.client = new_client(sim.mqtt, client_id, will=offline, tls=sim.tls_for(client_id))
         self.client.on_connect = self._on_connect
@@ -427,15 +432,18 @@ class _Link:
         self._timer = None
         if self._stopping:
             return
+        self._connects_before = self.connects
         try:
-            connect(self.client, self._sim.mqtt)
+            connect(self.client, self._sim.mqtt, endpoint=self._endpoints[self._endpoint])
         except (OSError, ssl.SSLError) as exc:
-            self._sim.cannot_connect(self.id, exc)
+            self._sim.cannot_connect(self.id, self._endpoints[self._endpoint], exc)
             self._retry()
 
     def _retry(self) -> None:
         if self._stopping or self._timer is not None:
             return
+        if self.connects == self._connects_before:  # never got through: the next node next
+            self._endpoint = (self._endpoint + 1) % len(self._endpoints)
         s = self._sim.mqtt
         delay = backoff_delay(self.attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
         self.attempts += 1
@@ -1091,7 +1099,7 @@ class Simulator:
         for backend in sorted(set(hardware.FORMAT_BACKENDS.values())):
             get_backend(backend)
         self._due: dict[str, SimulatedDevice] = {}
-        self._connect_warned = False
+        self._connect_warned: set[tuple[str, int]] = set()
         self.devices = [SimulatedDevice(spec, self) for spec in device_specs(settings)]
         self.stats.devices = len(self.devices)
 
@@ -1106,18 +1114,13 @@ class Simulator:
         )
         return _tls_context(own)
 
-    def cannot_connect(self, device: str, exc: Exception) -> None:
-        """Said once for the whole fleet (every device would say the same)."""
-        if self._connect_warned:
-            log.debug("%s cannot connect: %s", device, exc)
+    def cannot_connect(self, device: str, endpoint: tuple[str, int], exc: Exception) -> None:
+        """Said once per broker node for the whole fleet (every device would say the same)."""
+        if endpoint in self._connect_warned:
+            log.debug("%s cannot connect to %s:%d: %s", device, *endpoint, exc)
             return
-        self._connect_warned = True
-        log.warning(
-            "cannot connect to %s:%d: %s (trying again, with backoff)",
-            self.mqtt.host,
-            self.mqtt.port,
-            exc,
-        )
+        self._connect_warned.add(endpoint)
+        log.warning("cannot connect to %s:%d: %s (trying again, with backoff)", *endpoint, exc)
 
     def due(self, device: SimulatedDevice) -> None:
         """``device`` has a reported state to send (see :meth:`SimulatedDevice.publish_reported`)."""

@@ -1153,6 +1153,7 @@ def _pairs(values: list[str], option: str) -> dict[str, float]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    import contextlib
     import logging
     import signal
     import tempfile
@@ -1209,13 +1210,18 @@ def _simulate(args: argparse.Namespace) -> int:
         shown[0] = time.monotonic()
         print(f"\r{sim.stats.summary()} ", end="", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix="edge-fleet-simulate-") as tmp:
+    state = (
+        contextlib.nullcontext(str(args.state_dir))
+        if args.state_dir is not None
+        else tempfile.TemporaryDirectory(prefix="edge-fleet-simulate-")
+    )
+    with state as state_dir:
         sim = Simulator(
             settings,
             mqtt,
             trust,
             topics=Topics(args.prefix),
-            state_dir=args.state_dir or Path(tmp),
+            state_dir=Path(state_dir),
             cert_dir=args.cert_dir,
         )
         ids = f"{sim.devices[0].id}..{sim.devices[-1].id}"

@@ -914,7 +914,15 @@ def _rollout_start(args: argparse.Namespace) -> int:
 
 def _rollout_resume(args: argparse.Namespace) -> int:
     from agent.fleet.keys import load_signer
-    from agent.fleet.rollout import Controller, collect, request, take_over
+    from agent.fleet.rollout import (
+        Controller,
+        collect,
+        lease_free,
+        load,
+        request,
+        take_over,
+        wait_applied,
+    )
 
     now = _now(None)
     signers = [load_signer(k) for k in args.key]
@@ -922,6 +930,15 @@ def _rollout_resume(args: argparse.Namespace) -> int:
     cm, knowledge = _rollout_session(args, "resume", trust)
     with cm as (session, inbox):
         collect(inbox, knowledge)
+        _, state = load(knowledge, args.rollout)
+        if not lease_free(state, now) and state.status in ("paused", "halted"):
+            # A live controller holds it (paused, it waits): ask it, and see it taken.
+            control = request(
+                session, knowledge.topics, args.rollout, "resume", _client_id(args, "rollout")
+            )
+            if wait_applied(knowledge, inbox, args.rollout, control):
+                print(f"rollout {args.rollout}: resumed by {state.owner}")
+                return 0
         plan, state = take_over(knowledge, inbox, args.rollout, progress=_progress)
         if state.status in ("done", "aborted", "rolled-back"):
             print(f"rollout {args.rollout} is {state.status}: nothing to resume", file=sys.stderr)
@@ -958,7 +975,7 @@ def _rollout_control(args: argparse.Namespace) -> int:
     """pause, abort: a request the driving controller takes at its next tick; with none
     driving, the state is changed here."""
     from agent.fleet.control import publish_retained
-    from agent.fleet.rollout import collect, lease_free, load, request
+    from agent.fleet.rollout import collect, lease_free, load, request, wait_applied
 
     action = args.action
     cm, knowledge = _rollout_session(args, action)
@@ -983,8 +1000,10 @@ def _rollout_control(args: argparse.Namespace) -> int:
                 session, knowledge.topics.rollout(args.rollout, "state"), new.to_bytes()
             )
             print(f"rollout {args.rollout}: {status} (no controller was driving it)")
+        elif wait_applied(knowledge, inbox, args.rollout, control):
+            print(f"rollout {args.rollout}: {action} taken by {state.owner}")
         else:
-            print(f"rollout {args.rollout}: asked {state.owner} to {action}")
+            print(f"rollout {args.rollout}: asked {state.owner} to {action}; no answer yet")
     return 0
 
 

@@ -32,6 +32,8 @@ from agent.daemon import DeviceAgent
 from agent.fleet.control import FleetView
 from agent.fleet.deploy import make_deployment
 from agent.fleet.server import BlockServer, serve
+from agent.fleet.sign import load_trust
+from agent.fleet.simulator import Simulator, make_settings
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.transport.messages import Event, Phase, Reported
@@ -478,3 +480,38 @@ def serve_copy(signed_bundle: tuple[Path, bytes], bundles: Path) -> bytes:
     path, envelope = signed_bundle
     shutil.copyfile(path, bundles / path.name)
     return envelope
+
+
+@contextmanager
+def simulated(
+    broker: Endpoint, keys: Any, state: Path, group: str = "site-a", **fields: Any
+) -> Iterator[Simulator]:
+    """Simulated devices (agent.fleet.simulator) in ``group``, on a thread of their own,
+    stopped (offline said) on exit. ``fields``: the simulator's settings (devices, failures,
+    metrics, ...)."""
+    settings = make_settings({"groups": [group], "load_s": 0.05, **fields})
+    sim = Simulator(
+        settings,
+        mqtt_settings(broker),
+        load_trust(keys.dir, datetime.now(timezone.utc)),
+        topics=TOPICS,
+        state_dir=state,
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sim.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="simulator", daemon=True)
+    thread.start()
+    try:
+        yield sim
+    finally:
+        stop.set()
+        thread.join(15)
+        assert not thread.is_alive(), "the simulator did not stop"
+        assert not errors, errors

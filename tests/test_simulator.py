@@ -10,10 +10,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,6 +35,7 @@ from tests.fleet import (
     hand_back,
     mqtt_settings,
     serve_copy,
+    simulated,
     two_versions,
     watcher,
 )
@@ -48,37 +47,6 @@ GROUP = "site-a"
 def broker(tmp_path: Path) -> Iterator[Broker]:
     with plain_broker(tmp_path) as b:
         yield b
-
-
-@contextmanager
-def simulated(broker: Broker, keys: Keys, state: Path, **fields: Any) -> Iterator[Simulator]:
-    """A simulator on a thread of its own, stopped (offline said) on exit."""
-    settings = make_settings({"groups": [GROUP], "load_s": 0.05, **fields})
-    sim = Simulator(
-        settings,
-        mqtt_settings(broker),
-        load_trust(keys.dir, datetime.now(timezone.utc)),
-        topics=TOPICS,
-        state_dir=state,
-    )
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            sim.run(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="simulator", daemon=True)
-    thread.start()
-    try:
-        yield sim
-    finally:
-        stop.set()
-        thread.join(15)
-        assert not thread.is_alive(), "the simulator did not stop"
-        assert not errors, errors
 
 
 def wait_all(fleet: Watcher, sim: Simulator, check: Callable[[Reported], bool], what: str) -> None:

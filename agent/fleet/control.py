@@ -183,7 +183,7 @@ def collect(
     quiet: float = 0.5,
     timeout: float = 5.0,
 ) -> None:
-    """Take retained messages until none came for ``quiet`` seconds (at most ``timeout``)."""
+    """Take messages until no retained one came for ``quiet`` seconds (at most ``timeout``)."""
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - last < quiet:
@@ -193,7 +193,8 @@ def collect(
             continue
         if isinstance(item, Incoming):
             view.update(item)
-            last = time.monotonic()
+            if item.retain:  # live traffic (telemetry, events) never goes quiet
+                last = time.monotonic()
         elif isinstance(item, Connection) and not item.up:
             raise BrokerError("lost the connection to the broker")
 

@@ -319,7 +319,7 @@ def collect(
     quiet: float = 0.5,
     timeout: float = 10.0,
 ) -> None:
-    """Take retained messages until none came for ``quiet`` seconds (at most ``timeout``)."""
+    """Take messages until no retained one came for ``quiet`` seconds (at most ``timeout``)."""
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - last < quiet:
@@ -329,7 +329,8 @@ def collect(
             continue
         if isinstance(item, Incoming):
             knowledge.update(item)
-            last = time.monotonic()
+            if item.retain:  # live traffic (telemetry, events) never goes quiet
+                last = time.monotonic()
         elif isinstance(item, Connection) and not item.up:
             raise BrokerError("lost the connection to the broker")
 
@@ -1295,6 +1296,22 @@ def take_over(
             )
         plan, state = load(knowledge, rollout_id)
     return plan, state
+
+
+def wait_applied(
+    knowledge: Knowledge,
+    inbox: queue.SimpleQueue[InboxItem],
+    rollout_id: str,
+    control: RolloutControl,
+    timeout: float = LEASE_S,
+) -> bool:
+    """Whether the driving controller takes ``control`` (its state says so) within ``timeout``."""
+
+    def taken() -> bool:
+        st = knowledge.states.get(rollout_id)
+        return st is not None and st.control_at is not None and st.control_at >= control.at
+
+    return _wait(taken, inbox, knowledge, timeout)
 
 
 def request(

@@ -27,6 +27,14 @@ stderr; the last line of stdout is one JSON object:
                 reported state arriving here
   *_cpu_s       CPU seconds each side spent during the measurement (servers, broker,
                 simulators, this script's subscriber)
+  rollout_s     on a fresh fleet of the largest N, on 1.0.0 from its group: ``edge-fleet rollout
+                start`` of 2.0.0 in four waves (1, 10%, 50%, 100%; no failure allowed), from
+                starting the command to its exit (planning, every gate, all devices active);
+                rollout_ratio_vs_converge: against converge_s (one group document to as many
+                devices, no gates: the baseline)
+  halted_after_canary  then 3.0.0, whose load fails on a fifth of the devices (by id hash),
+                in waves of 5% and 100% with at most 5% failures: true when the command exits 4
+                (halted) with the second wave never published; canary_* say how many failed
 
 Scenarios: :func:`running_stack` starts the broker, the servers and the subscriber once;
 :func:`simulated_fleet` starts fresh simulated devices (new ids, a new group) for one
@@ -106,16 +114,17 @@ class SignedBundle:
 
 
 def make_bundle(
-    directory: Path, keys: KeyStore, signer: Signer, name: str, mib: float
+    directory: Path, keys: KeyStore, signer: Signer, name: str, mib: float, version: str = "1.0.0"
 ) -> SignedBundle:
     """A bundle of one ONNX model whose weights take ``mib`` MiB, signed, in ``directory``."""
     columns = max(1, round(mib * MiB / (8192 * 4)))
+    seed = 7 + int(version.split(".")[0])  # other weights: other bytes for every version
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
-        model = make_onnx(Path(tmp) / f"{name}.onnx", inputs=8192, outputs=columns, seed=7)
+        model = make_onnx(Path(tmp) / f"{name}.onnx", inputs=8192, outputs=columns, seed=seed)
         result = build_bundle(
             [model],
-            directory / f"{name}.emb",
-            BuildOptions(name=name, version="1.0.0", samples="none", block_size=DEFAULT_BLOCK_SIZE),
+            directory / f"{name}-{version}.emb",
+            BuildOptions(name=name, version=version, samples="none", block_size=DEFAULT_BLOCK_SIZE),
         )
     now = datetime.now(timezone.utc)
     out, _ = sign_bundle(result.path, [signer], now=now)
@@ -545,6 +554,104 @@ def converge(stack: Stack, fleet: SimFleet, bundle: SignedBundle, timeout: float
     }
 
 
+def rollout_cli(stack: Stack, name: str, *args: str) -> list[str]:
+    return [
+        EDGE_FLEET, "rollout", name, *args,
+        "--key", str(stack.keys.release_key_paths()[0]), "--trust", str(stack.keys.root),
+        "--no-tls", "--broker", f"{HOST}:{stack.broker.port}", "--json",
+    ]  # fmt: skip
+
+
+def run_rollout(
+    stack: Stack, fleet: SimFleet, rollout_id: str, bundle: SignedBundle, args: Sequence[str],
+    timeout: float,
+) -> dict[str, Any]:  # fmt: skip
+    """``edge-fleet rollout start`` of ``bundle`` over the fleet's group, as a process; its
+    exit status, wall time, summary and the CPU each side spent."""
+    argv = rollout_cli(
+        stack, "start", str(bundle.path), "--group", fleet.group, "--id", rollout_id,
+        "--bundles", str(stack.served), *args,
+    )  # fmt: skip
+    sides = {
+        "server": stack.server_pids,
+        "broker": [stack.broker.process.pid],
+        "sim": fleet.pids,
+        "bench": [os.getpid()],
+    }
+    before = {k: cpu(v) for k, v in sides.items()}
+    # Of the children, only the controller ends in between: what terminated children used.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.monotonic()
+    proc = spawn(argv, stack.logs / f"rollout-{rollout_id}.log", stdout=subprocess.PIPE)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise RuntimeError(f"rollout {rollout_id} did not end in {timeout:.0f} s") from None
+    wall = time.monotonic() - began
+    out = stop(proc).strip().splitlines()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    controller = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    summary = json.loads(out[-1]) if out else {}
+    return {
+        "exit": proc.returncode,
+        "s": round(wall, 3),
+        "summary": summary,
+        "controller_cpu_s": round(controller, 2),
+        **{f"{k}_cpu_s": round(cpu(v) - before[k], 2) for k, v in sides.items()},
+    }
+
+
+def rollouts(
+    stack: Stack, args: argparse.Namespace, made: Sequence[SignedBundle]
+) -> dict[str, Any]:
+    """On a fresh fleet of the largest size, on 1.0.0 from its group: 2.0.0 in four waves
+    (1, 10%, 50%, 100%), then 3.0.0, whose load fails on a fifth of the devices (chosen by id
+    hash), in waves of 5% and 100% with at most 5% failures: it must halt after the canaries."""
+    v1, v2, v3 = made
+    n = max(args.devices)
+    extra = ["--fail-load", v3.descriptor.version, "--fail-fraction", "0.2"]
+    with simulated_fleet(
+        stack, n, name=f"r{n}", per_process=args.per_process, load_s=args.load_s, extra=extra
+    ) as fleet:
+        say(f"rollouts: {n} devices on 1.0.0 first")
+        converge(stack, fleet, v1, args.timeout)
+        say("rollout of 2.0.0 in four waves")
+        four = run_rollout(
+            stack, fleet, "bench-four", v2,
+            ["--waves", "1,10%,50%,100%", "--wave-timeout", "120s", "--max-failures", "0"],
+            args.timeout * 4,
+        )  # fmt: skip
+        say(f"  exit {four['exit']} in {four['s']} s")
+        say("rollout of 3.0.0, a fifth of the devices failing it")
+        bad = run_rollout(
+            stack, fleet, "bench-canary", v3,
+            ["--waves", "5%,100%", "--wave-timeout", "120s", "--max-failures", "5%"],
+            args.timeout,
+        )  # fmt: skip
+        say(f"  exit {bad['exit']} in {bad['s']} s: {bad['summary'].get('reason')}")
+    waves = bad["summary"].get("waves", [])
+    canary = waves[0]["devices"] if waves else 0
+    failed = len(bad["summary"].get("failures", []))
+    return {
+        "rollout_s": four["s"],
+        "rollout_exit": four["exit"],
+        "rollout_waves": [w["devices"] for w in four["summary"].get("waves", [])],
+        "rollout_status": four["summary"].get("status"),
+        "rollout_published_desired": four["summary"].get("devices"),
+        "rollout_cpu_s": {
+            k: four[f"{k}_cpu_s"] for k in ("server", "broker", "sim", "bench", "controller")
+        },
+        "halted_after_canary": bad["exit"] == 4
+        and bad["summary"].get("status") == "halted"
+        and all(w["phases"] == {"waiting": w["devices"]} for w in waves[1:]),
+        "canary_devices": canary,
+        "canary_failed": failed,
+        "canary_s": bad["s"],
+        "canary_reason": bad["summary"].get("reason"),
+    }
+
+
 # -- the raw baseline ------------------------------------------------------------------------------
 def raw(
     stack: Stack, devices: int, per_process: int, bundle: SignedBundle, timeout: float
@@ -709,7 +816,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         made: list[SignedBundle] = []
 
         def bundles(keys: KeyStore, signer: Signer, served: Path) -> None:
-            made.append(make_bundle(served, keys, signer, "bench-fleet", args.bundle_mib))
+            for version in ("1.0.0", "2.0.0", "3.0.0"):  # converge; roll out; a bad canary
+                made.append(
+                    make_bundle(served, keys, signer, "bench-fleet", args.bundle_mib, version)
+                )
 
         with (
             tempfile.TemporaryDirectory(prefix="bench-fleet-", dir=args.sim_state) as sim_state,
@@ -718,7 +828,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ) as stack,
         ):
             say(f"mosquitto on {HOST}:{stack.broker.port}, {args.servers} bundle servers")
-            bundle = made[0]
+            bundle = made[0]  # (2.0.0 and 3.0.0: the rollouts)
             bundle_mib = bundle.descriptor.bundle_size / MiB
             say(
                 f"bundle {bundle.descriptor.bundle_size / MiB:.2f} MiB, {bundle.descriptor.block_count} blocks"
@@ -752,6 +862,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result[f"raw_ratio_{n}"] = round(base["raw_s"] / result[f"converge_s_{n}"], 3)
                     result[f"{n}_detail"].update({k: v for k, v in base.items() if k != "raw_s"})
                     say(f"  raw {base['raw_s']} s")
+            if not args.skip_rollout:
+                result.update(rollouts(stack, args, made))
+                # Against one group document to as many devices, measured above.
+                base = result[f"converge_s_{max(sizes)}"]
+                result["rollout_ratio_vs_converge"] = round(result["rollout_s"] / base, 2)
             top = sizes[-1]
             detail = result[f"{top}_detail"]
             sides = ("server", "broker", "sim", "bench")
@@ -845,6 +960,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--load-s", type=float, default=0.1, help="simulated load time")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for one convergence")
     p.add_argument("--skip-raw", action="store_true", help="no raw broker baseline")
+    p.add_argument("--skip-rollout", action="store_true", help="no rollout scenarios")
     p.add_argument("--quick", action="store_true", help="10 and 30 devices: a smoke run")
     p.add_argument(
         "--broker-option",

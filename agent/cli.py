@@ -872,6 +872,8 @@ def _rollout_start(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigError(f"gate: {exc}") from None
+    if not args.group and not args.device:
+        raise ConfigError("name the devices: --group G (narrowed with --where) or --device ID")
     rollout_id = args.id or f"ro-{int(now.timestamp())}"
     descriptors = _stage_bundles(args.bundles_to_deploy, signers, now, args.bundles)
     target = Target(

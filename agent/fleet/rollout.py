@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -182,8 +183,6 @@ def parse_selector(text: str) -> tuple[str, bool, str]:
 
 
 def matches(device: str, r: Reported, selectors: Iterable[str]) -> bool:
-    import fnmatch
-
     for text in selectors:
         key, wanted, glob = parse_selector(text)
         hit = any(fnmatch.fnmatchcase(v, glob) for v in _values(key, device, r))
@@ -1324,15 +1323,19 @@ def request(
 
 # -- status ------------------------------------------------------------------------------------
 def summary(plan: RolloutPlan, state: RolloutState, knowledge: Knowledge) -> dict[str, Any]:
-    """The rollout as JSON: waves with counts per phase, failures with their codes."""
-    follower = Follower(knowledge, plan.terms.deployment_id)
-    want: dict[str, str | None] = {n: m.bundle_sha256 for n, m in plan.models.items()}
+    """The rollout as JSON: waves with counts per phase, failures with their codes. Once a
+    rollback has begun, the devices it returns count by where they stand with it ("active":
+    back on what they ran before)."""
+    rb = state.rollback
+    follower = Follower(knowledge, rb.terms.deployment_id if rb else plan.terms.deployment_id)
+    forward: dict[str, str | None] = {n: m.bundle_sha256 for n, m in plan.models.items()}
     waves = []
     active = 0
     for index, wave in enumerate(plan.waves):
         counts: dict[str, int] = {}
         if index < state.published:
             for device in wave:
+                want = rollback_want(plan, device) if rb else forward
                 o = follower.outcome(device, want)
                 counts[o.phase] = counts.get(o.phase, 0) + 1
                 active += o.ok

@@ -28,6 +28,7 @@ from agent.transport.topics import DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
+    from agent.trust.keys import Signer
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -457,28 +458,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _stage_bundles(
-    bundles: Sequence[Path],
-    signers: Sequence[Any],
-    now: datetime,
-    bundles_dir: Path,
-    given: Mapping[Path, bytes] | None = None,
+    bundles: Sequence[Path], descriptor_of: Callable[[Path], bytes], bundles_dir: Path
 ) -> dict[str, bytes]:
-    """Each bundle's signed descriptor (``given``, else its ``.dsse``, signed now if it has
-    none), the bundle copied into the bundle server's directory: model -> descriptor envelope."""
+    """Each bundle's signed descriptor (``descriptor_of``), the bundle copied into the bundle
+    server's directory: model -> descriptor envelope."""
     from agent._strictjson import parse_model
     from agent.fleet.control import stage_bundle
-    from agent.fleet.sign import envelope_path, sign_bundle
     from agent.trust.envelope import parse_envelope
     from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor
 
     descriptors: dict[str, bytes] = {}
     for bundle in bundles:
-        data = (given or {}).get(bundle)
-        if data is None:
-            env_path = envelope_path(bundle)
-            if not env_path.exists():
-                sign_bundle(bundle, signers, now=now)  # a descriptor signed with the same key(s)
-            data = env_path.read_bytes()
+        data = descriptor_of(bundle)
         descriptor = parse_model(
             BundleDescriptor,
             parse_envelope(data).payload,
@@ -528,7 +519,11 @@ def _deploy(args: argparse.Namespace) -> int:
     if not args.follow_groups and not args.bundles_to_deploy:
         raise ConfigError("name the bundles to deploy (or --follow-groups, with --device)")
     given = _given_descriptors(args.descriptor, args.bundles_to_deploy)
-    descriptors = _stage_bundles(args.bundles_to_deploy, signers, now, args.bundles, given)
+    descriptors = _stage_bundles(
+        args.bundles_to_deploy,
+        lambda b: given.get(b) or _deploy_descriptor(args, b, signers, now),
+        args.bundles,
+    )
     variants = _variants(args.variant)
     document = make_deployment(
         descriptors,
@@ -612,6 +607,19 @@ def _given_descriptors(paths: list[Path], bundles: list[Path]) -> dict[Path, byt
             raise ConfigError(f"two --descriptor envelopes for {described}")
         given[described] = data
     return given
+
+
+def _deploy_descriptor(
+    args: argparse.Namespace, bundle: Path, signers: list[Signer], now: datetime
+) -> bytes:
+    """BUNDLE.dsse as the fleet's trust accepts it now (signed again where its signatures no
+    longer count): deploy publishes no descriptor that devices refuse for its signatures."""
+    from agent.fleet.sign import signed_for
+
+    data, note = signed_for(bundle, signers, _fleet_trust(args, now), now=now)
+    if note is not None:
+        print(f"edge-fleet: {note}", file=sys.stderr)
+    return data
 
 
 def _wait_for(
@@ -787,19 +795,19 @@ def _trust_publish(args: argparse.Namespace) -> int:
 
 
 # -- edge-fleet rollout -------------------------------------------------------------------------
-def _rollout_trust(args: argparse.Namespace, now: datetime) -> Any:
-    """The fleet's trust (root and keyring) from --trust, else the first --key's directory."""
-    from agent.fleet.keys import ROOT_FILE
+def _fleet_trust(args: argparse.Namespace, now: datetime) -> Any:
+    """The fleet's trust (root and keyring): --trust, else the key directory --key is in."""
+    from agent.fleet.keys import key_directory
     from agent.fleet.sign import load_trust
 
-    key_dir = args.key[0].parent  # keys init keeps release keys in <dir>/private/
-    where = args.trust or next(
-        (d for d in (key_dir, key_dir.parent) if (d / ROOT_FILE).exists()), key_dir
-    )
-    try:
-        return load_trust(where, now)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (give the key directory with --trust)") from None
+    trust = args.trust or next(filter(None, map(key_directory, args.key)), None)
+    if trust is None:
+        raise ConfigError(
+            f"{args.key[0]} is not in a key directory (DIR/private/), so the bundles' signatures "
+            "cannot be checked against the fleet's keyring: give --trust (the key directory, "
+            "root.json or keyring.json)"
+        )
+    return load_trust(trust, now)
 
 
 def _progress(line: str) -> None:
@@ -859,7 +867,7 @@ def _rollout_start(args: argparse.Namespace) -> int:
     if args.days < 1:
         raise ConfigError("--days must be at least 1")
     signers = [load_signer(k) for k in args.key]
-    trust = _rollout_trust(args, now)
+    trust = _fleet_trust(args, now)
     count, pct = parse_failures(args.max_failures)
     try:
         gate = Gate(
@@ -875,7 +883,9 @@ def _rollout_start(args: argparse.Namespace) -> int:
     if not args.group and not args.device:
         raise ConfigError("name the devices: --group G (narrowed with --where) or --device ID")
     rollout_id = args.id or f"ro-{int(now.timestamp())}"
-    descriptors = _stage_bundles(args.bundles_to_deploy, signers, now, args.bundles)
+    descriptors = _stage_bundles(
+        args.bundles_to_deploy, lambda b: _deploy_descriptor(args, b, signers, now), args.bundles
+    )
     target = Target(
         group=args.group,
         devices=args.device,
@@ -928,7 +938,7 @@ def _rollout_resume(args: argparse.Namespace) -> int:
 
     now = _now(None)
     signers = [load_signer(k) for k in args.key]
-    trust = _rollout_trust(args, now)
+    trust = _fleet_trust(args, now)
     cm, knowledge = _rollout_session(args, "resume", trust)
     with cm as (session, inbox):
         collect(inbox, knowledge)
@@ -960,7 +970,7 @@ def _rollout_rollback(args: argparse.Namespace) -> int:
 
     now = _now(None)
     signers = [load_signer(k) for k in args.key]
-    trust = _rollout_trust(args, now)
+    trust = _fleet_trust(args, now)
     cm, knowledge = _rollout_session(args, "rollback", trust)
     with cm as (session, inbox):
         collect(inbox, knowledge)
@@ -1458,6 +1468,13 @@ def fleet_parser() -> argparse.ArgumentParser:
         metavar="ENVELOPE",
         help="deploy this signed descriptor for the BUNDLE it describes, in place of "
         "BUNDLE.dsse (e.g. one 'bundle reissue' wrote; repeatable)",
+    )
+    d.add_argument(
+        "--trust",
+        type=Path,
+        metavar="ROOT_OR_KEYRING",
+        help="the fleet's trust to check the bundles' signatures against: key directory, "
+        "root.json or keyring.json (default: the key directory --key is in)",
     )
     d.add_argument("--days", type=int, default=30, help="days until the deployment expires")
     d.add_argument("--sequence", type=int, help="default: milliseconds since the epoch")

@@ -82,9 +82,10 @@ PYEOF
 refused $FLEET bundle verify "$OUT/tampered.emb" --trust "$OUT/keys/root.json"
 
 step "A bundle signed by a key the fleet does not trust"
-$PY -c "from agent.trust.keys import Signer; open('$OUT/rogue.pem','wb').write(Signer.generate().to_pem())"
+$FLEET keys init "$OUT/rogue-keys" >/dev/null  # the attacker's own key directory
+ROGUE_KEY=$(ls "$OUT"/rogue-keys/private/release-*.pem)
 cp "$OUT/classifier-1.1.0.emb" "$OUT/rogue.emb"
-show $FLEET bundle sign "$OUT/rogue.emb" --key "$OUT/rogue.pem"
+show $FLEET bundle sign "$OUT/rogue.emb" --key "$ROGUE_KEY"
 refused $FLEET bundle verify "$OUT/rogue.emb" --trust "$OUT/keys/root.json"
 
 step "Rollback: a device at release 1001000 is offered 1.0.0 (release 1000000)"
@@ -225,8 +226,9 @@ $FLEET status --json | grep -q '"rolled-back"' || { echo "!! no rolled-back stat
 step "The technician on the box asks the agent"
 show .venv/bin/edge-agent status --socket "$OUT/status.sock"
 
-step "A deployment signed by a rogue key: published, refused by the device, nothing changes"
-show $FLEET deploy "$OUT/rogue.emb" --device cam-01 --key "$OUT/rogue.pem" --bundles "$OUT/served"
+step "A rogue key: deploy refuses it; published with the attacker's own keys, the device refuses it"
+refused $FLEET deploy "$OUT/rogue.emb" --device cam-01 --key "$ROGUE_KEY" --trust "$OUT/keys" --bundles "$OUT/served"
+show $FLEET deploy "$OUT/rogue.emb" --device cam-01 --key "$ROGUE_KEY" --bundles "$OUT/served"
 for _ in $(seq 50); do
   $FLEET status --json | grep -q untrusted-key && break
   sleep 0.2

@@ -353,3 +353,163 @@ def test_deploy_follow_groups_signs_a_hand_back(tmp_path: Path, keys: Keys) -> N
     nothing = _fleet("deploy", "--device", "cam-01", *args, env=env)
     assert nothing.returncode == 2
     assert "name the bundles to deploy" in nothing.stderr
+
+
+def _release_key_of(keys: Keys, keyid: str) -> Path:
+    return keys.dir / "private" / f"release-{keyid[:16]}.pem"
+
+
+def _signature_keyids(bundle: Path) -> set[str]:
+    from agent.trust.envelope import parse_envelope
+
+    return {s.keyid for s in parse_envelope(Path(f"{bundle}.dsse").read_bytes()).signatures}
+
+
+def test_deploy_after_a_release_rotation_signs_the_descriptor_again(
+    tmp_path: Path, broker: Broker, keys: Keys, build, server: Path
+) -> None:
+    """The bundle was signed before `keys rotate --release` revoked its key: deploy with the new
+    key signs the descriptor again (the revoked signature dropped), and the device takes it."""
+    bundle = build("1.0.0", block_size=4096).path
+    env = _env(broker)
+    old = keys.release.keyid
+    signed = _fleet(
+        "bundle", "sign", str(bundle), "--key", str(_release_key_of(keys, old)), env=env
+    )
+    assert signed.returncode == 0, signed.stderr
+    rotated = _fleet("keys", "rotate", str(keys.dir), "--release", env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    (new,) = keys.store.current_keyring().release_keys
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    with agent(config):
+        published = _fleet("keys", "publish", str(keys.dir), env=env)
+        assert published.returncode == 0, published.stderr
+        done = _fleet(
+            "deploy",
+            str(bundle),
+            "--device",
+            "cam-01",
+            "--key",
+            str(_release_key_of(keys, new)),
+            "--bundles",
+            str(server),
+            "--wait",
+            "60",
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert "tiny active" in done.stderr
+    notes = [line for line in done.stderr.splitlines() if "signed again" in line]
+    assert notes == [
+        f"edge-fleet: {bundle.name}.dsse: its signatures do not satisfy keyring v2 (threshold 1); "
+        f"signed again with {new[:16]}, dropped 1 that no longer count ({old[:16]})"
+    ]
+    assert _signature_keyids(bundle) == {new}
+    assert _signature_keyids(server / bundle.name) == {new}, "the staged copy too"
+
+
+def _deploy_out(
+    bundle: Path, key: Path, out: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGE_FLEET_BROKER": "127.0.0.1:1"}  # never reached: --no-publish
+    args = ["--key", str(key), "--bundles", str(out.parent / "served"), "-o", str(out)]
+    return _fleet(
+        "deploy", str(bundle), "--device", "cam-01", *args, "--no-publish", *extra, env=env
+    )
+
+
+def _two_release_keys(keys: Keys) -> str:
+    """Keyring v2: the first release key and a second one, and two signatures required.
+    Returns the second key's id."""
+    from agent.fleet.keys import _public
+    from agent.trust.keys import Signer
+    from agent.trust.metadata import ReleaseKey
+
+    store = keys.store
+    second = Signer.generate()
+    store._write_private("release", second)
+    old = store.current_keyring()
+    expires = old.release_keys[keys.release.keyid].expires
+    keyring = old.model_copy(
+        update={
+            "version": old.version + 1,
+            "threshold": 2,
+            "release_keys": {
+                **old.release_keys,
+                second.keyid: ReleaseKey(key=_public(second), expires=expires, models=["*"]),
+            },
+        }
+    )
+    store._publish_keyring(keyring, store._root_signers(store.current_root()))
+    return second.keyid
+
+
+def test_deploy_keeps_the_signatures_that_still_count(tmp_path: Path, keys: Keys, build) -> None:
+    """Two signatures required; one of the two signers is revoked: the other one's signature
+    stays, the revoked one goes, the new key adds its own, and the document verifies."""
+    from agent.trust.envelope import parse_envelope
+    from agent.trust.metadata import DeploymentTarget
+
+    first, second = keys.release.keyid, _two_release_keys(keys)
+    bundle = build("1.0.0", block_size=4096).path
+    env = {**os.environ}
+    both = ["--key", str(_release_key_of(keys, first)), "--key", str(_release_key_of(keys, second))]
+    signed = _fleet("bundle", "sign", str(bundle), *both, env=env)
+    assert signed.returncode == 0, signed.stderr
+    payload = parse_envelope(Path(f"{bundle}.dsse").read_bytes()).payload
+    rotated = _fleet("keys", "rotate", str(keys.dir), "--release", "--keep", first[:16], env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    keyring = keys.store.current_keyring()
+    assert keyring.threshold == 2
+    (new,) = set(keyring.release_keys) - {first}
+
+    out = tmp_path / "doc.json"
+    done = _deploy_out(bundle, _release_key_of(keys, first), out)
+    assert done.returncode == 2, done.stderr
+    assert "asks for 2 release signatures; 1 of its own still count and --key adds 0" in (
+        done.stderr
+    )
+    assert not out.exists(), "nothing written"
+    assert _signature_keyids(bundle) == {first, second}, "the envelope left as it was"
+
+    done = _deploy_out(
+        bundle, _release_key_of(keys, new), out, "--key", str(_release_key_of(keys, first))
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"dropped 1 that no longer count ({second[:16]}), kept 1 that still count" in done.stderr
+    envelope = parse_envelope(Path(f"{bundle}.dsse").read_bytes())
+    assert {s.keyid for s in envelope.signatures} == {first, new}
+    assert envelope.payload == payload, "the terms the kept signature vouches for"
+    now = datetime.now(timezone.utc)
+    verified = keys.store.state(now).verify_deployment(
+        out.read_bytes(), now, targets=[DeploymentTarget(kind="device", id="cam-01")]
+    )
+    assert verified.bundles["tiny"].signers == {first, new}
+
+
+def test_deploy_refuses_keys_the_keyring_does_not_allow(tmp_path: Path, keys: Keys, build) -> None:
+    """A revoked key, a key for other models, a key outside any key directory: each refused
+    before anything is written."""
+    bundle = build("1.0.0", block_size=4096).path
+    old = keys.release.keyid
+    revoked = tmp_path / "revoked.pem"
+    shutil.copyfile(_release_key_of(keys, old), revoked)
+    env = {**os.environ}
+    rotated = _fleet("keys", "rotate", str(keys.dir), "--release", "--models", "other", env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    (scoped,) = keys.store.current_keyring().release_keys
+    out = tmp_path / "doc.json"
+
+    done = _deploy_out(bundle, revoked, out, "--trust", str(keys.dir))
+    assert done.returncode == 2, done.stderr
+    assert f"release key {old[:16]} is not in keyring v2 (revoked, or never added)" in done.stderr
+    done = _deploy_out(bundle, _release_key_of(keys, scoped), out)
+    assert done.returncode == 2, done.stderr
+    assert f"release key {scoped[:16]} may not sign model 'tiny' (it signs other)" in done.stderr
+    done = _deploy_out(bundle, revoked, out)
+    assert done.returncode == 2, done.stderr
+    assert "is not in a key directory" in done.stderr
+    assert "give --trust" in done.stderr
+    assert not out.exists()
+    assert not Path(f"{bundle}.dsse").exists(), "nothing signed"
+    assert not (tmp_path / "served").exists(), "nothing staged"

@@ -60,6 +60,14 @@ def load_signer(path: Path) -> Signer:
         raise FormatError(f"{path}: {exc}{hint}") from None
 
 
+def key_directory(key: Path) -> Path | None:
+    """The key directory that holds the private key file ``key`` (``DIR/private/NAME.pem``)."""
+    private = Path(key).resolve().parent
+    if private.name == "private" and (private.parent / ROOT_FILE).is_file():
+        return private.parent
+    return None
+
+
 def _public(signer: Signer) -> PublicKey:
     return PublicKey(public=signer.public_raw.hex())
 

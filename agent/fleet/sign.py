@@ -12,7 +12,8 @@ a higher ``--release`` does, and gives no power beyond that.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from agent._fsutil import atomic_write_bytes
 from agent._strictjson import describe_validation_error, parse_model
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
+from agent.bundle.manifest import Manifest
 from agent.bundle.reader import check_members, read_index
 from agent.bundle.verify import VerifiedBundle, verify_bundle
 from agent.errors import (
@@ -31,7 +33,7 @@ from agent.errors import (
     StorageError,
 )
 from agent.fleet.keys import KEYRING_FILE, ROOT_FILE
-from agent.trust.envelope import Envelope, parse_envelope, sign_envelope
+from agent.trust.envelope import Envelope, count_signatures, parse_envelope, sign_envelope
 from agent.trust.keys import Signer
 from agent.trust.metadata import (
     DESCRIPTOR_TYPE,
@@ -39,6 +41,7 @@ from agent.trust.metadata import (
     MAX_METADATA_BYTES,
     ROOT_TYPE,
     BundleDescriptor,
+    KeyringMetadata,
 )
 from agent.trust.verifier import TrustedState
 
@@ -85,14 +88,16 @@ def sign_bundle(
     now: datetime,
     days: int = 90,
     out: Path | None = None,
+    keep: Collection[str] | None = None,
 ) -> tuple[Path, Envelope]:
     """Sign ``bundle``'s descriptor; add to an existing envelope for the same bytes if there is one.
 
     Adding lets several holders of release keys sign one descriptor when the keyring's threshold
-    is above one.
+    is above one. ``keep``: the key ids whose signatures of the existing envelope stay (None: all
+    of them); an envelope left with none is replaced by a fresh descriptor.
     """
     fresh = describe_bundle(bundle, now=now, days=days)
-    return _sign(fresh, signers, Path(out) if out else envelope_path(bundle))
+    return _sign(fresh, signers, Path(out) if out else envelope_path(bundle), keep)
 
 
 def reissue_path(bundle: Path, release: int) -> Path:
@@ -185,11 +190,17 @@ def descriptor_to_reissue(envelope: bytes, trust: TrustedState, now: datetime) -
     return trust.descriptor_once_signed(envelope, now)
 
 
-def _sign(fresh: BundleDescriptor, signers: Sequence[Signer], out: Path) -> tuple[Path, Envelope]:
-    """Write ``fresh``'s envelope to ``out``, or add ``signers`` to the one there on its terms."""
+def _sign(
+    fresh: BundleDescriptor,
+    signers: Sequence[Signer],
+    out: Path,
+    keep: Collection[str] | None = None,
+) -> tuple[Path, Envelope]:
+    """Write ``fresh``'s envelope to ``out``, or add ``signers`` to the one there on its terms
+    (keeping the signatures of ``keep``: see :func:`sign_bundle`)."""
     if not signers:
         raise ConfigError("give at least one --key")
-    existing = _existing(out, fresh)
+    existing = _existing(out, fresh, keep)
     if existing is None:
         envelope = sign_envelope(DESCRIPTOR_TYPE, fresh.to_payload(), signers)
     else:
@@ -204,7 +215,24 @@ def _sign(fresh: BundleDescriptor, signers: Sequence[Signer], out: Path) -> tupl
     return out, envelope
 
 
-def _existing(path: Path, fresh: BundleDescriptor) -> Envelope | None:
+def _read_descriptor(path: Path) -> tuple[bytes, Envelope, BundleDescriptor]:
+    """The descriptor envelope at ``path``, parsed (not verified); ConfigError for another file."""
+    data = _read(path, "signature envelope")
+    try:
+        envelope = parse_envelope(data)
+        descriptor = parse_model(
+            BundleDescriptor, envelope.payload, what="descriptor", max_bytes=MAX_METADATA_BYTES
+        )
+    except BadContentError as exc:
+        raise ConfigError(
+            f"{path} exists and is not a descriptor envelope ({exc}); move it"
+        ) from None
+    if envelope.payload_type != DESCRIPTOR_TYPE:
+        raise ConfigError(f"{path} exists and is not a descriptor envelope; move it")
+    return data, envelope, descriptor
+
+
+def _existing(path: Path, fresh: BundleDescriptor, keep: Collection[str] | None) -> Envelope | None:
     """The envelope at ``path`` if it describes these bytes on these terms (to add a signature).
 
     A co-signer vouches for the whole payload, so every field must be what this signer would have
@@ -214,26 +242,113 @@ def _existing(path: Path, fresh: BundleDescriptor) -> Envelope | None:
     """
     if not path.exists():
         return None
-    try:
-        envelope = parse_envelope(_read(path, "signature envelope"))
-        old = parse_model(
-            BundleDescriptor, envelope.payload, what="descriptor", max_bytes=MAX_METADATA_BYTES
-        )
-    except BadContentError as exc:
-        raise ConfigError(
-            f"{path} exists and is not a descriptor envelope ({exc}); move it"
-        ) from None
-    if envelope.payload_type != DESCRIPTOR_TYPE:
-        raise ConfigError(f"{path} exists and is not a descriptor envelope; move it")
+    _, envelope, old = _read_descriptor(path)
     same_terms = old.model_copy(update={"created": fresh.created, "expires": fresh.expires})
     if same_terms != fresh:
         return None  # another bundle, or another build of it: sign afresh
+    if keep is not None:
+        envelope = replace(
+            envelope, signatures=tuple(s for s in envelope.signatures if s.keyid in keep)
+        )
+        if not envelope.signatures:
+            return None  # nobody vouches for these terms any more: sign afresh
     if old.expires > fresh.expires:
         raise ConfigError(
             f"{path} asks for a signature until {old.expires:%Y-%m-%d}, later than --days allows "
             f"({fresh.expires:%Y-%m-%d}); check it, or sign afresh with -o"
         )
     return envelope
+
+
+def check_signers(
+    signers: Sequence[Signer], keyring: KeyringMetadata, model: str, now: datetime
+) -> None:
+    """ConfigError unless each of ``signers`` is a release key of ``keyring`` that may sign
+    ``model`` now: a device refuses what any other key signs."""
+    for signer in signers:
+        key = keyring.release_keys.get(signer.keyid)
+        if key is None:
+            raise ConfigError(
+                f"release key {signer.keyid[:16]} is not in keyring v{keyring.version} (revoked, "
+                "or never added): use a key it lists ('edge-fleet keys show')"
+            )
+        if key.expires <= now:
+            raise ConfigError(
+                f"release key {signer.keyid[:16]} expired at {key.expires:%Y-%m-%d %H:%M}Z"
+            )
+        if not key.may_sign(model):
+            raise ConfigError(
+                f"release key {signer.keyid[:16]} may not sign model {model!r} "
+                f"(it signs {', '.join(key.models)})"
+            )
+
+
+def signed_for(
+    bundle: Path, signers: Sequence[Signer], trust: TrustedState, *, now: datetime
+) -> tuple[bytes, str | None]:
+    """``bundle``'s descriptor envelope as ``trust`` accepts it, signed by ``signers`` where it
+    must be: what ``edge-fleet deploy`` puts in a deployment that ``signers`` sign.
+
+    No envelope yet: one is signed. An envelope whose signatures no longer reach the keyring's
+    threshold (its keys rotated away, revoked or expired) would be refused by every device
+    (``untrusted-key``), so it is signed again. The signatures that no longer count are dropped:
+    a revoked key's signature counts for no device, and left in place it would read as if that
+    key still vouched for the release. Those that still count stay, and ``signers`` add theirs;
+    none left: a fresh descriptor, made from the bundle itself, since nobody trusted now vouches
+    for the old one. Returns the envelope, and a line that says why when it was signed again.
+    """
+    keyring = trust.keyring
+    if keyring is None:
+        raise ConfigError("the fleet's trust holds no keyring")
+    path = envelope_path(bundle)
+    counted: frozenset[str] = frozenset()
+    dropped: list[str] | None = None  # None: there was no envelope
+    if path.exists():
+        data, envelope, descriptor = _read_descriptor(path)
+        keys = {
+            k: raw
+            for k, raw in keyring.usable_keys(now).items()
+            if keyring.release_keys[k].may_sign(descriptor.model)
+        }
+        counted = count_signatures(envelope, keys).valid
+        if len(counted) >= keyring.threshold:
+            check_signers(signers, keyring, descriptor.model, now)
+            trust.verify_descriptor(data, now)
+            return data, None
+        dropped = sorted({s.keyid for s in envelope.signatures} - counted)
+    model = _manifest(bundle).name
+    check_signers(signers, keyring, model, now)
+    adding = {s.keyid for s in signers} - counted
+    if len(counted) + len(adding) < keyring.threshold:
+        raise ConfigError(
+            f"{path.name}: keyring v{keyring.version} asks for {keyring.threshold} release "
+            f"signatures; {len(counted)} of its own still count and --key adds {len(adding)}: "
+            "give more --key"
+        )
+    _, envelope = sign_bundle(bundle, signers, now=now, keep=counted)
+    data = envelope.to_bytes()
+    trust.verify_descriptor(data, now)
+    if dropped is None:
+        return data, None  # signed for the first time, as deploy always did
+    note = (
+        f"{path.name}: its signatures do not satisfy keyring v{keyring.version} (threshold "
+        f"{keyring.threshold}); signed again with {', '.join(k[:16] for k in sorted(adding))}"
+    )
+    if dropped:
+        note += (
+            f", dropped {len(dropped)} that no longer count ({', '.join(k[:16] for k in dropped)})"
+        )
+    if counted:
+        note += f", kept {len(counted)} that still count"
+    return data, note
+
+
+def _manifest(bundle: Path) -> Manifest:
+    try:
+        with open(bundle, "rb") as f:
+            return read_index(f).manifest
+    except OSError as exc:
+        raise StorageError(f"cannot read {bundle}: {exc.strerror or exc}") from None
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -43,6 +43,20 @@ def _now(value: str | None) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def _days(value: str) -> int:
+    """A ``--days`` value: a whole number from 1 up. What is signed for 0 days (or fewer) has
+    expired when it is published, and every device refuses it."""
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of days") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(
+            f"{days} days: must be at least 1 (what it signs would have expired when published)"
+        )
+    return days
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -1297,9 +1311,9 @@ def fleet_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="model names the release key may sign (globs; default '*')",
     )
-    k.add_argument("--root-days", type=int, default=730)
-    k.add_argument("--keyring-days", type=int, default=365)
-    k.add_argument("--release-days", type=int, default=365)
+    k.add_argument("--root-days", type=_days, default=730)
+    k.add_argument("--keyring-days", type=_days, default=365)
+    k.add_argument("--release-days", type=_days, default=365)
     k.set_defaults(handler=_keys_init)
     k = keys.add_parser("rotate", help="rotate the release key (default) or the root keys")
     k.add_argument("dir", type=Path)
@@ -1379,7 +1393,7 @@ def fleet_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--key", type=Path, action="append", required=True, help="release private key (repeatable)"
     )
-    b.add_argument("--days", type=int, default=90, help="days until the signature expires")
+    b.add_argument("--days", type=_days, default=90, help="days until the signature expires")
     b.add_argument("-o", "--output", type=Path, help="envelope path (default BUNDLE.dsse)")
     b.set_defaults(handler=_bundle_sign)
     b = bundle.add_parser(
@@ -1476,7 +1490,7 @@ def fleet_parser() -> argparse.ArgumentParser:
         help="the fleet's trust to check the bundles' signatures against: key directory, "
         "root.json or keyring.json (default: the key directory --key is in)",
     )
-    d.add_argument("--days", type=int, default=30, help="days until the deployment expires")
+    d.add_argument("--days", type=_days, default=30, help="days until the deployment expires")
     d.add_argument("--sequence", type=int, help="default: milliseconds since the epoch")
     d.add_argument("--id", help="deployment id (default dep-<sequence>)")
     d.add_argument("--variant", action="append", default=[], metavar="MODEL=VARIANT")

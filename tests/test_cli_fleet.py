@@ -513,3 +513,28 @@ def test_deploy_refuses_keys_the_keyring_does_not_allow(tmp_path: Path, keys: Ke
     assert not out.exists()
     assert not Path(f"{bundle}.dsse").exists(), "nothing signed"
     assert not (tmp_path / "served").exists(), "nothing staged"
+
+
+@pytest.mark.parametrize("days", ["0", "-3"])
+def test_days_that_expire_at_once_are_a_usage_error(
+    tmp_path: Path, keys: Keys, build, days: str
+) -> None:
+    """A document valid for no day has expired when it is published: refused, nothing written."""
+    bundle = build("1.0.0", block_size=4096).path
+    key = str(keys.store.release_key_paths()[0])
+    out = tmp_path / "doc.json"
+    env = {**os.environ, "EDGE_FLEET_BROKER": "127.0.0.1:1"}
+    for argv in (
+        ["deploy", str(bundle), "--device", "cam-01", "--key", key, "-o", str(out), "--days", days],
+        ["bundle", "sign", str(bundle), "--key", key, "--days", days],
+        ["keys", "init", str(tmp_path / "k"), "--keyring-days", days],
+    ):
+        done = _fleet(*argv, env=env)
+        assert done.returncode == 2, (argv, done.stderr)
+        flag = argv[-2]
+        assert f"error: argument {flag}: {days} days: " in done.stderr, done.stderr
+        assert "at least 1" in done.stderr
+    assert not out.exists()
+    assert not Path(f"{bundle}.dsse").exists()
+    assert not (tmp_path / "k").exists()
+    assert not (tmp_path / "bundles").exists()

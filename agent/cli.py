@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent._strictjson import loads
+from agent._units import size_text as _size
 from agent.errors import BadContentError, ConfigError, EdgeAgentError
 from agent.transport.messages import COMMON_PACKET_LIMIT
 from agent.transport.session import MqttSettings
@@ -55,14 +56,6 @@ def _days(value: str) -> int:
             f"{days} days: must be at least 1 (what it signs would have expired when published)"
         )
     return days
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
 
 
 def _run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -411,6 +404,7 @@ def _client_id(args: argparse.Namespace, command: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
     import signal
     import threading
 
@@ -420,10 +414,17 @@ def _serve(args: argparse.Namespace) -> int:
     check_packet_limit(args.max_packet_bytes)
     if not args.bundles.is_dir():
         raise ConfigError(f"--bundles {args.bundles} is not a directory")
+    if args.report_interval < 0:
+        raise ConfigError("--report-interval must be 0 (no reports) or more seconds")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     tty = sys.stderr.isatty()
+    # On a terminal a log line first clears the status line that is redrawn every second.
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=("\r\x1b[K" if tty else "") + "%(levelname)s %(name)s: %(message)s",
+    )
     started = time.monotonic()
 
     def status(server: BlockServer) -> None:
@@ -460,6 +461,7 @@ def _serve(args: argparse.Namespace) -> int:
         stop=stop,
         max_packet_bytes=args.max_packet_bytes,
         on_status=status,
+        report_interval_s=args.report_interval,
     )
     st = server.stats
     reconnects = f", {st.connects - 1} reconnect(s)" if st.connects > 1 else ""
@@ -1286,6 +1288,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def fleet_parser() -> argparse.ArgumentParser:
     from agent.bundle.manifest import DEFAULT_BLOCK_SIZE
+    from agent.fleet.server import REPORT_INTERVAL_S
 
     p = argparse.ArgumentParser(
         prog="edge-fleet", description="Build, sign and verify model bundles."
@@ -1456,6 +1459,15 @@ def fleet_parser() -> argparse.ArgumentParser:
         "announces none, so give the broker's limit here (e.g. 131072 for mosquitto's "
         "max_packet_size 131072). Default: none on 3.1.1, the broker's on 5",
     )
+    s.add_argument(
+        "--report-interval",
+        type=float,
+        default=REPORT_INTERVAL_S,
+        metavar="SECONDS",
+        help="log a line per bundle asked for in each interval: requests, devices, blocks and "
+        f"bytes sent (default {REPORT_INTERVAL_S:g}; 0: none)",
+    )
+    s.add_argument("-v", "--verbose", action="store_true", help="log every request")
     _add_broker_options(s)
     s.set_defaults(handler=_serve)
 

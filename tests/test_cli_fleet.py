@@ -298,6 +298,50 @@ def test_serve_keeps_to_max_packet_bytes(tmp_path: Path, broker: Broker, keys: K
     assert "reconnect" not in printed[-1], printed[-1]
 
 
+def test_serve_reports_each_bundle_and_with_verbose_each_request(
+    tmp_path: Path, broker: Broker, keys: Keys, build
+) -> None:
+    """Per-bundle lines (the last, cut short, when it stops) whose blocks add up to what it
+    sent; -v adds a debug line per request."""
+    import re
+
+    bundle = build("1.0.0", block_size=4096).path
+    key = keys.store.release_key_paths()[0]
+    config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")
+    options = ("-v", "--report-interval", "1")
+    with _serving(tmp_path, broker, *options) as (served, printed), agent(config):
+        done = _fleet(
+            "deploy",
+            str(bundle),
+            "--device",
+            "cam-01",
+            "--key",
+            str(key),
+            "--bundles",
+            str(served),
+            "--wait",
+            "60",
+            env=_env(broker),
+        )
+        assert done.returncode == 0, done.stderr
+    out = printed[-1]
+    reports = re.findall(
+        rf"INFO agent.fleet.server: {re.escape(bundle.name)}: (\d+) request\(s\) from (\d) "
+        r"device\(s\) in [\d.]+ s: (\d+) block\(s\), (\d+) page\(s\)",
+        out,
+    )
+    assert reports, out
+    assert {devices for _, devices, _, _ in reports} <= {"0", "1"}
+    stopped = re.search(r"stopped: (\d+) blocks and (\d+) block-list pages", out)
+    assert stopped is not None, out
+    assert sum(int(r[2]) for r in reports) == int(stopped[1]) > 0
+    assert sum(int(r[3]) for r in reports) == int(stopped[2])
+    asked = re.findall(
+        rf"DEBUG agent.fleet.server: cam-01 asks for {re.escape(bundle.name)}: ", out
+    )
+    assert len(asked) == sum(int(r[0]) for r in reports)
+
+
 def test_serve_refuses_a_packet_limit_no_reply_fits(tmp_path: Path) -> None:
     served = tmp_path / "served"
     served.mkdir()

@@ -7,6 +7,7 @@ MQTT path is tests/test_transfer.py's).
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,53 @@ def test_unknown_bundle_gets_an_error_frame(served: tuple[Path, str]) -> None:
     [(_, header, _)] = out
     assert header.error is not None
     assert header.error.code == "unknown-bundle"
+
+
+def test_the_report_counts_each_bundle_asked_for_since_the_last_one(
+    served: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests, distinct devices, blocks, pages, bytes and refusals per bundle; an unknown
+    bundle is named and warned of once per interval; the next report starts from nothing."""
+    directory, sha = served
+    name = next(p.name for p in directory.iterdir() if p.suffix == ".emb")
+    clock = Clock()
+    server, out = _server(directory, clock, rate=4 * BLOCK)
+    caplog.set_level(logging.DEBUG, logger="agent.fleet.server")
+    server.handle(*_request(sha, [0], kind="block-list"))
+    server.handle(*_request(sha, [0, 1, 2]))
+    server.handle(*_request(sha, [3, 4, 5, 6, 7, 8]))  # beyond the burst of 8: deferred
+    server.handle(*_request(sha, [1], device="cam-02"))
+    unknown = "ab" * 32
+    server.handle(*_request(unknown, [0]))
+    server.handle(*_request(unknown, [0], device="cam-02"))
+    sent = sum(len(d) for _, h, d in out if h.kind in ("block", "block-list"))
+    assert server.tallies[sha].bytes == sent
+    assert server.report(30.0) == [
+        f"{name}: 4 request(s) from 2 device(s) in 30 s: 4 block(s), 1 page(s), "
+        f"{sent / 1024:.1f} KiB",
+        f"unknown bundle {unknown[:16]}: 2 request(s) from 2 device(s) in 30 s: 0 block(s), "
+        "0 page(s), 0 B, 2 refused",
+    ]
+
+    def warnings() -> list[str]:
+        return [m for r in caplog.records if (m := r.getMessage()).startswith("no bundle")]
+
+    assert warnings() == [f"no bundle {unknown[:16]} in {directory} (asked for by cam-01)"]
+    asked = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert asked[:2] == [
+        f"cam-01 asks for {name}: block-list, 1 index(es)",
+        f"cam-01 asks for {name}: blocks, 3 index(es)",
+    ]
+    assert len(asked) == 6
+    # The deferred request is answered after the report: its blocks count in the next one.
+    clock.now += 10
+    server.tick()
+    assert server.report(30.0) == [
+        f"{name}: 0 request(s) from 0 device(s) in 30 s: 6 block(s), 0 page(s), 24.0 KiB"
+    ]
+    assert server.report(30.0) == []
+    server.handle(*_request(unknown, [0]))
+    assert len(warnings()) == 2, "warned again in a new interval"
 
 
 def test_a_bundle_added_while_serving_is_found(

@@ -27,6 +27,12 @@ the only one). A request whose reply would not fit, counted as the whole PUBLISH
 answered with a ``block-too-large`` error frame that names the sizes; the device fails the
 transfer with that code rather than waiting for blocks that can never come.
 
+What it says: a line per bundle asked for in each report interval (``report_interval_s``,
+``--report-interval``: requests, distinct devices, blocks, pages and bytes sent, requests
+refused), a warning the first time in an interval that a request names a bundle this server does
+not have, and with ``-v`` every request at debug level. The request path only counts; the lines
+are written by the serving loop.
+
 Who asks: the device id is the last level of the request topic, which the broker's ACL binds to
 the device's certificate (``pattern write .../bundles/+/request/%u``); a request whose body names
 another device is dropped. Replies go to that device only, so no device can have blocks sent to
@@ -47,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from agent._units import size_text
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.reader import read_index
@@ -82,6 +89,7 @@ BACKLOG_PER_DEVICE = 4  # requests waiting for a device's bucket before new ones
 MAX_REQUEST_BYTES = 4096
 MAX_BUCKETS = 100_000  # devices remembered by the rate limiter (least recently seen go first)
 MIN_PACKET_LIMIT = 1024  # a smaller --max-packet-bytes leaves no room even for error frames
+REPORT_INTERVAL_S = 30.0  # one log line per bundle asked for, this often (--report-interval)
 
 
 def check_packet_limit(configured: int | None) -> None:
@@ -221,6 +229,28 @@ class _Deferred:
 
 
 @dataclass
+class BundleTally:
+    """One bundle's requests since the last report (counters only: the hot path stays cheap)."""
+
+    name: str | None  # the file that holds it; None: this server does not have the bundle
+    requests: int = 0
+    blocks: int = 0
+    pages: int = 0
+    bytes: int = 0
+    refused: int = 0
+    devices: set[str] = field(default_factory=set)
+
+    def line(self, sha256: str, seconds: float) -> str:
+        what = self.name or f"unknown bundle {sha256[:16]}"
+        sent = f"{self.blocks} block(s), {self.pages} page(s), {size_text(self.bytes)}"
+        refused = f", {self.refused} refused" if self.refused else ""
+        return (
+            f"{what}: {self.requests} request(s) from {len(self.devices)} device(s) in "
+            f"{seconds:.3g} s: {sent}{refused}"
+        )
+
+
+@dataclass
 class ServerStats:
     requests: int = 0
     blocks: int = 0
@@ -262,6 +292,7 @@ class BlockServer:
         self._seq = 0
         self._fds: dict[str, int] = {}  # bundle sha256 -> an open descriptor of its file
         self.stats = ServerStats()
+        self.tallies: dict[str, BundleTally] = {}  # bundle sha256 -> since the last report
 
     # -- input ------------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
@@ -283,6 +314,28 @@ class BlockServer:
             log.warning("dropped a request for %s on %s", request.bundle_sha256[:16], topic)
             return
         bundle = self.catalog.get(request.bundle_sha256)
+        tally = self.tallies.get(request.bundle_sha256)
+        if tally is None:
+            tally = self.tallies[request.bundle_sha256] = BundleTally(
+                bundle.path.name if bundle else None
+            )
+            if bundle is None:  # once per report interval, not once per request
+                log.warning(
+                    "no bundle %s in %s (asked for by %s)",
+                    request.bundle_sha256[:16],
+                    self.catalog.directory,
+                    request.device_id,
+                )
+        tally.requests += 1
+        tally.devices.add(request.device_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s asks for %s: %s, %d index(es)",
+                request.device_id,
+                tally.name or request.bundle_sha256[:16],
+                request.kind,
+                len(request.indexes),
+            )
         if bundle is None:
             self._error(request, "unknown-bundle", "this server does not have the bundle")
             return
@@ -313,6 +366,14 @@ class BlockServer:
         self._seq += 1
         heapq.heappush(self._deferred, _Deferred(ready, self._seq, request, cost))
         self.stats.deferred += 1
+
+    def report(self, seconds: float) -> list[str]:
+        """A line per bundle asked for since the last report, ``seconds`` ago; counting starts
+        again."""
+        tallies, self.tallies = self.tallies, {}
+        # Bundles served by name, then the unknown ones.
+        ordered = sorted(tallies.items(), key=lambda t: (t[1].name is None, t[1].name, t[0]))
+        return [tally.line(sha, seconds) for sha, tally in ordered]
 
     def tick(self) -> float | None:
         """Answer deferred requests that are due; return seconds until the next one, if any."""
@@ -425,6 +486,7 @@ class BlockServer:
             return
         topic = self.topics.device(request.device_id).blocks
         total = self._total(bundle, request)
+        tally = self._tally(bundle.sha256)
         for index in dict.fromkeys(request.indexes):  # each index once, in the order asked
             kind: Literal["block", "block-list"]
             if request.kind == "block-list":
@@ -449,12 +511,24 @@ class BlockServer:
                 return
             if kind == "block":
                 self.stats.blocks += 1
+                tally.blocks += 1
             else:
                 self.stats.pages += 1
+                tally.pages += 1
             self.stats.bytes += len(data)
+            tally.bytes += len(data)
+
+    def _tally(self, sha256: str) -> BundleTally:
+        """The bundle's tally (a request deferred past a report is counted in the next one)."""
+        tally = self.tallies.get(sha256)
+        if tally is None:
+            found = self.catalog.get(sha256)
+            tally = self.tallies[sha256] = BundleTally(found.path.name if found else None)
+        return tally
 
     def _error(self, request: BlockRequest, code: str, message: str) -> None:
         self.stats.refused += 1
+        self._tally(request.bundle_sha256).refused += 1
         header = BlockReplyHeader(
             bundle_sha256=request.bundle_sha256,
             kind="error",
@@ -492,11 +566,14 @@ def serve(
     burst_bytes: float | None = None,
     max_packet_bytes: int | None = None,
     on_status: Callable[[BlockServer], None] | None = None,
+    report_interval_s: float = REPORT_INTERVAL_S,
 ) -> BlockServer:
     """Run a bundle server until ``stop`` is set. Returns the server (for its stats).
 
     ``max_packet_bytes``: the largest MQTT packet to send (None: what the broker announces on
     MQTT 5, no limit on 3.1.1); the smaller of it and the broker's applies.
+    ``report_interval_s``: every so often, one log line (info) per bundle asked for since the
+    last one (0: none).
     """
     check_packet_limit(max_packet_bytes)
     catalog = BundleCatalog(bundles)
@@ -523,6 +600,19 @@ def serve(
         log.info("MQTT 3.1.1 announces no packet limit; give the broker's with --max-packet-bytes")
     session.start()
     last_status = 0.0
+    last_report = time.monotonic()
+    # Tallies are taken even when no report is wanted (every REPORT_INTERVAL_S): what they
+    # hold stays bounded by one interval's requests.
+    every = report_interval_s or REPORT_INTERVAL_S
+
+    def report() -> None:
+        nonlocal last_report
+        lines = server.report(time.monotonic() - last_report)
+        last_report = time.monotonic()
+        if report_interval_s > 0:
+            for line in lines:
+                log.info("%s", line)
+
     try:
         while not stop.is_set():
             wait = server.tick()
@@ -547,8 +637,11 @@ def serve(
             if on_status is not None and time.monotonic() - last_status >= 1.0:
                 last_status = time.monotonic()
                 on_status(server)
+            if time.monotonic() - last_report >= every:
+                report()
     finally:
         server.stats.connects = session.connects
         session.stop()
         server.close()
+        report()  # the last interval, cut short
     return server

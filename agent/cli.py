@@ -760,18 +760,23 @@ def _status(args: argparse.Namespace) -> int:
             return 0
         deadline = time.monotonic() + args.watch_for if args.watch_for else float("inf")
         shown = ""
+        tty = sys.stdout.isatty()
         try:
             while time.monotonic() < deadline:
+                state = json.dumps(view.as_json(), separators=(",", ":"))
                 if args.json:
-                    text = json.dumps(view.as_json(), separators=(",", ":"))
-                    if text != shown:
-                        print(text, flush=True)
+                    if state != shown:
+                        print(state, flush=True)
+                    shown = state
                 else:
+                    # The table's ages change every second: a terminal shows them move; a pipe
+                    # gets a new table only when the devices' state changes.
                     text = render_table(view)
-                    if text != shown:
-                        clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+                    key = text if tty else state
+                    if key != shown:
+                        clear = "\x1b[H\x1b[2J" if tty else "\n"
                         print(f"{clear}{text}", flush=True)
-                shown = text
+                    shown = key
                 try:
                     item = inbox.get(timeout=0.5)
                 except _queue.Empty:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import __version__
 from agent.cli import _mqtt_settings, fleet_parser
 from agent.transport.messages import Phase
 from tests.broker import Broker, make_certs, tls_broker
@@ -123,8 +125,17 @@ def test_deploy_wait_and_status(
         assert status.returncode == 0, status.stderr
         state = json.loads(status.stdout)["cam-01"]
         assert state["online"] is True
-        assert state["reported"]["models"]["tiny"]["phase"] == "active"
-        assert state["reported"]["models"]["tiny"]["version"] == "1.0.0"
+        assert state["agent_version"] == __version__
+        seen = datetime.fromisoformat(state["last_seen"])
+        reported_at = datetime.fromisoformat(state["reported"]["at"])
+        assert reported_at <= seen <= datetime.now(timezone.utc), "the newest the device sent"
+        model = state["reported"]["models"]["tiny"]
+        assert (model["phase"], model["version"], model["variant"]) == (
+            "active",
+            "1.0.0",
+            "onnx-fp32",
+        )
+        assert model["runtime"].startswith("onnxruntime ")
 
         table = _fleet("status", env=env)
         assert table.returncode == 0, table.stderr
@@ -132,13 +143,20 @@ def test_deploy_wait_and_status(
         assert header.split() == [
             "DEVICE",
             "ONLINE",
+            "SEEN",
+            "AGENT",
             "MODEL",
             "VERSION",
+            "VARIANT",
+            "RUNTIME",
             "PHASE",
-            "PROGRESS",
             "ERROR",
         ]
-        assert row.split() == ["cam-01", "yes", "tiny", "1.0.0", "active"]
+        device, online, age, version, *rest = row.split()
+        assert (device, online, version) == ("cam-01", "yes", __version__)
+        assert re.fullmatch(r"\d+[smhd]", age), age
+        assert rest == ["tiny", "1.0.0", "onnx-fp32", "onnxruntime", "CPU", "active"]
+        assert len(row) <= 100, "readable in 100 columns"
 
 
 def test_deploy_to_a_group_reaches_its_members(
@@ -303,8 +321,6 @@ def test_serve_reports_each_bundle_and_with_verbose_each_request(
 ) -> None:
     """Per-bundle lines (the last, cut short, when it stops) whose blocks add up to what it
     sent; -v adds a debug line per request."""
-    import re
-
     bundle = build("1.0.0", block_size=4096).path
     key = keys.store.release_key_paths()[0]
     config = agent_config(tmp_path / "cam-01", keys.dir, broker, "cam-01")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from agent.fleet.control import FleetView
-from agent.transport.messages import ErrorInfo, ModelStatus, Phase, Reported
+from agent.fleet.control import FleetView, age, render_table
+from agent.transport.messages import ErrorInfo, Event, ModelStatus, Online, Phase, Reported
 from agent.transport.session import Incoming
 from tests.broker import Broker, make_certs, tls_broker
 from tests.conftest import Keys
@@ -28,6 +28,8 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
+
+SECOND, MINUTE, HOUR, DAY = (timedelta(seconds=n) for n in (1, 60, 3600, 86400))
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +190,120 @@ def test_a_refused_document_and_a_models_own_error_both_show() -> None:
     view.update(Incoming(TOPICS.device("cam-01").reported, reported.to_bytes(), True))
     errors = {row["model"]: row["error"] for row in view.rows()}
     assert errors == {"tiny": "untrusted-key; probation", "other": "untrusted-key"}
+
+
+def test_the_table_shows_runtime_variant_agent_and_last_seen_in_short_forms() -> None:
+    """A mixed fleet at a glance in under 100 columns: the newest of reported, online and the
+    last event sets SEEN; a device that never reported shows its online message's agent."""
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+    view = FleetView(TOPICS)
+
+    def send(device: str, channel: str, message: Reported | Online | Event) -> None:
+        topics = TOPICS.device(device)
+        view.update(Incoming(getattr(topics, channel), message.to_bytes(), True))
+
+    send("cam-01", "online", Online(state="online", agent_version="0.3.0", since=now - 3 * HOUR))
+    send(
+        "cam-01",
+        "reported",
+        Reported(
+            device_id="cam-01",
+            agent_version="0.3.0",
+            at=now - 5 * MINUTE,
+            models={
+                "classifier": ModelStatus(
+                    phase=Phase.DOWNLOADING,
+                    version="1.1.0",
+                    variant="onnx-fp32",
+                    runtime="onnxruntime 1.20.1 CUDAExecutionProvider",
+                    progress=45.3,
+                )
+            },
+        ),
+    )
+    send(
+        "cam-01",
+        "events",
+        Event(device_id="cam-01", seq=7, at=now - 12 * SECOND, kind="phase", phase=Phase.PENDING),
+    )
+    send(
+        "box-02",
+        "reported",
+        Reported(
+            device_id="box-02",
+            agent_version="0.2.1",
+            at=now - 2 * DAY - 3 * HOUR,
+            models={
+                "classifier": ModelStatus(
+                    phase=Phase.FAILED,
+                    version="1.0.0",
+                    variant="tflite-fp32",
+                    runtime="litert 1.2.0 xnnpack 4 threads",
+                    progress=80.0,
+                    error=ErrorInfo(code="transfer-timeout", message="no block arrived"),
+                )
+            },
+        ),
+    )
+    send("box-02", "online", Online(state="offline"))
+    send("new-03", "online", Online(state="online", agent_version="0.3.0", since=now - 40 * SECOND))
+    lines = render_table(view, now).splitlines()
+    assert [line.split() for line in lines] == [
+        [
+            "DEVICE",
+            "ONLINE",
+            "SEEN",
+            "AGENT",
+            "MODEL",
+            "VERSION",
+            "VARIANT",
+            "RUNTIME",
+            "PHASE",
+            "ERROR",
+        ],
+        [
+            "box-02",
+            "no",
+            "2d",
+            "0.2.1",
+            "classifier",
+            "1.0.0",
+            "tflite-fp32",
+            "litert",
+            "xnnpack",
+            "failed",
+            "transfer-timeout",
+        ],
+        [
+            "cam-01",
+            "yes",
+            "12s",
+            "0.3.0",
+            "classifier",
+            "1.1.0",
+            "onnx-fp32",
+            "onnxruntime",
+            "CUDA",
+            "downloading",
+            "45%",
+        ],
+        ["new-03", "yes", "40s", "0.3.0", "-", "-", "-", "-", "-"],
+    ]
+    # ERROR comes last: only a row with an error code runs past 100 columns here.
+    assert [len(line) <= 100 for line in lines[1:]] == [False, True, True]
+    doc = view.as_json()
+    assert doc["new-03"] == {
+        "online": True,
+        "agent_version": "0.3.0",
+        "last_seen": (now - 40 * SECOND).isoformat(),
+        "reported": None,
+    }
+    assert doc["cam-01"]["last_seen"] == (now - 12 * SECOND).isoformat()  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(-3, "0s"), (0, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h"), (86400, "1d")],
+)
+def test_ages_are_short(seconds: float, shown: str) -> None:
+    assert age(seconds) == shown

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from agent.errors import BadContentError, BrokerError, ConfigError, StorageError
@@ -87,9 +88,29 @@ def stage_bundle(bundle: Path, bundles_dir: Path) -> Path:
 class DeviceView:
     device_id: str
     online: bool | None = None
+    online_message: Online | None = None
     reported: Reported | None = None
     last_event: Event | None = None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def agent_version(self) -> str | None:
+        """The agent's version, from its reported state or, before it reported, its online
+        message (the will, which says offline, carries none)."""
+        if self.reported is not None:
+            return self.reported.agent_version
+        return self.online_message.agent_version if self.online_message else None
+
+    @property
+    def last_seen(self) -> datetime | None:
+        """The newest time the device put on what it sent: its reported state, when it came
+        online, its last event (the device's clock, not the time the broker got it)."""
+        times = [
+            self.reported.at if self.reported else None,
+            self.online_message.since if self.online_message else None,
+            self.last_event.at if self.last_event else None,
+        ]
+        return max((t for t in times if t is not None), default=None)
 
 
 class FleetView:
@@ -118,9 +139,8 @@ class FleetView:
         view = self.devices.setdefault(ref.id, DeviceView(ref.id))
         try:
             if ref.channel == "online":
-                view.online = (
-                    Online.from_bytes(item.payload).state == "online" if item.payload else None
-                )
+                view.online_message = Online.from_bytes(item.payload) if item.payload else None
+                view.online = view.online_message.state == "online" if view.online_message else None
             elif ref.channel == "reported":
                 view.reported = Reported.from_bytes(item.payload) if item.payload else None
             elif ref.channel == "events":
@@ -140,19 +160,22 @@ class FleetView:
             base: dict[str, object] = {
                 "device": device_id,
                 "online": view.online,
+                "last_seen": view.last_seen,
+                "agent": view.agent_version,
                 "deployment": r.deployment_id if r else None,
                 "error": r.error.code if r and r.error else None,
             }
             if not models:
-                out.append(
-                    {**base, "model": None, "version": None, "phase": None, "progress": None}
-                )
+                none = ("model", "version", "variant", "runtime", "phase", "progress")
+                out.append({**base, **dict.fromkeys(none)})
             for name, m in sorted(models.items()):
                 out.append(
                     {
                         **base,
                         "model": name,
                         "version": m.version,
+                        "variant": m.variant,
+                        "runtime": m.runtime,
                         "phase": m.phase.value,
                         "progress": m.progress,
                         # A refused document (the newest news) first, then the model's own.
@@ -168,6 +191,8 @@ class FleetView:
         return {
             device_id: {
                 "online": view.online,
+                "agent_version": view.agent_version,
+                "last_seen": None if view.last_seen is None else view.last_seen.isoformat(),
                 "reported": None
                 if view.reported is None
                 else view.reported.model_dump(mode="json"),
@@ -206,21 +231,58 @@ def bar(percent: float | None, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {percent:5.1f}%"
 
 
-def render_table(view: FleetView) -> str:
-    """The fleet as a table: one row per device and model."""
-    headers = ["DEVICE", "ONLINE", "MODEL", "VERSION", "PHASE", "PROGRESS", "ERROR"]
+def age(seconds: float) -> str:
+    """A short age: ``12s``, ``5m``, ``3h``, ``2d`` (a clock ahead of ours reads ``0s``)."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def short_runtime(runtime: str) -> str:
+    """The runtime as the table shows it: its name and where it runs, without the version or
+    the settings (``onnxruntime 1.20.1 CUDAExecutionProvider`` -> ``onnxruntime CUDA``)."""
+    name, *rest = runtime.split()
+    where = next((t for t in rest if not t[:1].isdigit()), None)
+    return name if where is None else f"{name} {where.removesuffix('ExecutionProvider')}"
+
+
+def render_table(view: FleetView, now: datetime | None = None) -> str:
+    """The fleet as a table: one row per device and model, short enough for 80-100 columns
+    (the full runtime and every time stamp are in ``--json``)."""
+    now = now or datetime.now(timezone.utc)
+    headers = [
+        "DEVICE",
+        "ONLINE",
+        "SEEN",
+        "AGENT",
+        "MODEL",
+        "VERSION",
+        "VARIANT",
+        "RUNTIME",
+        "PHASE",
+        "ERROR",
+    ]
     rows = []
     for row in view.rows():
         online = {True: "yes", False: "no", None: "?"}[row["online"]]  # type: ignore[index]
-        phase = row["phase"] or "-"
+        seen = row["last_seen"]
+        phase = str(row["phase"] or "-")
+        progress = row["progress"]
+        if progress is not None and row["phase"] not in {p.value for p in FINAL}:
+            phase += f" {progress:.0f}%"
         rows.append(
             [
                 str(row["device"]),
                 online,
+                age((now - seen).total_seconds()) if isinstance(seen, datetime) else "-",
+                str(row["agent"] or "-"),
                 str(row["model"] or "-"),
                 str(row["version"] or "-"),
-                str(phase),
-                bar(row["progress"]) if phase == "downloading" else "",  # type: ignore[arg-type]
+                str(row["variant"] or "-"),
+                short_runtime(str(row["runtime"])) if row["runtime"] else "-",
+                phase,
                 str(row["error"] or ""),
             ]
         )

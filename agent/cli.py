@@ -270,6 +270,7 @@ def _bundle_verify(args: argparse.Namespace) -> int:
 
 
 def _bundle_inspect(args: argparse.Namespace) -> int:
+    from agent.bundle.manifest import tensors_text
     from agent.bundle.reader import read_index
     from agent.fleet.sign import envelope_path
     from agent.trust.envelope import parse_envelope
@@ -294,6 +295,7 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
             }
         except BadContentError as exc:
             env_info = {"path": str(sidecar), "verified": False, "error": str(exc)}
+    mismatch = m.input_mismatch()
     if args.json:
         print(
             json.dumps(
@@ -303,6 +305,7 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
                     "manifest_sha256": index.manifest_sha256,
                     "manifest": m.model_dump(mode="json"),
                     "envelope": env_info,
+                    "input_mismatch": mismatch,
                 },
                 indent=2,
             )
@@ -318,8 +321,7 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
     )
     for v in m.variants:
         size = sum(f.size for f in v.files)
-        io = "  ".join(f"{t.name}:{t.datatype}{t.shape}" for t in v.inputs)
-        oo = "  ".join(f"{t.name}:{t.datatype}{t.shape}" for t in v.outputs)
+        io, oo = tensors_text(v.inputs), tensors_text(v.outputs)
         print(
             f"variant    {v.id:<16} {v.format:<12} {v.precision:<5} {len(v.files)} file(s), {_size(size)}"
         )
@@ -337,6 +339,11 @@ def _bundle_inspect(args: argparse.Namespace) -> int:
                 f"             needs {', '.join(c.accelerators) or 'any accelerator'}; "
                 f"{', '.join(c.architectures) or 'any arch'}; {c.min_memory_mb} MB"
             )
+    if mismatch:
+        print(
+            f"inputs     differ between variants: {mismatch} (a request that fits one gets a "
+            "400 from devices that run another)"
+        )
     print(f"self-test  {len(m.samples.cases) if m.samples else 0} sample(s)")
     if env_info and "error" in env_info:
         print(f"signature  {sidecar}: unreadable ({env_info['error']})")

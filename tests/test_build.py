@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,55 @@ def test_build_warns_of_blocks_too_large_for_common_brokers(
         assert "block-too-large" in printed.err
     else:
         assert printed.err == ""
+
+
+def test_variants_with_different_input_shapes_are_warned_of_and_inspect_flags_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A .tflite fixed at a batch of 1 beside an ONNX model with a dynamic batch: the same
+    two-row request runs on one and is refused by the other, so build warns in one line and
+    inspect shows each variant's inputs and the difference."""
+    from agent.errors import InputShapeError
+    from tests.models import make_tflite
+
+    onnx_model, tflite = make_onnx(tmp_path / "m.onnx"), make_tflite(tmp_path / "m.tflite")
+    two_rows = {"x": np.ones((2, 16), dtype=np.float32)}
+    assert Runner(inspect_model(onnx_model))(two_rows)["y"].shape == (2, 8)
+    with pytest.raises(InputShapeError):
+        Runner(inspect_model(tflite))(two_rows)
+
+    out = tmp_path / "m.emb"
+    argv = ["bundle", "build", "--name", "m", "--version", "1.0.0", "-o", str(out)]
+    assert fleet_main([*argv, str(onnx_model), str(tflite)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith(f"built {out}"), "built all the same"
+    mismatch = "onnx-fp32 x:FP32[-1, 16]; tflite-fp32 x:FP32[1, 16]"
+    assert printed.err.splitlines() == [
+        f"edge-fleet: warning: the variants take different inputs: {mismatch}; a request that "
+        "fits one gets a 400 from devices that run another (export the models with the same "
+        "input shapes)"
+    ]
+
+    assert fleet_main(["bundle", "inspect", str(out)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert "             in  x:FP32[-1, 16]" in shown
+    assert "             in  x:FP32[1, 16]" in shown
+    assert [line for line in shown if line.startswith("inputs")] == [
+        f"inputs     differ between variants: {mismatch} (a request that fits one gets a 400 "
+        "from devices that run another)"
+    ]
+    assert fleet_main(["bundle", "inspect", "--json", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["input_mismatch"] == mismatch
+
+
+def test_variants_that_take_the_same_inputs_are_not_flagged(
+    onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.emb"
+    argv = ["bundle", "build", "--name", "m", "--version", "1.0.0", "--quantize", "int8"]
+    assert fleet_main([*argv, "-o", str(out), str(onnx_model)]) == 0
+    assert capsys.readouterr().err == ""
+    assert fleet_main(["bundle", "inspect", "--json", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [v["id"] for v in doc["manifest"]["variants"]] == ["onnx-fp32", "onnx-int8"]
+    assert doc["input_mismatch"] is None

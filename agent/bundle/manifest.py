@@ -62,6 +62,11 @@ class TensorSpec(_Strict):
     shape: list[Annotated[int, Field(ge=-1)]] = Field(max_length=16)  # -1: any size
 
 
+def tensors_text(specs: list[TensorSpec]) -> str:
+    """``x:FP32[-1, 16]  mask:BOOL[-1]``: tensors as ``edge-fleet bundle inspect`` shows them."""
+    return "  ".join(f"{t.name}:{t.datatype}{t.shape}" for t in specs)
+
+
 class Constraints(_Strict):
     """Where a variant may run. Empty lists mean "anywhere"."""
 
@@ -180,6 +185,18 @@ class Manifest(_Strict):
 
     def total_size(self) -> int:
         return sum(e.size for e in self.files().values())
+
+    def input_mismatch(self) -> str | None:
+        """The variants' inputs, variants with the same ones together, when they are not all
+        the same (names, datatypes or shapes): ``onnx-fp32 x:FP32[-1, 16]; tflite-fp32
+        x:FP32[1, 16]``. None when they agree. A request that fits one variant then gets a 400
+        from a box that runs another."""
+        groups: dict[str, list[str]] = {}
+        for v in self.variants:
+            groups.setdefault(tensors_text(v.inputs), []).append(v.id)
+        if len(groups) < 2:
+            return None
+        return "; ".join(f"{', '.join(ids)} {inputs}" for inputs, ids in groups.items())
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:

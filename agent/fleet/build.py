@@ -93,6 +93,18 @@ def block_size_warning(block_size: int) -> str | None:
     )
 
 
+def input_mismatch_warning(manifest: Manifest) -> str | None:
+    """Why the same request may work on one box and not on another, or None: the variants
+    take different inputs (a .tflite fixed at a batch of 1 beside an ONNX model with -1)."""
+    mismatch = manifest.input_mismatch()
+    if mismatch is None:
+        return None
+    return (
+        f"the variants take different inputs: {mismatch}; a request that fits one gets a 400 "
+        "from devices that run another (export the models with the same input shapes)"
+    )
+
+
 def release_from_version(version: str) -> int:
     """The default release counter: MAJOR*10^6 + MINOR*10^3 + PATCH, so it grows with semver."""
     core = version.split("+", 1)[0].split("-", 1)[0]
@@ -285,13 +297,13 @@ def build_bundle(models: Sequence[Path], out: Path, options: BuildOptions) -> Bu
         sources += files.sources()
         with atomic_writer(Path(out)) as f:
             size = write_archive(f, sources, options.block_size)
-    warning = block_size_warning(options.block_size)
+    warnings = (block_size_warning(options.block_size), input_mismatch_warning(manifest))
     return BuildResult(
         path=Path(out),
         manifest=manifest,
         size=size,
         sha256=_sha256_file(Path(out)),
-        warnings=() if warning is None else (warning,),
+        warnings=tuple(w for w in warnings if w is not None),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +19,14 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from agent.fleet.keys import KeyStore
 from agent.fleet.rollout import parse_waves
 from agent.transport.messages import RolloutPlan, RolloutState
-from agent.trust.keys import Signer
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
 from tests.fleet import (
@@ -254,10 +256,12 @@ def _deploy(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_deploy_wait_sees_a_refusal_at_once(fleet: Fleet) -> None:
-    stranger = fleet.tmp / "stranger.pem"
-    stranger.write_bytes(Signer.generate().to_pem())
+    # Another fleet's keys: its own trust vouches for them, the devices' does not.
+    rogue = KeyStore.init(fleet.tmp / "rogue", now=datetime.now(timezone.utc))
+    bundle = fleet.tmp / "rogue-2.0.0.emb"
+    shutil.copyfile(fleet.bundles["2.0.0"], bundle)  # (its own .dsse: signed by the rogue)
     refused = _deploy(
-        fleet, str(fleet.bundles["2.0.0"]), "--device", "cam-a", "--key", str(stranger),
+        fleet, str(bundle), "--device", "cam-a", "--key", str(rogue.release_key_paths()[0]),
         "--wait", "300",
     )  # fmt: skip
     # 1 (refused), not 3 (the wait ran out): the refusal was seen as it came.

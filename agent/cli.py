@@ -892,8 +892,6 @@ def _rollout_start(args: argparse.Namespace) -> int:
     from agent.transport.messages import Gate
 
     now = _now(None)
-    if args.days < 1:
-        raise ConfigError("--days must be at least 1")
     signers = [load_signer(k) for k in args.key]
     trust = _fleet_trust(args, now)
     count, pct = parse_failures(args.max_failures)
@@ -1111,7 +1109,7 @@ def _rollout_parser(top: Any) -> None:
         p.add_argument(
             "--trust", type=Path, metavar="DIR", help="key directory (default: the --key's)"
         )
-        p.add_argument("--days", type=int, default=30, help="days until the documents expire")
+        p.add_argument("--days", type=_days, default=30, help="days until the documents expire")
 
     r = ro.add_parser("start", help="plan a rollout and drive it to the end")
     r.add_argument("bundles_to_deploy", nargs="+", type=Path, metavar="BUNDLE")
@@ -1426,7 +1424,7 @@ def fleet_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--key", type=Path, action="append", required=True, help="release private key (repeatable)"
     )
-    b.add_argument("--days", type=int, default=90, help="days until the signature expires")
+    b.add_argument("--days", type=_days, default=90, help="days until the signature expires")
     b.add_argument(
         "-o",
         "--output",

@@ -418,6 +418,16 @@ class SimFleet:
         return [p.pid for p in self.procs]
 
 
+def processes(stack: Stack, fleet: SimFleet) -> dict[str, list[int]]:
+    """The processes of each side, for their CPU seconds."""
+    return {
+        "server": stack.server_pids,
+        "broker": [stack.broker.process.pid],
+        "sim": fleet.pids,
+        "bench": [os.getpid()],
+    }
+
+
 def processes_for(devices: int, per_process: int) -> list[tuple[int, int]]:
     """(first index, count) of each process: as even as it goes."""
     n = max(1, math.ceil(devices / per_process))
@@ -527,12 +537,7 @@ def converge(stack: Stack, fleet: SimFleet, bundle: SignedBundle, timeout: float
         stack.watch.devices[device].events.clear()
     stack.watch.expect(goal)
     document = deployment({bundle.name: bundle.envelope}, stack.signer, group=fleet.group)
-    sides = {
-        "server": stack.server_pids,
-        "broker": [stack.broker.process.pid],
-        "sim": fleet.pids,
-        "bench": [os.getpid()],
-    }
+    sides = processes(stack, fleet)
     before = {k: cpu(v) for k, v in sides.items()}
     published = time.time()
     info = stack.watch.client.publish(
@@ -572,12 +577,7 @@ def run_rollout(
         stack, "start", str(bundle.path), "--group", fleet.group, "--id", rollout_id,
         "--bundles", str(stack.served), *args,
     )  # fmt: skip
-    sides = {
-        "server": stack.server_pids,
-        "broker": [stack.broker.process.pid],
-        "sim": fleet.pids,
-        "bench": [os.getpid()],
-    }
+    sides = processes(stack, fleet)
     before = {k: cpu(v) for k, v in sides.items()}
     # Of the children, only the controller ends in between: what terminated children used.
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 from agent.errors import BadContentError, BrokerError, ConfigError, StorageError
 from agent.transport.messages import Event, Online, Phase, Reported
@@ -201,9 +202,13 @@ class FleetView:
         }
 
 
+class Updatable(Protocol):
+    def update(self, item: Incoming) -> object: ...
+
+
 def collect(
     session_inbox: queue.SimpleQueue[InboxItem],
-    view: FleetView,
+    view: Updatable,
     *,
     quiet: float = 0.5,
     timeout: float = 5.0,

@@ -47,6 +47,7 @@ from typing import Any
 
 from agent._strictjson import parse_model
 from agent.errors import BadContentError, BrokerError, ConfigError
+from agent.fleet import control
 from agent.fleet.control import FleetView, publish_retained
 from agent.fleet.deploy import default_sequence, make_deployment
 from agent.transport.messages import (
@@ -319,19 +320,7 @@ def collect(
     timeout: float = 10.0,
 ) -> None:
     """Take messages until no retained one came for ``quiet`` seconds (at most ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    last = time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - last < quiet:
-        try:
-            item = inbox.get(timeout=0.05)
-        except queue.Empty:
-            continue
-        if isinstance(item, Incoming):
-            knowledge.update(item)
-            if item.retain:  # live traffic (telemetry, events) never goes quiet
-                last = time.monotonic()
-        elif isinstance(item, Connection) and not item.up:
-            raise BrokerError("lost the connection to the broker")
+    control.collect(inbox, knowledge, quiet=quiet, timeout=timeout)
 
 
 # -- planning ----------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def _bundle_reissue(args: argparse.Namespace) -> int:
 
 
 def _bundle_verify(args: argparse.Namespace) -> int:
-    from agent.fleet.sign import verify_file
+    from agent.verify import verify_file
 
     verified = verify_file(
         args.bundle,
@@ -272,8 +272,8 @@ def _bundle_verify(args: argparse.Namespace) -> int:
 def _bundle_inspect(args: argparse.Namespace) -> int:
     from agent.bundle.manifest import tensors_text
     from agent.bundle.reader import read_index
-    from agent.fleet.sign import envelope_path
     from agent.trust.envelope import parse_envelope
+    from agent.verify import envelope_path
 
     try:
         with open(args.bundle, "rb") as f:
@@ -826,7 +826,7 @@ def _trust_publish(args: argparse.Namespace) -> int:
 def _fleet_trust(args: argparse.Namespace, now: datetime) -> Any:
     """The fleet's trust (root and keyring): --trust, else the key directory --key is in."""
     from agent.fleet.keys import key_directory
-    from agent.fleet.sign import load_trust
+    from agent.verify import load_trust
 
     trust = args.trust or next(filter(None, map(key_directory, args.key)), None)
     if trust is None:
@@ -1216,8 +1216,8 @@ def _simulate(args: argparse.Namespace) -> int:
     import tempfile
     import threading
 
-    from agent.fleet.sign import load_trust
     from agent.fleet.simulator import SimStats, Simulator, make_settings, version_metrics
+    from agent.verify import load_trust
 
     failures = []
     if args.fail_load or args.fail_device or args.fail_fraction is not None:

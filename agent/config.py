@@ -26,8 +26,8 @@ from agent.statusd import DEFAULT_SOCKET
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
 from agent.transport.transfer import TransferSettings
-from agent.trust.metadata import TargetId
 from agent.upstream import TelemetrySettings
+from agent.values import TargetId
 
 if sys.version_info >= (3, 11):
     import tomllib

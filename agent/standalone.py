@@ -18,13 +18,13 @@ from pathlib import Path
 
 from agent.bundle.unpack import unpack_bundle
 from agent.errors import EdgeAgentError, ToolError
-from agent.fleet.sign import verify_file
 from agent.runtime import hardware
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
 from agent.serving.slots import Candidate, SlotManager, SlotSettings
 from agent.transport.messages import Phase
+from agent.verify import verify_file
 
 log = logging.getLogger("agent.serving")
 

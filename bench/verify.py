@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent._strictjson import dump_model
 from agent.bundle.archive import Source, write_archive
 from agent.bundle.manifest import MANIFEST_NAME, FileEntry, Manifest, TensorSpec, Variant
-from agent.bundle.verify import verify_bundle
 from agent.fleet.sign import describe_bundle
 from agent.trust.envelope import sign_envelope
 from agent.trust.keys import Signer, verify_ed25519
@@ -40,6 +39,7 @@ from agent.trust.metadata import (
     RootMetadata,
 )
 from agent.trust.verifier import TrustedState
+from agent.verify import verify_bundle
 
 MiB = 1 << 20
 

@@ -32,7 +32,6 @@ from agent.daemon import DeviceAgent
 from agent.fleet.control import FleetView
 from agent.fleet.deploy import make_deployment
 from agent.fleet.server import BlockServer, serve
-from agent.fleet.sign import load_trust
 from agent.fleet.simulator import Simulator, make_settings
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
@@ -42,6 +41,7 @@ from agent.transport.topics import Topics
 from agent.transport.transfer import TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import DeploymentTarget
+from agent.verify import load_trust
 from tests.broker import Endpoint
 from tests.models import make_onnx
 

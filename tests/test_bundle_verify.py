@@ -22,11 +22,12 @@ from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import MANIFEST_NAME
 from agent.bundle.reader import BundleIndex, read_index
 from agent.bundle.unpack import unpack_bundle
-from agent.bundle.verify import check_bundle_file, verify_bundle
+from agent.bundle.verify import check_bundle_file
 from agent.errors import DigestMismatchError, SizeLimitError
 from agent.fleet.sign import reissue_descriptor
 from agent.trust.envelope import sign_envelope
 from agent.trust.metadata import DESCRIPTOR_TYPE
+from agent.verify import verify_bundle
 from tests.conftest import NOW, Keys
 from tests.models import make_onnx
 

@@ -17,10 +17,11 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.fleet.keys import KeyStore, load_signer
-from agent.fleet.sign import descriptor_to_reissue, load_trust, reissue_descriptor
+from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor
 from agent.fleet.simulator import LoadFailure, Simulator, make_settings
 from agent.transport.messages import Online, Phase, Reported, Telemetry
 from agent.trust.envelope import parse_envelope
+from agent.verify import load_trust
 from tests.broker import Broker, free_port, make_certs, plain_broker, tls_broker
 from tests.conftest import Keys
 from tests.fleet import (

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from agent.bundle.verify import verify_bundle
+from agent.verify import verify_bundle
 from tests.conftest import NOW, Keys
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from agent._strictjson import canonical, dump_model
-from agent.bundle.verify import verify_bundle
 from agent.errors import (
     BadSignatureError,
     ExpiredError,
@@ -42,6 +41,7 @@ from agent.trust.metadata import (
     RootMetadata,
 )
 from agent.trust.verifier import TrustedState
+from agent.verify import verify_bundle
 from tests.conftest import NOW, Keys
 from tests.documents import DAY, descriptor_doc
 

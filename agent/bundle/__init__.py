@@ -5,7 +5,7 @@ from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import DEFAULT_BLOCK_SIZE, MANIFEST_NAME, Manifest, Variant
 from agent.bundle.reader import BundleIndex, read_index
 from agent.bundle.unpack import unpack_bundle
-from agent.bundle.verify import VerifiedBundle, check_bundle, check_bundle_file, verify_bundle
+from agent.bundle.verify import Vouched, check_bundle, check_bundle_file
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -15,11 +15,10 @@ __all__ = [
     "FileDigests",
     "Manifest",
     "Variant",
-    "VerifiedBundle",
+    "Vouched",
     "check_bundle",
     "check_bundle_file",
     "digest_file",
     "read_index",
     "unpack_bundle",
-    "verify_bundle",
 ]

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from agent._strictjson import dump_model, parse_model
-from agent.trust.metadata import BlockSize, Hex64, ModelName, SemVer
+from agent.values import BlockSize, Hex64, ModelName, SemVer
 
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BLOCK_SIZE = 64 * 1024

@@ -1,4 +1,4 @@
-"""Checking a bundle file against a signed descriptor, and the whole verification in one call.
+"""Checking a bundle file against what a signed descriptor vouches for.
 
 :func:`check_bundle` is the one check a bundle passes before anything installs or serves it:
 the device's agent (before it stores a download), ``edge-fleet bundle verify`` and ``edge-agent
@@ -8,31 +8,45 @@ serve`` all call it, so an operator's "verified" means what a device means. It c
    already checked against the signed block list as it arrived);
 2. the structure: the archive's index, and its manifest against the one the descriptor signs;
 3. the members: each one hashed and compared with the SHA-256 its manifest entry lists.
+
+The descriptor is anything with the fields of :class:`Vouched` (the trust core's
+``BundleDescriptor`` is one); checking its signatures is the trust core's job, and the two
+meet in :mod:`agent.verify`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.reader import BundleIndex, check_members, file_size, read_index
 from agent.errors import BadContentError, DigestMismatchError, SizeLimitError, StorageError
-from agent.trust.metadata import BundleDescriptor
-from agent.trust.verifier import TrustedState
 
 
-@dataclass(frozen=True)
-class VerifiedBundle:
-    path: Path
-    descriptor: BundleDescriptor
-    signers: frozenset[str]
-    index: BundleIndex
+class Vouched(Protocol):
+    """What a signed bundle descriptor vouches for, as far as the bytes are concerned."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def manifest_release(self) -> int: ...
+    @property
+    def bundle_sha256(self) -> str: ...
+    @property
+    def bundle_size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def block_list_sha256(self) -> str: ...
+    @property
+    def manifest_sha256(self) -> str: ...
 
 
-def _diagnose(path: Path, descriptor: BundleDescriptor, limits: BundleLimits) -> str:
+def _diagnose(path: Path, descriptor: Vouched, limits: BundleLimits) -> str:
     """Say which part of a bundle differs, for a person reading the error."""
     try:
         with open(path, "rb") as f:
@@ -49,7 +63,7 @@ def _diagnose(path: Path, descriptor: BundleDescriptor, limits: BundleLimits) ->
 
 def check_bundle(
     path: Path,
-    descriptor: BundleDescriptor,
+    descriptor: Vouched,
     limits: BundleLimits | None = None,
     *,
     bytes_checked: bool = False,
@@ -70,14 +84,14 @@ def check_bundle(
 
 
 def check_bundle_file(
-    path: Path, descriptor: BundleDescriptor, limits: BundleLimits | None = None
+    path: Path, descriptor: Vouched, limits: BundleLimits | None = None
 ) -> BundleIndex:
     """:func:`check_bundle` of a file whose bytes are not known yet."""
     return check_bundle(path, descriptor, limits)
 
 
 def check_bundle_bytes(
-    path: Path, descriptor: BundleDescriptor, limits: BundleLimits | None = None
+    path: Path, descriptor: Vouched, limits: BundleLimits | None = None
 ) -> BundleIndex:
     """Check the bytes of ``path`` against ``descriptor``: size, SHA-256, block list, manifest."""
     limits = limits or BundleLimits()
@@ -109,7 +123,7 @@ def check_bundle_bytes(
 
 
 def check_bundle_structure(
-    path: Path, descriptor: BundleDescriptor, limits: BundleLimits | None = None
+    path: Path, descriptor: Vouched, limits: BundleLimits | None = None
 ) -> BundleIndex:
     """Read the archive's index and compare its manifest with what the descriptor signs."""
     limits = limits or BundleLimits()
@@ -122,7 +136,7 @@ def check_bundle_structure(
     return index
 
 
-def check_index(index: BundleIndex, descriptor: BundleDescriptor) -> None:
+def check_index(index: BundleIndex, descriptor: Vouched) -> None:
     """An archive's index, read before, against what a descriptor signs: the manifest's digest,
     then its name, version, release and block size (no disk: for bytes checked already)."""
     manifest = index.manifest
@@ -142,18 +156,3 @@ def check_index(index: BundleIndex, descriptor: BundleDescriptor) -> None:
             "the manifest says (name, version, release, block size) "
             f"{found}, the descriptor signs {signed}"
         )
-
-
-def verify_bundle(
-    path: Path,
-    envelope: bytes,
-    state: TrustedState,
-    now: datetime,
-    limits: BundleLimits | None = None,
-) -> VerifiedBundle:
-    """Verify the descriptor envelope, then the bundle file against it (:func:`check_bundle`)."""
-    verified = state.verify_descriptor(envelope, now)
-    index = check_bundle_file(path, verified.descriptor, limits)
-    return VerifiedBundle(
-        path=Path(path), descriptor=verified.descriptor, signers=verified.signers, index=index
-    )

@@ -46,7 +46,7 @@ from agent.fleet._models import (
     quantize_int8,
 )
 from agent.transport.messages import COMMON_PACKET_LIMIT
-from agent.trust.metadata import BlockSize, ModelName, SemVer
+from agent.values import BlockSize, ModelName, SemVer
 
 Feeds = dict[str, np.ndarray]
 

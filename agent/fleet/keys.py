@@ -36,9 +36,8 @@ from agent.trust.metadata import (
     RootMetadata,
 )
 from agent.trust.verifier import TrustedState
+from agent.verify import KEYRING_FILE, ROOT_FILE
 
-ROOT_FILE = "root.json"
-KEYRING_FILE = "keyring.json"
 PASSPHRASE_ENV = "EDGE_FLEET_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 
 

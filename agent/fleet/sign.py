@@ -25,31 +25,25 @@ from agent.bundle.blocks import digest_file
 from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import Manifest
 from agent.bundle.reader import check_members, read_index
-from agent.bundle.verify import VerifiedBundle, verify_bundle
 from agent.errors import (
     BadContentError,
     ConfigError,
-    RollbackError,
     StorageError,
 )
-from agent.fleet.keys import KEYRING_FILE, ROOT_FILE
 from agent.trust.envelope import Envelope, count_signatures, parse_envelope, sign_envelope
 from agent.trust.keys import Signer
 from agent.trust.metadata import (
     DESCRIPTOR_TYPE,
-    KEYRING_TYPE,
     MAX_METADATA_BYTES,
-    ROOT_TYPE,
     BundleDescriptor,
     KeyringMetadata,
 )
 from agent.trust.verifier import TrustedState
-
-ENVELOPE_SUFFIX = ".dsse"
-
-
-def envelope_path(bundle: Path) -> Path:
-    return Path(f"{bundle}{ENVELOPE_SUFFIX}")
+from agent.verify import (
+    ENVELOPE_SUFFIX,
+    envelope_path,
+)
+from agent.verify import read_file as _read
 
 
 def describe_bundle(
@@ -349,55 +343,3 @@ def _manifest(bundle: Path) -> Manifest:
             return read_index(f).manifest
     except OSError as exc:
         raise StorageError(f"cannot read {bundle}: {exc.strerror or exc}") from None
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise StorageError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def load_trust(trust: Path, now: datetime, *, keyring: Path | None = None) -> TrustedState:
-    """Trust from a key directory, a root file or a keyring file.
-
-    A root file's keyring is ``keyring.json`` beside it unless ``keyring`` names one; a keyring
-    file's root is ``root.json`` beside it. The root given is trusted as it is (pinned).
-    """
-    trust = Path(trust)
-    if trust.is_dir():
-        root_path, keyring_path = trust / ROOT_FILE, keyring or trust / KEYRING_FILE
-    else:
-        kind = parse_envelope(_read(trust, "trust file")).payload_type
-        if kind == ROOT_TYPE:
-            root_path, keyring_path = trust, keyring or trust.parent / KEYRING_FILE
-        elif kind == KEYRING_TYPE:
-            root_path, keyring_path = trust.parent / ROOT_FILE, trust
-        else:
-            raise ConfigError(f"{trust} is neither a root nor a keyring (payload type {kind})")
-    for path, what in ((root_path, "root"), (keyring_path, "keyring")):
-        if not path.exists():
-            raise ConfigError(f"no {what} at {path}")
-    state = TrustedState.from_root(_read(root_path, "root"))
-    return state.update_keyring(_read(keyring_path, "keyring"), now)
-
-
-def verify_file(
-    bundle: Path,
-    trust: Path,
-    *,
-    now: datetime,
-    envelope: Path | None = None,
-    keyring: Path | None = None,
-    min_release: int = 0,
-) -> VerifiedBundle:
-    """Verify ``bundle`` and its envelope; ``min_release`` plays the device's release floor."""
-    state = load_trust(trust, now, keyring=keyring)
-    data = _read(envelope or envelope_path(bundle), "signature envelope")
-    verified = verify_bundle(Path(bundle), data, state, now)
-    if verified.descriptor.release < min_release:
-        raise RollbackError(
-            f"{verified.descriptor.model} release {verified.descriptor.release} is older than "
-            f"release {min_release}"
-        )
-    return verified

@@ -38,7 +38,7 @@ from agent._lazy import lazy_module
 from agent.bundle.manifest import Manifest, TensorSpec, Variant
 from agent.errors import BadContentError, EdgeAgentError, ToolError
 from agent.runtime.base import BackendSettings, LoadedModel, get_backend
-from agent.transport.messages import Phase
+from agent.values import Phase
 
 if TYPE_CHECKING:
     import numpy as np

@@ -42,8 +42,8 @@ from agent._fsutil import atomic_write_bytes, fsync_dir, read_if_exists
 from agent._strictjson import dump_model, parse_model
 from agent.bundle.blocks import LocalBlock, blocks_of
 from agent.errors import BadContentError, StorageError
-from agent.trust.metadata import Hex64, ModelName
 from agent.trust.verifier import SequencePoint, TrustedState
+from agent.values import Hex64, ModelName
 
 log = logging.getLogger("agent.state")
 

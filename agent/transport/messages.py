@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import re
 import struct
-from enum import Enum
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from agent._strictjson import describe_validation_error, dump_model, parse_model
 from agent.errors import FormatError, SizeLimitError
-from agent.trust.metadata import Hex64, ModelName, TargetId
+from agent.values import Hex64, ModelName, Phase, TargetId
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_WINDOW = 64  # blocks one request may ask for
@@ -34,22 +33,6 @@ BLOCK_LIST_PAGE = 2048  # digests per block-list page: 64 KiB of SHA-256s
 COMMON_PACKET_LIMIT = 128 * 1024
 
 Text = Annotated[str, Field(max_length=1024)]
-
-
-class Phase(str, Enum):
-    """Where a model's deployment stands. ``active``, ``failed`` and ``rolled-back`` are final."""
-
-    PENDING = "pending"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    UNPACKING = "unpacking"
-    LOADING = "loading"
-    WARMING = "warming"
-    SELF_TESTING = "self-testing"
-    PROBATION = "probation"
-    ACTIVE = "active"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled-back"
 
 
 M = TypeVar("M", bound="_Message")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent.errors import ConfigError, FormatError
-from agent.trust.metadata import ID_PATTERN
+from agent.values import ID_PATTERN
 
 DEFAULT_PREFIX = "ema/v1"
 SHARE_GROUP = "ema-bundle-servers"

@@ -20,14 +20,22 @@ Roles, after TUF:
 from __future__ import annotations
 
 import fnmatch
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, Field, model_validator
 
 from agent._strictjson import canonical
 from agent.trust.keys import is_weak_public_key, keyid_for
+from agent.values import (
+    BlockSize,
+    Hex64,
+    ModelName,
+    ModelPattern,
+    SemVer,
+    StrictModel,
+    TargetId,
+)
 
 ROOT_TYPE = "application/vnd.ema.root+json"
 KEYRING_TYPE = "application/vnd.ema.keyring+json"
@@ -36,40 +44,8 @@ DEPLOYMENT_TYPE = "application/vnd.ema.deployment+json"
 
 MAX_METADATA_BYTES = 1 << 20
 
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
 
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
-ModelPattern = Annotated[str, Field(pattern=r"^[a-z0-9._*?\[\]-]{1,64}$")]
-
-
-def _check_semver(value: str) -> str:
-    if len(value) > 64 or not _SEMVER.fullmatch(value):
-        raise ValueError(f"{value!r} is not a semantic version (MAJOR.MINOR.PATCH)")
-    return value
-
-
-SemVer = Annotated[str, AfterValidator(_check_semver)]
-
-
-def _check_block_size(value: int) -> int:
-    if value & (value - 1):
-        raise ValueError("block size must be a power of two")
-    return value
-
-
-BlockSize = Annotated[int, Field(ge=4096, le=1 << 20), AfterValidator(_check_block_size)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class PublicKey(_Strict):
+class PublicKey(StrictModel):
     keytype: Literal["ed25519"] = "ed25519"
     public: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -94,7 +70,7 @@ def _keys_match_ids(keys: dict[str, PublicKey]) -> None:
             raise ValueError(f"key id {keyid[:16]} does not match its public key")
 
 
-class RootMetadata(_Strict):
+class RootMetadata(StrictModel):
     type: Literal["root"] = "root"
     spec_version: Literal[1] = 1
     version: Annotated[int, Field(ge=1)]
@@ -113,7 +89,7 @@ class RootMetadata(_Strict):
         return {k: v.raw for k, v in self.keys.items()}
 
 
-class ReleaseKey(_Strict):
+class ReleaseKey(StrictModel):
     key: PublicKey
     expires: AwareDatetime
     models: list[ModelPattern] = Field(min_length=1, max_length=64)
@@ -127,7 +103,7 @@ class ReleaseKey(_Strict):
         return "*" in self.models
 
 
-class KeyringMetadata(_Strict):
+class KeyringMetadata(StrictModel):
     type: Literal["keyring"] = "keyring"
     spec_version: Literal[1] = 1
     version: Annotated[int, Field(ge=1)]
@@ -144,7 +120,7 @@ class KeyringMetadata(_Strict):
         return {k: v.key.raw for k, v in self.release_keys.items() if v.expires > now}
 
 
-class BundleDescriptor(_Strict):
+class BundleDescriptor(StrictModel):
     type: Literal["bundle-descriptor"] = "bundle-descriptor"
     spec_version: Literal[1] = 1
     model: ModelName
@@ -185,23 +161,18 @@ class BundleDescriptor(_Strict):
         return _payload(self, bundle_release=None)
 
 
-# A device, group or deployment id: one MQTT topic level, so no '/', '+' or '#'.
-ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-TargetId = Annotated[str, Field(pattern=f"^{ID_PATTERN}$")]
-
-
-class DeploymentTarget(_Strict):
+class DeploymentTarget(StrictModel):
     kind: Literal["device", "group"]
     id: TargetId
 
 
-class ModelDeployment(_Strict):
+class ModelDeployment(StrictModel):
     # The bundle descriptor's DSSE envelope, embedded as its JSON object; verified on its own.
     descriptor: dict[str, Any]
     variant: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")] | None = None
 
 
-class DeploymentDocument(_Strict):
+class DeploymentDocument(StrictModel):
     type: Literal["deployment"] = "deployment"
     spec_version: Literal[1] = 1
     deployment_id: TargetId

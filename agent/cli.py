@@ -1915,7 +1915,8 @@ PLACEHOLDER_DEVICE_ID = "CHANGE-ME"
 
 
 def _agent_check_config(args: argparse.Namespace) -> int:
-    from agent.config import ConfigProblems, env_overrides, load_config
+    from agent.config import env_overrides, load_config
+    from agent.errors import ConfigProblems
 
     problems: list[str] = []
     warnings: list[str] = []
@@ -1997,7 +1998,8 @@ def _status_socket(args: argparse.Namespace) -> Path:
 
 
 def _agent_status(args: argparse.Namespace) -> int:
-    from agent.statusd import NotRunningError, query, render
+    from agent.errors import NotRunningError
+    from agent.statusd import query, render
 
     path = _status_socket(args)
     try:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.bundle.limits import BundleLimits
-from agent.errors import ConfigError
+from agent.errors import ConfigProblems
 from agent.runtime.hardware import RuntimeConfig
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
@@ -86,14 +86,6 @@ class AgentConfig(BaseModel):
 
 
 ENV_PREFIX = "EDGE_AGENT_"
-
-
-class ConfigProblems(ConfigError):
-    """Every problem found in one configuration, each a line naming its source and key."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from agent.errors import (
     DeploymentInterruptedError,
     EdgeAgentError,
     FormatError,
+    ProbationError,
     RollbackError,
     SizeLimitError,
     StorageError,
@@ -71,7 +72,7 @@ from agent.runtime import hardware
 from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
-from agent.serving.slots import Candidate, ProbationError, SlotManager, Version
+from agent.serving.slots import Candidate, SlotManager, Version
 from agent.state.store import (
     EVENT_SEQ_BLOCK,
     InstalledModel,

@@ -8,9 +8,14 @@ tools catch that type alone and print its message. Errors from lower libraries (
 
     EdgeAgentError                      anything raised on purpose; ``code`` is machine-readable
     ├── ConfigError                     a configuration file, option or argument is wrong
+    │   ├── ConfigProblems              every problem of one configuration (``code`` config)
+    │   └── RolloutConflictError        another unfinished rollout holds some of the devices
     ├── StorageError                    the disk refused: full, read-only, missing, permissions
-    │   └── DiskFullError               not enough free space for what must be written
+    │   ├── DiskFullError               not enough free space for what must be written
+    │   └── NotRunningError             nothing answers on the agent's status socket
     ├── ToolError                       an optional runtime or converter is missing or failed
+    │   └── LoadTimeoutError            a model did not load within the configured time
+    ├── ProbationError                  a new version failed its probation and was rolled back
     ├── InsufficientMemoryError         too little free RAM or GPU memory to load a model
     ├── DeploymentInterruptedError      the agent died each time it deployed a version
     ├── BrokerError                     the MQTT broker cannot be reached or refused a message
@@ -19,6 +24,7 @@ tools catch that type alone and print its message. Errors from lower libraries (
     │   ├── BundleUnavailableError      no bundle server has the bundle
     │   └── BlockTooLargeError          a block's reply exceeds the broker's packet limit
     └── BadContentError                 input from outside was refused; nothing was written
+        ├── SelfTestError               a model's outputs differ from its bundle's samples
         ├── FormatError                 not well-formed: JSON, base64, types, unknown fields
         │   └── InputShapeError         an inference request's tensors do not fit the model's shapes
         ├── SizeLimitError              beyond a configured cap or a signed bound (bombs, endless data)
@@ -39,10 +45,14 @@ tools catch that type alone and print its message. Errors from lower libraries (
             └── MemberSizeError         a member's size differs from the size the manifest signs
 
 Each class carries a short ``code`` (``"bad-signature"``, ``"rollback"``, ...) that reported
-state and ``--json`` output use; the message is for a person.
+state and ``--json`` output use; the message is for a person. Where an exception of another
+library reaches an edge of ours (a worker thread's job, a stage of a deployment),
+:func:`unexpected` makes it one of this tree.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class EdgeAgentError(Exception):
@@ -55,6 +65,18 @@ class ConfigError(EdgeAgentError):
     code = "config"
 
 
+class ConfigProblems(ConfigError):
+    """Every problem found in one configuration, each a line naming its source and key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class RolloutConflictError(ConfigError):
+    code = "rollout-conflict"
+
+
 class StorageError(EdgeAgentError):
     code = "storage"
 
@@ -63,8 +85,26 @@ class DiskFullError(StorageError):
     code = "disk-full"
 
 
+class NotRunningError(StorageError):
+    """Nothing answers on the status socket: no agent runs with it."""
+
+    code = "not-running"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"the agent is not running (no {path})")
+        self.path = path
+
+
 class ToolError(EdgeAgentError):
     code = "tool"
+
+
+class LoadTimeoutError(ToolError):
+    code = "load-timeout"
+
+
+class ProbationError(EdgeAgentError):
+    code = "probation"
 
 
 class BrokerError(EdgeAgentError):
@@ -94,6 +134,10 @@ class BadContentError(EdgeAgentError):
     """Content from outside (a bundle, an envelope, a message) was refused."""
 
     code = "bad-content"
+
+
+class SelfTestError(BadContentError):
+    code = "self-test"
 
 
 class FormatError(BadContentError):
@@ -182,3 +226,12 @@ class InsufficientMemoryError(EdgeAgentError):
     """Refused before loading: the variant's ``min_memory_mb`` exceeds what is free."""
 
     code = "insufficient-memory"
+
+
+def unexpected(exc: BaseException) -> EdgeAgentError:
+    """``exc`` as one of this tree, where it reached an edge that must not let it through: ours
+    as it is, anything else (a runtime's own type, a bug) as a :class:`ToolError` naming its
+    type, so that the deployment it broke fails with a message instead of hanging."""
+    if isinstance(exc, EdgeAgentError):
+        return exc
+    return ToolError(f"{type(exc).__name__}: {exc}")

@@ -27,22 +27,12 @@ from typing import Any
 
 from agent._strictjson import loads
 from agent._unixsock import bind_unix
-from agent.errors import EdgeAgentError, StorageError
+from agent.errors import EdgeAgentError, NotRunningError, StorageError
 
 log = logging.getLogger("agent.status")
 
 DEFAULT_SOCKET = Path("/run/edge-agent/status.sock")
 MAX_STATUS_BYTES = 1 << 20  # a snapshot is a few KiB; a client reads at most this much
-
-
-class NotRunningError(StorageError):
-    """Nothing answers on the status socket: no agent runs with it."""
-
-    code = "not-running"
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"the agent is not running (no {path})")
-        self.path = path
 
 
 class StatusServer:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ConfigProblems, load_config
-from agent.errors import ConfigError
+from agent.config import AgentConfig, load_config
+from agent.errors import ConfigError, ConfigProblems
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agent.toml"
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, StorageError
-from agent.statusd import NotRunningError, StatusServer, query, render
+from agent.errors import ConfigError, NotRunningError, StorageError
+from agent.statusd import StatusServer, query, render
 from agent.transport.messages import Phase, Reported
 from tests.broker import Broker, plain_broker
 from tests.conftest import Keys

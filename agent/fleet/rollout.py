@@ -46,7 +46,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from agent._strictjson import parse_model
-from agent.errors import BadContentError, BrokerError, ConfigError
+from agent.errors import BadContentError, BrokerError, ConfigError, RolloutConflictError
 from agent.fleet import control
 from agent.fleet.control import FleetView, publish_retained
 from agent.fleet.deploy import default_sequence, make_deployment
@@ -86,10 +86,6 @@ from agent.trust.metadata import (
 from agent.trust.verifier import TrustedState
 
 TICK_S = 0.2
-
-
-class RolloutConflictError(ConfigError):
-    code = "rollout-conflict"
 
 
 # -- parsing what an operator types -------------------------------------------------------------

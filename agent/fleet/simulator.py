@@ -66,7 +66,10 @@ from agent.errors import (
     EdgeAgentError,
     FormatError,
     InsufficientMemoryError,
+    LoadTimeoutError,
+    ProbationError,
     RollbackError,
+    SelfTestError,
     SizeLimitError,
     StorageError,
     ToolError,
@@ -74,7 +77,6 @@ from agent.errors import (
 )
 from agent.runtime import hardware
 from agent.runtime.base import get_backend
-from agent.serving.slots import LoadTimeoutError, ProbationError, SelfTestError
 from agent.transport.messages import (
     ErrorInfo,
     Event,

@@ -36,7 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from agent._failpoints import failpoint
 from agent._lazy import lazy_module
 from agent.bundle.manifest import Manifest, TensorSpec, Variant
-from agent.errors import BadContentError, EdgeAgentError, ToolError
+from agent.errors import (
+    BadContentError,
+    EdgeAgentError,
+    LoadTimeoutError,
+    ProbationError,
+    SelfTestError,
+    ToolError,
+    unexpected,
+)
 from agent.runtime.base import BackendSettings, LoadedModel, get_backend
 from agent.values import Phase
 
@@ -51,18 +59,6 @@ log = logging.getLogger("agent.serving")
 LATENCY_SAMPLES = 200
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "litert": "litert"}
-
-
-class SelfTestError(BadContentError):
-    code = "self-test"
-
-
-class LoadTimeoutError(ToolError):
-    code = "load-timeout"
-
-
-class ProbationError(EdgeAgentError):
-    code = "probation"
 
 
 class SlotSettings(BaseModel):
@@ -273,11 +269,7 @@ class SlotManager:
             try:
                 version = self._prepare(candidate, self_test=False)
             except Exception as exc:
-                err = (
-                    exc
-                    if isinstance(exc, EdgeAgentError)
-                    else ToolError(f"{type(exc).__name__}: {exc}")
-                )
+                err = unexpected(exc)
                 log.error("%s %s cannot be served: %s", candidate.name, candidate.version, err)
                 self._phase(candidate.name, Phase.FAILED, err)
                 future.set_result(Phase.FAILED)
@@ -351,7 +343,7 @@ class SlotManager:
             return
         except Exception as exc:  # a runtime's own exception: the active version stays
             log.exception("%s %s not loaded", candidate.name, candidate.version)
-            err = ToolError(f"{type(exc).__name__}: {exc}")
+            err = unexpected(exc)
             self._phase(candidate.name, Phase.FAILED, err)
             future.set_result(Phase.FAILED)
             return

@@ -396,8 +396,8 @@ def _codes() -> str:
             described[found.group(1)] = found.group(2).strip()
     rows = []
     for cls in _error_classes(EdgeAgentError)[1:]:
-        if cls.__module__ != errors.__name__:
-            continue
+        if cls.__module__ != errors.__name__ or "code" not in vars(cls):
+            continue  # a class that keeps its parent's code has no row of its own
         rows.append(f"| `{cls.code}` | {described.get(cls.__name__, cls.__name__)} |")
     return "\n".join(rows)
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.bundle.limits import BundleLimits
 from agent.errors import ConfigProblems
-from agent.runtime.hardware import RuntimeConfig
+from agent.runtime.choice import RuntimeConfig
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.statusd import DEFAULT_SOCKET

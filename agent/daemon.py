@@ -134,7 +134,7 @@ def _verdict(exc: EdgeAgentError) -> Verdict:
     return Verdict(code=exc.code, message=str(exc)[:1024])
 
 
-def reported_hardware(profile: hardware.HardwareProfile) -> HardwareProfile:
+def reported_hardware(profile: hardware.HostProfile) -> HardwareProfile:
     """The probe's findings in the reported state's terms."""
     details = {k[:64]: v[:1024] for k, v in list(profile.details().items())[:32]}
     return HardwareProfile(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from agent.bundle.unpack import unpack_bundle
 from agent.errors import EdgeAgentError, ToolError
-from agent.runtime import hardware
+from agent.runtime.choice import Choice, RuntimeConfig, check_memory, choose
+from agent.runtime.probe import probe
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
@@ -34,7 +35,7 @@ class Standalone:
     """A bundle being served; :meth:`close` stops the API and removes the unpacked copy."""
 
     candidate: Candidate
-    choice: hardware.Choice
+    choice: Choice
     models: SlotManager
     server: ApiServer
     workdir: Path
@@ -55,22 +56,22 @@ def serve_bundle(
     trust: Path,
     api: ApiSettings,
     *,
-    runtime: hardware.RuntimeConfig | None = None,
+    runtime: RuntimeConfig | None = None,
     variant: str | None = None,
     load_timeout_s: float = 900.0,
 ) -> Standalone:
     """Verify, unpack, choose, load, self-test, then listen. Raises the project's errors."""
-    runtime = runtime or hardware.RuntimeConfig()
+    runtime = runtime or RuntimeConfig()
     verified = verify_file(bundle, trust, now=datetime.now(timezone.utc))
     d = verified.descriptor
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-serve-"))
     try:
         dest = workdir / d.bundle_sha256
         manifest = unpack_bundle(bundle, dest, manifest_sha256=d.manifest_sha256)
-        profile = hardware.probe()
-        choice = hardware.choose(manifest, profile, runtime.policy, variant=variant)
+        profile = probe()
+        choice = choose(manifest, profile, runtime.policy, variant=variant)
         chosen = manifest.variant(choice.variant_id)
-        hardware.check_memory(chosen, profile, choice.backend)
+        check_memory(chosen, profile, choice.backend)
         candidate = Candidate(
             name=manifest.name,
             version=manifest.version,

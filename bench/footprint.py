@@ -92,7 +92,7 @@ IMPORTS = {
     "openvino_core_devices": "import openvino; openvino.Core().available_devices",
     "agent_daemon_import": "import agent.daemon",
     "agent_daemon_import_and_hardware_probe": (
-        "import agent.daemon; from agent.runtime import hardware; hardware.probe()"
+        "import agent.daemon; from agent.runtime.probe import probe; probe()"
     ),
 }
 

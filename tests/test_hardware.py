@@ -25,17 +25,19 @@ from agent.bundle.manifest import Constraints, FileEntry, Manifest, Variant
 from agent.cli import agent_main
 from agent.errors import BadContentError, InsufficientMemoryError, ToolError
 from agent.fleet.build import BuildOptions, build_bundle
-from agent.runtime import hardware
 from agent.runtime.base import LiteRtSettings, OnnxRuntimeSettings, OpenVinoSettings
-from agent.runtime.hardware import (
+from agent.runtime.choice import (
+    FORMAT_BACKENDS,
     ChoicePolicy,
-    GpuInfo,
-    HardwareProfile,
-    JetsonInfo,
-    Probes,
     RuntimeConfig,
     check_memory,
     choose,
+)
+from agent.runtime.probe import (
+    GpuInfo,
+    HostProfile,
+    JetsonInfo,
+    Probes,
     gpu_memory_used,
     nvml_gpus,
     probe,
@@ -314,7 +316,7 @@ FULL = bundle(
 )
 
 
-def box(**kw: Any) -> HardwareProfile:
+def box(**kw: Any) -> HostProfile:
     base: dict[str, Any] = {
         "architecture": "x86_64",
         "cpu_vendor": "AuthenticAMD",
@@ -326,7 +328,7 @@ def box(**kw: Any) -> HardwareProfile:
         "onnxruntime_providers": [CPU],
     }
     base.update(kw)
-    return HardwareProfile(**base)
+    return HostProfile(**base)
 
 
 RTX = GpuInfo(index=0, name="NVIDIA RTX A2000", memory_total_mb=12288, memory_free_mb=10000, compute_capability="8.6")  # fmt: skip
@@ -350,9 +352,7 @@ SMALL_ARM = box(architecture="armv7l", cpu_vendor="ARM", cpu_cores=4, memory_tot
         pytest.param(SMALL_ARM, "tflite-fp32", "litert", "cpu", id="small-arm"),
     ],
 )  # fmt: skip
-def test_default_choice(
-    profile: HardwareProfile, chosen: str, backend: str, accelerator: str
-) -> None:
+def test_default_choice(profile: HostProfile, chosen: str, backend: str, accelerator: str) -> None:
     choice = choose(FULL, profile)
     assert (choice.variant_id, choice.backend, choice.accelerator) == (chosen, backend, accelerator)
     assert set(choice.skipped) == {v.id for v in FULL.variants} - {chosen}
@@ -621,14 +621,14 @@ def test_probe_module_reads_no_real_file_with_a_fake_root(tmp_path: Path) -> Non
         0,
     )
     assert profile.jetson is None
-    assert hardware.FORMAT_BACKENDS["tflite"] == "litert"
+    assert FORMAT_BACKENDS["tflite"] == "litert"
 
 
 def test_the_isolated_probe_leaves_the_runtimes_out_of_the_caller() -> None:
     """The daemon probes in a child: the same profile, and OpenVINO and ONNX Runtime are not
     loaded into the caller by it."""
     code = (
-        "import sys, json; from agent.runtime.hardware import probe_isolated;"
+        "import sys, json; from agent.runtime.probe import probe_isolated;"
         "p = probe_isolated();"
         "print(json.dumps([p.architecture, p.cpu_cores, 'openvino' in sys.modules,"
         " 'onnxruntime' in sys.modules]))"

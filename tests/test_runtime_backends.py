@@ -396,7 +396,7 @@ def test_backend_modules_import_no_runtime() -> None:
     module imports no runtime package (only ``load`` and ``probe`` do)."""
     code = (
         "import sys, agent.runtime.onnxrt, agent.runtime.openvino, agent.runtime.litert, "
-        "agent.runtime.hardware\n"
+        "agent.runtime.probe, agent.runtime.choice\n"
         "print(sorted(m for m in ('onnxruntime', 'openvino', 'ai_edge_litert') if m in sys.modules))"
     )
     out = subprocess.run(

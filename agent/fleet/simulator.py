@@ -13,7 +13,7 @@ project's own code what the agent (agent.daemon) does:
 * pulls each new bundle with :class:`~agent.transport.transfer.Transfer` (the block list and
   every block checked against the signed hashes, written to a part file under the state
   directory), checks the finished file with :func:`check_bundle`, and chooses the variant for
-  its hardware profile with :func:`agent.runtime.hardware.choose`;
+  its hardware profile with :func:`agent.runtime.choice.choose`;
 * reports ``reported`` (retained), ``events`` and ``telemetry`` in the schemas of
   agent.transport.messages, with the error codes of agent.errors for refused documents.
 
@@ -75,8 +75,9 @@ from agent.errors import (
     ToolError,
     TransferError,
 )
-from agent.runtime import hardware
 from agent.runtime.base import get_backend
+from agent.runtime.choice import FORMAT_BACKENDS, choose
+from agent.runtime.probe import GpuInfo, HostProfile, JetsonInfo
 from agent.transport.messages import (
     ErrorInfo,
     Event,
@@ -127,14 +128,14 @@ def _unit(salt: str, device_id: str) -> float:
 class SimulatedHardware:
     """What a simulated box is, as the hardware probe would find it, and what runs models."""
 
-    probe: hardware.HardwareProfile
+    probe: HostProfile
     runtimes: dict[str, str]  # backend key -> the runtime string reported for it
 
 
 _ORT = "onnxruntime 1.20.1"
 HARDWARE: dict[str, SimulatedHardware] = {
     "cpu": SimulatedHardware(
-        hardware.HardwareProfile(
+        HostProfile(
             architecture="x86_64",
             cpu_vendor="GenuineIntel",
             cpu_model="simulated x86-64 CPU",
@@ -148,7 +149,7 @@ HARDWARE: dict[str, SimulatedHardware] = {
         {"onnxruntime": f"{_ORT} CPUExecutionProvider"},
     ),
     "jetson": SimulatedHardware(
-        hardware.HardwareProfile(
+        HostProfile(
             architecture="aarch64",
             cpu_vendor="ARM",
             cpu_model="simulated ARMv8 (Cortex-A78AE)",
@@ -156,7 +157,7 @@ HARDWARE: dict[str, SimulatedHardware] = {
             cpu_features=["asimd"],
             memory_total_mb=16384,
             memory_available_mb=12288,
-            jetson=hardware.JetsonInfo(
+            jetson=JetsonInfo(
                 model="NVIDIA Jetson Orin NX 16GB (simulated)",
                 l4t="36.4.0",
                 compute_capability="8.7",
@@ -171,7 +172,7 @@ HARDWARE: dict[str, SimulatedHardware] = {
         {"onnxruntime": f"{_ORT} TensorrtExecutionProvider"},
     ),
     "nvidia-gpu": SimulatedHardware(
-        hardware.HardwareProfile(
+        HostProfile(
             architecture="x86_64",
             cpu_vendor="AuthenticAMD",
             cpu_model="simulated x86-64 CPU",
@@ -180,7 +181,7 @@ HARDWARE: dict[str, SimulatedHardware] = {
             memory_total_mb=32768,
             memory_available_mb=24576,
             nvidia_gpus=[
-                hardware.GpuInfo(
+                GpuInfo(
                     index=0,
                     name="NVIDIA RTX A2000 (simulated)",
                     memory_total_mb=6144,
@@ -194,7 +195,7 @@ HARDWARE: dict[str, SimulatedHardware] = {
         {"onnxruntime": f"{_ORT} CUDAExecutionProvider"},
     ),
     "intel-gpu": SimulatedHardware(
-        hardware.HardwareProfile(
+        HostProfile(
             architecture="x86_64",
             cpu_vendor="GenuineIntel",
             cpu_model="simulated Intel Core i5",
@@ -890,7 +891,7 @@ class SimulatedDevice:
             )
             return
         try:
-            choice = hardware.choose(manifest, self._hardware.probe, variant=slot.variant)
+            choice = choose(manifest, self._hardware.probe, variant=slot.variant)
         except EdgeAgentError as exc:
             self._fail(slot, exc)
             return
@@ -1098,7 +1099,7 @@ class Simulator:
         self.mux = Multiplexer()
         # The backends' modules (never their runtimes), imported now: choosing a variant needs
         # them, and a first deployment should not wait for imports in the middle of it.
-        for backend in sorted(set(hardware.FORMAT_BACKENDS.values())):
+        for backend in sorted(set(FORMAT_BACKENDS.values())):
             get_backend(backend)
         self._due: dict[str, SimulatedDevice] = {}
         self._connect_warned: set[tuple[str, int]] = set()

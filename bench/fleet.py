@@ -78,15 +78,15 @@ from agent.bundle.manifest import DEFAULT_BLOCK_SIZE
 from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import sign_bundle
+from agent.testing.broker import HOST, Broker, _common_config, _run, mosquitto_binary
+from agent.testing.fleet import deployment
+from agent.testing.models import make_onnx
 from agent.transport.messages import Event, Online, Phase, Reported
 from agent.transport.multiplex import Multiplexer
 from agent.transport.session import MqttSettings, connect, new_client
 from agent.transport.topics import Topics
 from agent.trust.keys import Signer
 from agent.trust.metadata import BundleDescriptor
-from tests.broker import HOST, Broker, _common_config, _run, mosquitto_binary
-from tests.fleet import deployment
-from tests.models import make_onnx
 
 MiB = 1 << 20
 TOPICS = Topics()
@@ -318,7 +318,7 @@ class Stack:
 
 
 def broker_config(workdir: Path, lines: Sequence[str]) -> Callable[[int], list[str]]:
-    """tests.broker's mosquitto.conf without per-message logging (``log_type all`` writes a
+    """agent.testing.broker's mosquitto.conf without per-message logging (``log_type all`` writes a
     line per PUBLISH), with subscriptions logged (to see the servers subscribe)."""
 
     def build(port: int) -> list[str]:

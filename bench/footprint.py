@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import cpu_s, say
 
 if TYPE_CHECKING:
-    from tests.broker import Broker
-    from tests.fleet import Watcher
+    from agent.testing.broker import Broker
+    from agent.testing.fleet import Watcher
 
 REPO = Path(__file__).resolve().parents[1]
 KiB = 1024
@@ -250,7 +250,7 @@ def import_costs(baseline: float) -> dict[str, float]:
 
 def device_toml(directory: Path, keys: Path, broker: Broker, device: str, api_port: int) -> Path:
     from agent.serving.api import ApiSettings
-    from tests.fleet import agent_config, write_agent_toml
+    from agent.testing.fleet import agent_config, write_agent_toml
 
     config = agent_config(directory / device, keys, broker, device).model_copy(
         update={
@@ -289,7 +289,7 @@ def daemon(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 def idle_modules(directory: Path, fleet: Watcher, broker: Broker) -> dict[str, Any]:
     """What an ``edge-agent run`` (another device, same settings) had imported once online."""
-    from tests.broker import free_port
+    from agent.testing.broker import free_port
 
     config = device_toml(directory, directory / "keys", broker, PROBE_DEVICE, free_port())
     out, log = directory / "modules.json", directory / f"{PROBE_DEVICE}.log"
@@ -337,7 +337,7 @@ def signed_bundle(directory: Path, served: Path, signer: Any) -> tuple[bytes, in
     """A small ONNX model built into a bundle in ``served`` and signed: (envelope, bytes)."""
     from agent.fleet.build import BuildOptions, build_bundle
     from agent.fleet.sign import sign_bundle
-    from tests.models import make_onnx
+    from agent.testing.models import make_onnx
 
     model = make_onnx(directory / f"{MODEL}.onnx", inputs=MODEL_INPUTS, outputs=MODEL_OUTPUTS)
     result = build_bundle([model], served / f"{MODEL}.emb", BuildOptions(MODEL, "1.0.0"))
@@ -348,9 +348,9 @@ def signed_bundle(directory: Path, served: Path, signer: Any) -> tuple[bytes, in
 # -- the run ------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.fleet.keys import KeyStore, load_signer
+    from agent.testing.broker import free_port, plain_broker
+    from agent.testing.fleet import TOPICS, bundle_server, deployment, watcher
     from agent.transport.messages import Phase, Reported
-    from tests.broker import free_port, plain_broker
-    from tests.fleet import TOPICS, bundle_server, deployment, watcher
 
     began = time.monotonic()
     result: dict[str, Any] = {}

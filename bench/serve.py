@@ -75,8 +75,8 @@ from agent.runtime.base import OnnxRuntimeSettings
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import serve_api
 from agent.serving.slots import SlotManager
+from agent.testing.models import make_onnx, reference, slot_candidate
 from agent.transport.messages import Phase
-from tests.models import make_onnx, reference, slot_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny"

@@ -63,8 +63,8 @@ from _common import say
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import serve_api
 from agent.serving.slots import SlotManager, SlotSettings, Version
+from agent.testing.models import make_onnx, reference, slot_candidate
 from agent.transport.messages import Phase
-from tests.models import make_onnx, reference, slot_candidate
 
 MODEL_NAME = "tiny"
 VERSIONS = ("1.0.0", "2.0.0")

@@ -70,6 +70,15 @@ from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.server import serve
 from agent.fleet.sign import sign_bundle
+from agent.testing.broker import HOST, Broker, plain_broker
+from agent.testing.fleet import (
+    TOPICS,
+    agent_config,
+    deployment,
+    mqtt_settings,
+    write_agent_toml,
+)
+from agent.testing.models import make_onnx
 from agent.transport.messages import (
     BlockRequest,
     Event,
@@ -81,15 +90,6 @@ from agent.transport.session import Connection, InboxItem, Incoming, MqttSetting
 from agent.transport.transfer import Transfer, TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import BundleDescriptor
-from tests.broker import HOST, Broker, plain_broker
-from tests.fleet import (
-    TOPICS,
-    agent_config,
-    deployment,
-    mqtt_settings,
-    write_agent_toml,
-)
-from tests.models import make_onnx
 
 MiB = 1 << 20
 WAIT_S = 30.0  # connecting, subscribing, a process starting or stopping

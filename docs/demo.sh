@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, ".")
 import onnx
 from onnx import helper
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
 out = Path(sys.argv[1])
 make_onnx(out / "classifier-v1.onnx", inputs=64, outputs=10, seed=1)
 make_onnx(out / "classifier-v2.onnx", inputs=64, outputs=10, seed=2)

@@ -14,7 +14,7 @@ with the cluster's leader. Every wait is bounded; a failure says which node and 
         two.kill()       # SIGKILL, as a crash
         two.start()      # same ports, same store; waits until it has rejoined
 
-A :class:`Node` has what tests/fleet.py needs of a broker (``host``, ``port``, ``certs``,
+A :class:`Node` has what agent/testing/fleet.py needs of a broker (``host``, ``port``, ``certs``,
 ``log()``), so ``agent_config(..., node, ...)`` and ``bundle_server(node, ...)`` work with it.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.broker import HOST, free_port
+from agent.testing.broker import HOST, free_port
 
 START_TIMEOUT = 30.0  # a cluster elects its metadata leader in a second or two
 LOG_TAIL = 40  # lines of a node's log in an error

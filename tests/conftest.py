@@ -12,9 +12,9 @@ import pytest
 from agent.fleet.build import BuildOptions, BuildResult, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import sign_bundle
+from agent.testing.models import make_onnx
 from agent.trust.keys import Signer
 from agent.trust.verifier import TrustedState
-from tests.models import make_onnx
 
 # Keys and signatures are made at the real time; NOW is a little later, well inside every expiry.
 NOW = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1)

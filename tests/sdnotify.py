@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.fleet import WAIT
+from agent.testing.fleet import WAIT
 
 
 class Listener:

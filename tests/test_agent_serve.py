@@ -15,8 +15,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from agent.testing.models import reference
 from tests.conftest import Keys
-from tests.models import reference
 
 AGENT = str(Path(sys.executable).parent / "edge-agent")
 TOKEN = "serve-token-0123456789"

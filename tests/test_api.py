@@ -38,9 +38,9 @@ from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import ApiServer, serve_api
 from agent.serving.slots import SlotManager
 from agent.serving.source import StaticSource
+from agent.testing.fleet import UnixHTTPConnection
+from agent.testing.models import make_onnx, make_two_inputs, reference, slot_candidate
 from agent.transport.messages import Phase
-from tests.fleet import UnixHTTPConnection
-from tests.models import make_onnx, make_two_inputs, reference, slot_candidate
 
 WAIT = 10.0  # seconds; the bound of every wait in these tests
 

@@ -24,7 +24,7 @@ from agent.serving.admission import SystemMemory
 from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import ApiServer
 from agent.serving.source import StaticSource
-from tests.models import make_onnx, reference
+from agent.testing.models import make_onnx, reference
 from tests.test_api import (
     WAIT,
     Api,

@@ -44,7 +44,7 @@ from agent.errors import (
     UnsafeMemberTypeError,
     UnsafePathError,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
 
 PROPERTY = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -16,13 +16,8 @@ import pytest
 
 from agent.bundle.blocks import digest_file
 from agent.errors import BlockTooLargeError, TransferError
-from agent.transport.messages import BlockReplyHeader, BlockRequest, ErrorInfo
-from agent.transport.transfer import Transfer, TransferSettings
-from agent.trust.envelope import parse_envelope
-from agent.trust.metadata import BundleDescriptor
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     active,
     agent,
@@ -32,7 +27,12 @@ from tests.fleet import (
     failed,
     watcher,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
+from agent.transport.messages import BlockReplyHeader, BlockRequest, ErrorInfo
+from agent.transport.transfer import Transfer, TransferSettings
+from agent.trust.envelope import parse_envelope
+from agent.trust.metadata import BundleDescriptor
+from tests.conftest import Keys
 
 LIMIT = 131_072
 BLOCK = 4096

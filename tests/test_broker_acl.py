@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.broker import Broker, make_certs, mosquitto_binary, tls_broker
+from agent.testing.broker import Broker, make_certs, mosquitto_binary, tls_broker
 
 WAIT = 5.0  # seconds; every wait is bounded by this
 P = "ema/v1"

@@ -16,8 +16,8 @@ from agent.cli import fleet_main
 from agent.errors import ConfigError, FormatError
 from agent.fleet._models import Runner, inspect_model
 from agent.fleet.build import release_from_version
+from agent.testing.models import make_onnx, reference
 from agent.transport.messages import COMMON_PACKET_LIMIT
-from tests.models import make_onnx, reference
 
 
 def _unpack(path: Path, dest: Path):
@@ -225,7 +225,7 @@ def test_variants_with_different_input_shapes_are_warned_of_and_inspect_flags_th
     two-row request runs on one and is refused by the other, so build warns in one line and
     inspect shows each variant's inputs and the difference."""
     from agent.errors import InputShapeError
-    from tests.models import make_tflite
+    from agent.testing.models import make_tflite
 
     onnx_model, tflite = make_onnx(tmp_path / "m.onnx"), make_tflite(tmp_path / "m.tflite")
     two_rows = {"x": np.ones((2, 16), dtype=np.float32)}

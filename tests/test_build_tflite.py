@@ -12,7 +12,7 @@ from agent.bundle.reader import read_index
 from agent.errors import FormatError
 from agent.fleet._models import inspect_model
 from agent.fleet.build import BuildOptions, build_bundle
-from tests.models import make_onnx, make_tflite, reference, reference_tflite
+from agent.testing.models import make_onnx, make_tflite, reference, reference_tflite
 
 SEED = 1
 

@@ -25,11 +25,11 @@ from agent.bundle.unpack import unpack_bundle
 from agent.bundle.verify import check_bundle_file
 from agent.errors import DigestMismatchError, SizeLimitError
 from agent.fleet.sign import reissue_descriptor
+from agent.testing.models import make_onnx
 from agent.trust.envelope import sign_envelope
 from agent.trust.metadata import DESCRIPTOR_TYPE
 from agent.verify import verify_bundle
 from tests.conftest import NOW, Keys
-from tests.models import make_onnx
 
 SignedFn = Callable[..., tuple[Path, bytes]]
 

@@ -14,7 +14,7 @@ import pytest
 
 from agent.bundle.reader import read_index
 from agent.cli import agent_main, fleet_main
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
 
 BIN = Path(sys.executable).parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import make_certs
+from agent.testing.broker import make_certs
 from tests.conftest import Keys
 
 AGENT = str(Path(sys.executable).parent / "edge-agent")

@@ -21,11 +21,11 @@ import pytest
 
 from agent import __version__
 from agent.cli import _mqtt_settings, fleet_parser
+from agent.testing.broker import Broker, make_certs, tls_broker
+from agent.testing.fleet import agent, agent_config, watcher
+from agent.testing.models import make_onnx
 from agent.transport.messages import Phase
-from tests.broker import Broker, make_certs, tls_broker
 from tests.conftest import Keys
-from tests.fleet import agent, agent_config, watcher
-from tests.models import make_onnx
 
 FLEET = str(Path(sys.executable).parent / "edge-fleet")
 

@@ -20,11 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.transport.session import InboxItem, Incoming, Session
-from agent.transport.transfer import TransferSettings
-from tests.cluster import Cluster, nats_binary, nats_cluster, nats_version
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     active,
@@ -37,7 +33,11 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
+from agent.transport.session import InboxItem, Incoming, Session
+from agent.transport.transfer import TransferSettings
+from tests.cluster import Cluster, nats_binary, nats_cluster, nats_version
+from tests.conftest import Keys
 
 pytestmark = pytest.mark.skipif(
     nats_binary() is None, reason="nats-server is not installed (make test installs it)"

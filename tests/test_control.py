@@ -14,11 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.fleet.control import FleetView, age, render_table
-from agent.transport.messages import ErrorInfo, Event, ModelStatus, Online, Phase, Reported
-from agent.transport.session import Incoming
-from tests.broker import Broker, make_certs, tls_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, make_certs, tls_broker
+from agent.testing.fleet import (
     TOPICS,
     active,
     agent,
@@ -28,6 +25,9 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
+from agent.transport.messages import ErrorInfo, Event, ModelStatus, Online, Phase, Reported
+from agent.transport.session import Incoming
+from tests.conftest import Keys
 
 SECOND, MINUTE, HOUR, DAY = (timedelta(seconds=n) for n in (1, 60, 3600, 86400))
 

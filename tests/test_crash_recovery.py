@@ -26,9 +26,8 @@ import pytest
 from agent._failpoints import ENV, NAMES
 from agent.serving.api import ApiSettings
 from agent.state.store import StateStore
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     active,
@@ -41,7 +40,8 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
-from tests.models import reference
+from agent.testing.models import reference
+from tests.conftest import Keys
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from agent.daemon import DeviceAgent
+from agent.testing.fleet import TOPICS, WAIT, agent_config, deployment
+from agent.testing.models import make_onnx
 from agent.transport.messages import Phase
 from agent.transport.session import Incoming
 from tests.conftest import Keys
-from tests.fleet import TOPICS, WAIT, agent_config, deployment
-from tests.models import make_onnx
 
 DEVICE = "cam-01"
 

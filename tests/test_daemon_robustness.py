@@ -19,11 +19,8 @@ import pytest
 
 from agent.bundle.limits import BundleLimits
 from agent.daemon import MAX_REPORTED_MODELS, DeviceAgent
-from agent.transport.messages import Event, Phase
-from agent.transport.transfer import TransferSettings
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     active,
@@ -36,7 +33,10 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
+from agent.transport.messages import Event, Phase
+from agent.transport.transfer import TransferSettings
+from tests.conftest import Keys
 
 BLOCK = 4096
 DEVICE = "cam-01"

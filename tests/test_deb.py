@@ -28,9 +28,9 @@ import pytest
 
 from agent import __version__
 from agent.config import load_config
-from tests.broker import make_certs, plain_broker
+from agent.testing.broker import make_certs, plain_broker
+from agent.testing.fleet import REPO, WAIT, agent_config, write_agent_toml
 from tests.conftest import Keys
-from tests.fleet import REPO, WAIT, agent_config, write_agent_toml
 from tests.sdnotify import Listener
 
 pytestmark = pytest.mark.skipif(
@@ -205,6 +205,7 @@ def test_package_fields_and_contents(deb: Deb, tmp_path: Path) -> None:
     names = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
     assert {"edge_model_agent", "onnxruntime", "ai_edge_litert", "numpy", "paho_mqtt"} <= names
     assert not names & {"pytest", "mypy", "ruff", "hypothesis", "onnx", "openvino"}
+    assert not (site / "agent" / "testing").exists()  # the harness of tests and benchmarks
     assert os.readlink(site / "systemd") == "/usr/lib/python3/dist-packages/systemd"
 
     # Maintainer scripts: deb-systemd-helper enables on install and purges on purge;

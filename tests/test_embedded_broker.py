@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.broker import HOST, Broker, free_port
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import HOST, Broker, free_port
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     active,
@@ -22,6 +21,7 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
+from tests.conftest import Keys
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from agent.runtime.probe import (
     probe,
     refresh_memory,
 )
-from tests.models import make_onnx, make_tflite
+from agent.testing.models import make_onnx, make_tflite
 
 GiB = 1 << 30
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"

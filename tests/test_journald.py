@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     WAIT,
@@ -36,6 +35,7 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
+from tests.conftest import Keys
 
 JOURNALD = Path("/lib/systemd/systemd-journald")
 

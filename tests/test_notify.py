@@ -21,10 +21,8 @@ import pytest
 from agent.cli import STOP_LIMIT_S
 from agent.daemon import DeviceAgent, SlotEvent
 from agent.notify import Notifier, StopDeadline, watchdog_interval
-from agent.transport.messages import Phase
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     WAIT,
@@ -36,6 +34,8 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
+from agent.transport.messages import Phase
+from tests.conftest import Keys
 from tests.sdnotify import Listener
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.testing.broker import HOST, plain_broker
+from agent.testing.fleet import WAIT, mqtt_settings
 from agent.transport.session import (
     InboxItem,
     Incoming,
@@ -25,8 +27,6 @@ from agent.transport.session import (
     Session,
     publish_packet_size,
 )
-from tests.broker import HOST, plain_broker
-from tests.fleet import WAIT, mqtt_settings
 
 PUBLISH = 3
 CONNECT = 1

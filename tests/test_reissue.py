@@ -24,13 +24,8 @@ from agent.daemon import DeviceAgent
 from agent.errors import BadSignatureError, ConfigError, ExpiredError, UntrustedKeyError
 from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor, sign_bundle
 from agent.state.store import StateStore
-from agent.transport.messages import Phase, Reported
-from agent.trust.envelope import parse_envelope, sign_envelope
-from agent.trust.keys import Signer
-from agent.trust.metadata import DESCRIPTOR_TYPE, BundleDescriptor
-from tests.broker import Broker, plain_broker
-from tests.conftest import NOW, Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     Watcher,
     agent,
@@ -40,7 +35,12 @@ from tests.fleet import (
     failed,
     watcher,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
+from agent.transport.messages import Phase, Reported
+from agent.trust.envelope import parse_envelope, sign_envelope
+from agent.trust.keys import Signer
+from agent.trust.metadata import DESCRIPTOR_TYPE, BundleDescriptor
+from tests.conftest import NOW, Keys
 
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired

@@ -46,6 +46,18 @@ from agent.daemon import DeviceAgent
 from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import sign_bundle
+from agent.testing.broker import Broker, make_certs, mosquitto_binary, tls_broker
+from agent.testing.fleet import (
+    TOPICS,
+    WAIT,
+    Watcher,
+    agent,
+    agent_config,
+    bundle_server,
+    deployment,
+    watcher,
+)
+from agent.testing.models import make_onnx
 from agent.transport.messages import (
     MAX_BLOCK_REPLY_BYTES,
     BlockReplyHeader,
@@ -68,18 +80,6 @@ from agent.trust.metadata import (
     PublicKey,
     RootMetadata,
 )
-from tests.broker import Broker, make_certs, mosquitto_binary, tls_broker
-from tests.fleet import (
-    TOPICS,
-    WAIT,
-    Watcher,
-    agent,
-    agent_config,
-    bundle_server,
-    deployment,
-    watcher,
-)
-from tests.models import make_onnx
 
 DEVICE = "cam-01"
 OTHER_DEVICE = "cam-02"

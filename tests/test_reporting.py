@@ -15,13 +15,8 @@ import pytest
 
 from agent.fleet.deploy import make_deployment
 from agent.serving.api import ApiSettings
-from agent.transport.messages import Event, Telemetry
-from agent.transport.session import InboxItem, Incoming, Session
-from agent.trust.metadata import DeploymentTarget
-from agent.upstream import TelemetrySettings
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     active,
@@ -35,6 +30,11 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
+from agent.transport.messages import Event, Telemetry
+from agent.transport.session import InboxItem, Incoming, Session
+from agent.trust.metadata import DeploymentTarget
+from agent.upstream import TelemetrySettings
+from tests.conftest import Keys
 
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired

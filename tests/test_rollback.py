@@ -25,10 +25,8 @@ from agent._failpoints import ENV
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.state.store import StateStore
-from agent.transport.messages import Event, Phase, Reported
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     Watcher,
@@ -42,7 +40,9 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
-from tests.models import make_batch_of_one, make_onnx
+from agent.testing.models import make_batch_of_one, make_onnx
+from agent.transport.messages import Event, Phase, Reported
+from tests.conftest import Keys
 
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired

@@ -26,10 +26,8 @@ import pytest
 
 from agent.fleet.keys import KeyStore
 from agent.fleet.rollout import parse_waves
-from agent.transport.messages import RolloutPlan, RolloutState
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     Watcher,
@@ -43,6 +41,8 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
+from agent.transport.messages import RolloutPlan, RolloutState
+from tests.conftest import Keys
 
 DEVICES = ("cam-a", "cam-b", "cam-c")
 GROUP = "lobby"

@@ -19,10 +19,8 @@ import pytest
 
 from agent.fleet.rollout import _order
 from agent.fleet.simulator import LoadFailure
-from agent.transport.messages import Reported, RolloutState
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     Watcher,
@@ -34,6 +32,8 @@ from tests.fleet import (
     two_versions,
     watcher,
 )
+from agent.transport.messages import Reported, RolloutState
+from tests.conftest import Keys
 
 GROUP = "hall"
 DEVICES = 40

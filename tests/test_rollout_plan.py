@@ -26,6 +26,7 @@ from agent.fleet.rollout import (
     rollout_document,
     select,
 )
+from agent.testing.fleet import TOPICS, deployment
 from agent.transport.messages import (
     ErrorInfo,
     Event,
@@ -41,7 +42,6 @@ from agent.transport.session import Incoming
 from agent.trust.envelope import parse_envelope
 from agent.trust.metadata import DeploymentDocument
 from tests.conftest import Keys
-from tests.fleet import TOPICS, deployment
 
 NOW = datetime.now(timezone.utc)
 

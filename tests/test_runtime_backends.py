@@ -32,7 +32,7 @@ from agent.runtime.base import (
     kserve_datatype,
     merge_with_manifest,
 )
-from tests.models import make_onnx, make_tflite, make_tflite_add, make_two_inputs, reference
+from agent.testing.models import make_onnx, make_tflite, make_tflite_add, make_two_inputs, reference
 
 KEYS = ["onnxruntime", "openvino", "litert"]
 

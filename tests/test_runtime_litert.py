@@ -18,7 +18,7 @@ import tflite
 from ai_edge_litert import interpreter as litert_interpreter
 
 from agent.runtime.base import LiteRtSettings, get_backend
-from tests.models import _tflite_weights, make_onnx, make_tflite, reference
+from agent.testing.models import _tflite_weights, make_onnx, make_tflite, reference
 from tests.test_runtime_backends import lay_out
 
 

@@ -21,7 +21,7 @@ from agent.bundle.manifest import TensorSpec
 from agent.errors import ToolError
 from agent.runtime import onnxrt
 from agent.runtime.base import OnnxRuntimeSettings, get_backend
-from tests.models import make_onnx, reference
+from agent.testing.models import make_onnx, reference
 from tests.test_runtime_backends import lay_out
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"

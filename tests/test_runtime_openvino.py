@@ -15,7 +15,7 @@ from agent.errors import FormatError, ToolError
 from agent.fleet._models import convert_openvino, inspect_model
 from agent.runtime.base import OpenVinoSettings, get_backend
 from agent.runtime.openvino import compile_config, model_tensors
-from tests.models import make_onnx, reference
+from agent.testing.models import make_onnx, reference
 from tests.test_runtime_backends import lay_out
 
 

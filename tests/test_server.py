@@ -16,10 +16,10 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.fleet.server import BACKLOG_PER_DEVICE, BlockServer, BundleCatalog, packet_limit, serve
+from agent.testing.fleet import TOPICS
+from agent.testing.models import make_onnx
 from agent.transport.messages import BlockReplyHeader, BlockRequest, decode_block_reply
 from agent.transport.session import MqttSettings, publish_packet_size
-from tests.fleet import TOPICS
-from tests.models import make_onnx
 
 BLOCK = 4096
 

@@ -15,10 +15,8 @@ import pytest
 import tritonclient.http as triton
 
 from agent.serving.api import ApiSettings
-from agent.transport.messages import Phase
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     active,
     agent,
@@ -28,7 +26,9 @@ from tests.fleet import (
     two_versions,
     watcher,
 )
-from tests.models import reference
+from agent.testing.models import reference
+from agent.transport.messages import Phase
+from tests.conftest import Keys
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from agent.testing.broker import plain_broker
+from agent.testing.fleet import WAIT, mqtt_settings
 from agent.transport.session import MqttSettings, Session
-from tests.broker import plain_broker
-from tests.fleet import WAIT, mqtt_settings
 
 
 def _open_fds() -> set[str]:

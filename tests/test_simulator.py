@@ -19,12 +19,8 @@ from agent.errors import ConfigError
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor
 from agent.fleet.simulator import LoadFailure, Simulator, make_settings
-from agent.transport.messages import Online, Phase, Reported, Telemetry
-from agent.trust.envelope import parse_envelope
-from agent.verify import load_trust
-from tests.broker import Broker, free_port, make_certs, plain_broker, tls_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, free_port, make_certs, plain_broker, tls_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     WAIT,
@@ -40,6 +36,10 @@ from tests.fleet import (
     two_versions,
     watcher,
 )
+from agent.transport.messages import Online, Phase, Reported, Telemetry
+from agent.trust.envelope import parse_envelope
+from agent.verify import load_trust
+from tests.conftest import Keys
 
 GROUP = "site-a"
 

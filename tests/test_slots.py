@@ -20,8 +20,14 @@ import pytest
 from agent.errors import FormatError, InputShapeError, ToolError
 from agent.runtime.base import get_backend
 from agent.serving.slots import Candidate, SlotManager, SlotSettings, Version
+from agent.testing.models import (
+    make_batch_of_one,
+    make_onnx,
+    make_two_inputs,
+    reference,
+    slot_candidate,
+)
 from agent.transport.messages import Phase
-from tests.models import make_batch_of_one, make_onnx, make_two_inputs, reference, slot_candidate
 
 # Latency is not judged here: on a shared test machine a p99 says more about the neighbours.
 FAST = SlotSettings(

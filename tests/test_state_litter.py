@@ -21,9 +21,8 @@ import pytest
 
 from agent._failpoints import ENV
 from agent.state.store import StateStore
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     active,
@@ -36,7 +35,8 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
+from tests.conftest import Keys
 
 DEVICE = "cam-01"
 

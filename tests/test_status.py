@@ -23,10 +23,8 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, NotRunningError, StorageError
 from agent.statusd import StatusServer, query, render
-from agent.transport.messages import Phase, Reported
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     WAIT,
@@ -37,6 +35,8 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
+from agent.transport.messages import Phase, Reported
+from tests.conftest import Keys
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 

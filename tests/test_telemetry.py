@@ -38,8 +38,8 @@ from agent.telemetry import (
     snapshot_from_metrics,
 )
 from agent.telemetry.collect import MAX_METRICS, histogram_quantile
+from agent.testing.broker import Broker, plain_broker
 from agent.transport.session import InboxItem, MqttSettings, Session
-from tests.broker import Broker, plain_broker
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 20.0  # seconds; the bound of every wait in these tests

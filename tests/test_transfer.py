@@ -23,12 +23,8 @@ from pathlib import Path
 import pytest
 
 from agent.fleet.server import BlockServer, BundleCatalog
-from agent.transport.messages import BlockRequest, decode_block_reply
-from agent.transport.session import InboxItem, Incoming, Session
-from agent.transport.transfer import TransferSettings
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     active,
@@ -43,7 +39,11 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
-from tests.models import make_onnx
+from agent.testing.models import make_onnx
+from agent.transport.messages import BlockRequest, decode_block_reply
+from agent.transport.session import InboxItem, Incoming, Session
+from agent.transport.transfer import TransferSettings
+from tests.conftest import Keys
 
 STOCK_LIMITS = ["max_queued_messages 1000", "max_inflight_messages 20"]
 BLOCK = 4096

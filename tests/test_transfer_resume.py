@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.bundle.blocks import digest_file
+from agent.testing.fleet import TOPICS
+from agent.testing.models import make_onnx
 from agent.transport.messages import BlockReplyHeader, BlockRequest
 from agent.transport.transfer import Transfer, TransferSettings
 from agent.trust.envelope import parse_envelope
 from agent.trust.metadata import BundleDescriptor
-from tests.fleet import TOPICS
-from tests.models import make_onnx
 
 BLOCK = 4096
 

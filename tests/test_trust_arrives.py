@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import TrustSettings
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     REPO,
     TOPICS,
     active,
@@ -31,6 +30,7 @@ from tests.fleet import (
     serve_copy,
     watcher,
 )
+from tests.conftest import Keys
 
 DEVICE = "cam-01"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import TOPICS, WAIT, agent, agent_config, mqtt_settings
 from agent.transport.messages import Telemetry
 from agent.transport.session import InboxItem, Incoming, Session
 from agent.upstream import TelemetrySettings
-from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
-from tests.fleet import TOPICS, WAIT, agent, agent_config, mqtt_settings
 
 
 @pytest.fixture

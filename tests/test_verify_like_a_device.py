@@ -18,12 +18,20 @@ import pytest
 from agent._strictjson import dump_model
 from agent.bundle.blocks import digest_file
 from agent.cli import agent_main, fleet_main
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
+    TOPICS,
+    agent,
+    agent_config,
+    bundle_server,
+    deployment,
+    failed,
+    watcher,
+)
 from agent.trust.envelope import sign_envelope
 from agent.trust.metadata import DESCRIPTOR_TYPE, BundleDescriptor
 from agent.verify import envelope_path
-from tests.broker import Broker, plain_broker
 from tests.conftest import Keys
-from tests.fleet import TOPICS, agent, agent_config, bundle_server, deployment, failed, watcher
 from tests.test_bundle_verify import index_of, rebuild
 
 

@@ -29,11 +29,8 @@ import pytest
 
 from agent._strictjson import dump_model
 from agent.state.store import StateStore
-from agent.trust.envelope import sign_envelope
-from agent.trust.metadata import DESCRIPTOR_TYPE, BundleDescriptor
-from tests.broker import Broker, plain_broker
-from tests.conftest import Keys
-from tests.fleet import (
+from agent.testing.broker import Broker, plain_broker
+from agent.testing.fleet import (
     TOPICS,
     WAIT,
     agent_config,
@@ -43,6 +40,9 @@ from tests.fleet import (
     watcher,
     write_agent_toml,
 )
+from agent.trust.envelope import sign_envelope
+from agent.trust.metadata import DESCRIPTOR_TYPE, BundleDescriptor
+from tests.conftest import Keys
 
 DEVICE = "cam-01"
 BLOCK = 1 << 20

@@ -35,6 +35,8 @@ from agent.fleet.server import BlockServer, serve
 from agent.fleet.simulator import Simulator, make_settings
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
+from agent.testing.broker import Endpoint
+from agent.testing.models import make_onnx
 from agent.transport.messages import Event, Phase, Reported
 from agent.transport.session import InboxItem, Incoming, MqttSettings, Session
 from agent.transport.topics import Topics
@@ -42,10 +44,8 @@ from agent.transport.transfer import TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import DeploymentTarget
 from agent.verify import load_trust
-from tests.broker import Endpoint
-from tests.models import make_onnx
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WAIT = 20.0
 TOPICS = Topics()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -76,8 +77,9 @@ def make_two_inputs(
     [d, 4] with the leading dimensions ``dims``: named (the same name: one shared batch),
     unnamed (None) or fixed (an int)."""
     out: list[str | int | None] = [dims[0], 4 if op == "Add" else 8]
+    attributes: dict[str, Any] = {"axis": 1} if op == "Concat" else {}
     graph = helper.make_graph(
-        [helper.make_node(op, ["x", "y"], ["z"], **({"axis": 1} if op == "Concat" else {}))],
+        [helper.make_node(op, ["x", "y"], ["z"], **attributes)],
         "two-inputs",
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, [dims[0], 4]),
@@ -96,7 +98,8 @@ def reference(path: Path, x: np.ndarray) -> np.ndarray:
     """The numpy answer for a model made by :func:`make_onnx`."""
     model = onnx.load(str(path))
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    return np.maximum(x @ init["W"] + init["B"], 0)
+    y: np.ndarray = np.maximum(x @ init["W"] + init["B"], 0)
+    return y
 
 
 def _tflite_weights(inputs: int, outputs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +296,8 @@ def reference_tflite(path: Path, x: np.ndarray) -> np.ndarray:
         if t.Buffer() and not isinstance(data, int):
             shape = tuple(int(d) for d in t.ShapeAsNumpy())
             consts[t.Name().decode()] = np.frombuffer(data.tobytes(), "<f4").reshape(shape)
-    return np.maximum(x @ consts["W"].T + consts["B"], 0)
+    y: np.ndarray = np.maximum(x @ consts["W"].T + consts["B"], 0)
+    return y
 
 
 def slot_candidate(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MAKE_CERTS = REPO / "config" / "broker" / "make-certs.sh"
 SHIPPED_ACL = REPO / "config" / "broker" / "acl"
 

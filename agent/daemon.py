@@ -53,6 +53,7 @@ from agent.bundle.manifest import MANIFEST_NAME, Manifest
 from agent.bundle.unpack import unpack_bundle
 from agent.bundle.verify import check_bundle, check_bundle_structure
 from agent.config import AgentConfig
+from agent.device.reporting import reported_hardware
 from agent.errors import (
     BadContentError,
     ConfigError,
@@ -86,7 +87,6 @@ from agent.transport.messages import (
     MAX_MESSAGE_BYTES,
     ErrorInfo,
     Event,
-    HardwareProfile,
     ModelStatus,
     Online,
     Phase,
@@ -132,18 +132,6 @@ def _error(exc: EdgeAgentError) -> ErrorInfo:
 def _verdict(exc: EdgeAgentError) -> Verdict:
     """What a trial records of the error that ended it (the reported ErrorInfo's fields)."""
     return Verdict(code=exc.code, message=str(exc)[:1024])
-
-
-def reported_hardware(profile: hardware.HostProfile) -> HardwareProfile:
-    """The probe's findings in the reported state's terms."""
-    details = {k[:64]: v[:1024] for k, v in list(profile.details().items())[:32]}
-    return HardwareProfile(
-        arch=profile.architecture[:32] or "unknown",
-        cpu_count=max(1, profile.cpu_cores),
-        memory_mb=profile.memory_total_mb,
-        accelerators=profile.accelerators[:16],
-        details=details,
-    )
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,11 @@ LAYERS: dict[str, set[str]] = {
     "serving": {"trust", "bundle", "runtime", "state", "verify"},
 }
 _BELOW_DEVICE = set(LAYERS) - {BASE}
-LAYERS["device"] = _BELOW_DEVICE | {"transport", "telemetry"}
+# agent/device/: device-side parts the fleet's simulator runs too; the daemon's process
+# (daemon, config, upstream, standalone) sits above them, and the fleet beside it.
+LAYERS["device-shared"] = set(_BELOW_DEVICE)
+LAYERS["device"] = _BELOW_DEVICE | {"device-shared"}
 LAYERS["fleet"] = _BELOW_DEVICE | {"device-shared"}
-LAYERS["device-shared"] = _BELOW_DEVICE
 LAYERS["cli"] = set(LAYERS) - {BASE}
 LAYERS["testing"] = set(LAYERS) - {BASE}
 
@@ -52,13 +54,9 @@ MODULES = {
     "config": "device",
     "upstream": "device",
     "standalone": "device",
-    "checks": "device",
     "cli": "cli",
     "testing": "testing",
 }
-# Device-side modules the fleet's simulator runs too (they take no part in the device's
-# process wiring).
-DEVICE_SHARED = {"agent.device.reporting", "agent.device.machine"}
 
 
 def component(module: str) -> str | None:
@@ -68,10 +66,8 @@ def component(module: str) -> str | None:
         return None
     if len(parts) == 1 or parts[1].startswith("_") or parts[1] == "__init__":
         return BASE
-    if any(module == m or module.startswith(m + ".") for m in DEVICE_SHARED):
-        return "device-shared"
     if parts[1] == "device":
-        return "device"
+        return "device-shared"
     if parts[1] in MODULES:
         return MODULES[parts[1]]
     return parts[1]
@@ -168,3 +164,8 @@ def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     assert component("agent.values") == BASE
     assert component("agent._strictjson") == BASE
     assert component("json") is None
+    assert component("agent.daemon") == "device"
+    assert "fleet" not in LAYERS["device"]
+    assert "device" not in LAYERS["fleet"]
+    assert "cli" not in LAYERS["fleet"]
+    assert "testing" not in LAYERS["device"]

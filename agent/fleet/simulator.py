@@ -58,7 +58,7 @@ from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import Manifest
 from agent.bundle.reader import BundleIndex
 from agent.bundle.verify import check_bundle, check_index
-from agent.daemon import reported_hardware
+from agent.device.reporting import reported_hardware
 from agent.errors import (
     BadContentError,
     ConfigError,

@@ -393,8 +393,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(WAIT)
-        sock.connect(str(self.unix_path))
+        try:
+            sock.settimeout(WAIT)
+            sock.connect(str(self.unix_path))
+        except BaseException:  # no agent listening: nothing is left open
+            sock.close()
+            raise
         self.sock = sock
 
 

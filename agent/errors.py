@@ -54,6 +54,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = [
+    "ArchiveError",
+    "BadContentError",
+    "BadSignatureError",
+    "BlockTooLargeError",
+    "BrokerError",
+    "BundleUnavailableError",
+    "ConfigError",
+    "ConfigProblems",
+    "DeploymentInterruptedError",
+    "DigestMismatchError",
+    "DiskFullError",
+    "DuplicateMemberError",
+    "EdgeAgentError",
+    "ExpiredError",
+    "FormatError",
+    "InputShapeError",
+    "InsufficientMemoryError",
+    "KeyNotAllowedError",
+    "LoadTimeoutError",
+    "MemberSizeError",
+    "NotRunningError",
+    "ProbationError",
+    "RollbackError",
+    "RolloutConflictError",
+    "SelfTestError",
+    "SizeLimitError",
+    "StorageError",
+    "ThresholdError",
+    "ToolError",
+    "TransferError",
+    "TransferTimeoutError",
+    "UnsafeMemberTypeError",
+    "UnsafePathError",
+    "UnsignedError",
+    "UntrustedKeyError",
+    "VerificationError",
+    "WrongTargetError",
+    "unexpected",
+]
+
 
 class EdgeAgentError(Exception):
     """Base of every error the project raises on purpose."""

@@ -18,7 +18,8 @@ import pytest
 from agent.errors import ConfigError
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor
-from agent.fleet.simulator import LoadFailure, Simulator, make_settings
+from agent.fleet.simulator import Simulator
+from agent.fleet.simulator_settings import LoadFailure, make_settings
 from agent.testing.broker import Broker, free_port, make_certs, plain_broker, tls_broker
 from agent.testing.fleet import (
     REPO,

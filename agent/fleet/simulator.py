@@ -19,7 +19,7 @@ project's own code what the agent (agent.daemon) does:
 
 What is simulated: the runtime. Loading a model takes ``load_s`` and then it is active (no
 runtime is imported, nothing answers requests), or it fails with an injected error
-(:class:`LoadFailure`). Telemetry says what :class:`VersionMetrics` for the running version
+(:class:`~agent.fleet.simulator_settings.LoadFailure`). Telemetry says what the settings' ``metrics`` for the running version
 says. A bundle fetched once is kept as "stored" (its SHA-256, in memory; the bytes are removed
 once checked) for as long as the agent would keep it (what runs, what ran before it, what the
 model heads for), and is not fetched again meanwhile. Not simulated: the trust topic (trust is
@@ -32,7 +32,6 @@ on the thread that calls :meth:`Simulator.run`; nothing here takes a lock.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import resource
@@ -45,16 +44,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent import __version__
-from agent._strictjson import describe_validation_error
-from agent.bundle.limits import BundleLimits
 from agent.bundle.manifest import Manifest
 from agent.bundle.reader import BundleIndex
 from agent.bundle.verify import check_bundle, check_index
@@ -62,22 +57,24 @@ from agent.device.reporting import reported_hardware
 from agent.errors import (
     BadContentError,
     ConfigError,
-    DeploymentInterruptedError,
     EdgeAgentError,
     FormatError,
-    InsufficientMemoryError,
-    LoadTimeoutError,
     ProbationError,
     RollbackError,
-    SelfTestError,
     SizeLimitError,
     StorageError,
-    ToolError,
     TransferError,
+)
+from agent.fleet.simulator_settings import (
+    FAILURES,
+    HARDWARE,
+    DeviceSpec,
+    SimulatorSettings,
+    device_specs,
+    device_unit,
 )
 from agent.runtime.base import get_backend
 from agent.runtime.choice import FORMAT_BACKENDS, choose
-from agent.runtime.probe import GpuInfo, HostProfile, JetsonInfo
 from agent.transport.messages import (
     ErrorInfo,
     Event,
@@ -93,13 +90,13 @@ from agent.transport.multiplex import Multiplexer, Timer
 from agent.transport.session import (
     MqttSettings,
     Will,
-    _tls_context,
     backoff_delay,
     connect,
     new_client,
+    tls_context,
 )
-from agent.transport.topics import Topics, check_id
-from agent.transport.transfer import Transfer, TransferSettings
+from agent.transport.topics import Topics
+from agent.transport.transfer import Transfer
 from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
 from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
 
@@ -114,252 +111,6 @@ CONNECTS_PER_POLL = 25  # connections opened per pass of the loop while starting
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _unit(salt: str, device_id: str) -> float:
-    """A number in [0, 1) fixed by ``device_id``: the same device draws the same in every
-    process and every run, whichever other devices there are."""
-    digest = hashlib.sha256(f"{salt}/{device_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-# -- hardware -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SimulatedHardware:
-    """What a simulated box is, as the hardware probe would find it, and what runs models."""
-
-    probe: HostProfile
-    runtimes: dict[str, str]  # backend key -> the runtime string reported for it
-
-
-_ORT = "onnxruntime 1.20.1"
-HARDWARE: dict[str, SimulatedHardware] = {
-    "cpu": SimulatedHardware(
-        HostProfile(
-            architecture="x86_64",
-            cpu_vendor="GenuineIntel",
-            cpu_model="simulated x86-64 CPU",
-            cpu_cores=4,
-            cpu_features=["avx2", "fma"],
-            memory_total_mb=8192,
-            memory_available_mb=6144,
-            runtimes={"onnxruntime": "1.20.1"},
-            onnxruntime_providers=["CPUExecutionProvider"],
-        ),
-        {"onnxruntime": f"{_ORT} CPUExecutionProvider"},
-    ),
-    "jetson": SimulatedHardware(
-        HostProfile(
-            architecture="aarch64",
-            cpu_vendor="ARM",
-            cpu_model="simulated ARMv8 (Cortex-A78AE)",
-            cpu_cores=8,
-            cpu_features=["asimd"],
-            memory_total_mb=16384,
-            memory_available_mb=12288,
-            jetson=JetsonInfo(
-                model="NVIDIA Jetson Orin NX 16GB (simulated)",
-                l4t="36.4.0",
-                compute_capability="8.7",
-            ),
-            runtimes={"onnxruntime": "1.20.1"},
-            onnxruntime_providers=[
-                "TensorrtExecutionProvider",
-                "CUDAExecutionProvider",
-                "CPUExecutionProvider",
-            ],
-        ),
-        {"onnxruntime": f"{_ORT} TensorrtExecutionProvider"},
-    ),
-    "nvidia-gpu": SimulatedHardware(
-        HostProfile(
-            architecture="x86_64",
-            cpu_vendor="AuthenticAMD",
-            cpu_model="simulated x86-64 CPU",
-            cpu_cores=8,
-            cpu_features=["avx2", "fma"],
-            memory_total_mb=32768,
-            memory_available_mb=24576,
-            nvidia_gpus=[
-                GpuInfo(
-                    index=0,
-                    name="NVIDIA RTX A2000 (simulated)",
-                    memory_total_mb=6144,
-                    memory_free_mb=5632,
-                    compute_capability="8.6",
-                )
-            ],
-            runtimes={"onnxruntime": "1.20.1"},
-            onnxruntime_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        ),
-        {"onnxruntime": f"{_ORT} CUDAExecutionProvider"},
-    ),
-    "intel-gpu": SimulatedHardware(
-        HostProfile(
-            architecture="x86_64",
-            cpu_vendor="GenuineIntel",
-            cpu_model="simulated Intel Core i5",
-            cpu_cores=4,
-            cpu_features=["avx2", "fma"],
-            memory_total_mb=16384,
-            memory_available_mb=12288,
-            openvino_devices={
-                "CPU": "simulated Intel Core i5",
-                "GPU.0": "Intel Iris Xe (simulated)",
-            },
-            runtimes={"onnxruntime": "1.20.1", "openvino": "2024.6"},
-            onnxruntime_providers=["CPUExecutionProvider"],
-        ),
-        {"onnxruntime": f"{_ORT} CPUExecutionProvider", "openvino": "openvino 2024.6 GPU.0 FP16"},
-    ),
-}
-
-
-# -- settings -----------------------------------------------------------------------------------
-class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class VersionMetrics(_Settings):
-    """What a model version's telemetry says on every device that runs it."""
-
-    rps: Annotated[float, Field(ge=0)] = 10.0  # requests per second
-    error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # of those, answered with an error
-    p99_ms: Annotated[float, Field(ge=0)] = 25.0
-
-
-# What an injected load failure raises: errors the agent's slot layer reports for a version
-# that did not load (a probation failure: one that served and was rolled back).
-FAILURES: dict[str, type[EdgeAgentError]] = {
-    e.code: e
-    for e in (
-        SelfTestError,
-        LoadTimeoutError,
-        InsufficientMemoryError,
-        ToolError,
-        DeploymentInterruptedError,
-        ProbationError,
-    )
-}
-
-
-class LoadFailure(_Settings):
-    """Devices that fail to load ``version`` (every version: None) with error ``code``: those
-    named in ``devices`` and a ``fraction`` of all, chosen by device id (the same devices in
-    every run and whichever process simulates them); with neither, every device. ``times``:
-    only the first loads of the version on each device fail (a flaky self-test); None: all."""
-
-    version: Annotated[str, Field(max_length=64)] | None = None
-    devices: frozenset[Annotated[str, Field(max_length=64)]] = frozenset()
-    fraction: Annotated[float, Field(ge=0, le=1)] | None = None
-    code: str = SelfTestError.code
-    times: Annotated[int, Field(ge=1)] | None = None
-
-    @field_validator("code")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in FAILURES:
-            raise ValueError(f"{value!r} is not one of {', '.join(sorted(FAILURES))}")
-        return value
-
-    def hits(self, device_id: str, version: str) -> bool:
-        if self.version is not None and self.version != version:
-            return False
-        if device_id in self.devices:
-            return True
-        fraction = self.fraction if self.fraction is not None else 0.0 if self.devices else 1.0
-        return _unit("fail", device_id) < fraction
-
-
-class SimulatorSettings(_Settings):
-    """One simulator process: which devices, what they are, how they behave."""
-
-    devices: Annotated[int, Field(ge=1, le=100_000)] = 100
-    first: Annotated[int, Field(ge=0)] = 0  # the index of the first device (ids are prefix-NNNNN)
-    id_prefix: Annotated[str, Field(max_length=48)] = "sim"
-    groups: list[Annotated[str, Field(max_length=64)]] = Field(default=[], max_length=32)
-    # Hardware profile (a key of HARDWARE) -> its share of the devices.
-    hardware: dict[str, Annotated[float, Field(gt=0)]] = Field(default={"cpu": 1.0}, min_length=1)
-    agent_version: Annotated[str, Field(min_length=1, max_length=64)] = __version__
-    runtime: Annotated[str, Field(min_length=1, max_length=64)] | None = None  # overrides
-    load_s: Annotated[float, Field(ge=0)] = 0.5  # from loading to active
-    report_interval_s: Annotated[float, Field(gt=0)] = 1.0
-    telemetry_interval_s: Annotated[float, Field(ge=0)] = 10.0  # 0: no telemetry
-    # Telemetry by version ("*": every version not named).
-    metrics: dict[str, VersionMetrics] = {}
-    failures: list[LoadFailure] = []
-    transfer: TransferSettings = TransferSettings()
-    limits: BundleLimits = BundleLimits()
-
-    @field_validator("hardware")
-    @classmethod
-    def _profiles(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(HARDWARE))
-        if unknown:
-            raise ValueError(
-                f"no hardware profile {', '.join(unknown)} (there are {', '.join(HARDWARE)})"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _ids(self) -> SimulatorSettings:
-        try:
-            for group in self.groups:
-                check_id(group, "group")
-            check_id(device_id(self, self.first + self.devices - 1), "device id")
-            check_id(device_id(self, self.first), "device id")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return self
-
-    def metrics_for(self, version: str) -> VersionMetrics:
-        return self.metrics.get(version) or self.metrics.get("*") or VersionMetrics()
-
-    def failure_for(self, device: str, version: str, failed: int) -> LoadFailure | None:
-        """The failure for ``device`` loading ``version`` after ``failed`` failed loads of it."""
-        for f in self.failures:
-            if f.hits(device, version) and (f.times is None or failed < f.times):
-                return f
-        return None
-
-
-def device_id(settings: SimulatorSettings, index: int) -> str:
-    return f"{settings.id_prefix}-{index:05d}"
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """One simulated device: who it is, what it follows, what it is."""
-
-    device_id: str
-    groups: tuple[str, ...]
-    kind: str  # a key of HARDWARE
-    runtime: str | None  # the runtime string it reports (None: the profile's for the backend)
-    agent_version: str
-
-
-def device_specs(settings: SimulatorSettings) -> list[DeviceSpec]:
-    """The devices of ``settings``; each one's hardware drawn by its id from the shares."""
-    specs = []
-    for index in range(settings.first, settings.first + settings.devices):
-        ident = device_id(settings, index)
-        kind = _draw(settings.hardware, _unit("hardware", ident))
-        specs.append(
-            DeviceSpec(
-                ident, tuple(settings.groups), kind, settings.runtime, settings.agent_version
-            )
-        )
-    return specs
-
-
-def _draw(shares: dict[str, float], unit: float) -> str:
-    """The key whose share of the whole ``unit`` (in [0, 1)) falls into."""
-    point = unit * sum(shares.values())
-    for key, share in shares.items():
-        if point < share:
-            return key
-        point -= share
-    return next(reversed(shares))  # (rounding)
 
 
 @dataclass
@@ -520,7 +271,7 @@ class _Installed:
 
 
 @dataclass
-class _Slot:
+class _SimulatedModel:
     """One model: what it runs, what it is asked to run, and where that stands."""
 
     name: str
@@ -572,7 +323,7 @@ class SimulatedDevice:
         self._payloads: dict[str, bytes] = {}  # the envelopes behind ``documents``
         self.deployment: VerifiedDeployment | None = None
         self.doc_error: ErrorInfo | None = None
-        self.slots: dict[str, _Slot] = {}
+        self.slots: dict[str, _SimulatedModel] = {}
         self.stored: dict[str, BundleIndex] = {}  # bundles fetched and checked, by SHA-256
         self._failed_loads: Counter[str] = Counter()  # version -> injected failures so far
         self._event_seq = time.time_ns() // 1000  # grows across runs, as the agent's does
@@ -597,7 +348,7 @@ class SimulatedDevice:
         )
         interval = sim.settings.telemetry_interval_s
         if interval > 0:  # spread over the interval, so the fleet does not report in step
-            sim.mux.call_later(interval * _unit("telemetry", self.id), self._telemetry)
+            sim.mux.call_later(interval * device_unit("telemetry", self.id), self._telemetry)
 
     # -- input ----------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -707,7 +458,7 @@ class SimulatedDevice:
         self.deployment = doc
         dep_id = doc.document.deployment_id
         for name, verified in doc.bundles.items():
-            slot = self.slots.setdefault(name, _Slot(name))
+            slot = self.slots.setdefault(name, _SimulatedModel(name))
             want = verified.descriptor.bundle_sha256
             moved_on = slot.deployment_id != dep_id
             slot.deployment_id = dep_id
@@ -745,7 +496,7 @@ class SimulatedDevice:
                 self._phase(slot, Phase.ACTIVE)
         self._start_next()
 
-    def _cancel(self, slot: _Slot) -> None:
+    def _cancel(self, slot: _SimulatedModel) -> None:
         if slot.transfer is not None:
             slot.transfer.discard()
         slot.transfer = None
@@ -785,7 +536,7 @@ class SimulatedDevice:
             del self.stored[sha]
 
     # -- download -------------------------------------------------------------------------------
-    def _start(self, slot: _Slot) -> None:
+    def _start(self, slot: _SimulatedModel) -> None:
         assert slot.target is not None
         d = slot.target
         cap = self._sim.settings.limits.max_bundle_bytes
@@ -851,7 +602,7 @@ class SimulatedDevice:
                     slot.transfer.fail(exc)
                 self._after_transfer(slot)
 
-    def _after_transfer(self, slot: _Slot) -> None:
+    def _after_transfer(self, slot: _SimulatedModel) -> None:
         t = slot.transfer
         if t is None or slot.phase != Phase.DOWNLOADING:
             return
@@ -879,7 +630,7 @@ class SimulatedDevice:
             self._start_next()  # the next model's download, if one waits
 
     # -- the runtime stub -------------------------------------------------------------------------
-    def _load(self, slot: _Slot, manifest: Manifest) -> None:
+    def _load(self, slot: _SimulatedModel, manifest: Manifest) -> None:
         assert slot.target is not None
         d = slot.target
         self._phase(slot, Phase.LOADING)
@@ -932,7 +683,9 @@ class SimulatedDevice:
             self._phase(slot, Phase.ACTIVE)
         self._reconcile()  # the document may have moved on while the version loaded
 
-    def _fail(self, slot: _Slot, exc: EdgeAgentError, phase: Phase = Phase.FAILED) -> None:
+    def _fail(
+        self, slot: _SimulatedModel, exc: EdgeAgentError, phase: Phase = Phase.FAILED
+    ) -> None:
         log.debug("%s: %s failed: %s", self.id, slot.name, exc)
         slot.error = _error(exc)
         slot.transfer = None
@@ -962,7 +715,7 @@ class SimulatedDevice:
         self._report()
         self._event("rejected", topic=topic, error=self.doc_error)
 
-    def _phase(self, slot: _Slot, phase: Phase, *, force: bool = False) -> None:
+    def _phase(self, slot: _SimulatedModel, phase: Phase, *, force: bool = False) -> None:
         if slot.phase == phase and not force:
             return
         slot.phase = phase
@@ -1095,7 +848,7 @@ class Simulator:
         if cert_dir is not None and not cert_dir.is_dir():
             raise ConfigError(f"{cert_dir} is not a directory of device certificates")
         self._cert_dir = cert_dir
-        self._tls = _tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
+        self._tls = tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
         self.mux = Multiplexer()
         # The backends' modules (never their runtimes), imported now: choosing a variant needs
         # them, and a first deployment should not wait for imports in the middle of it.
@@ -1115,7 +868,7 @@ class Simulator:
                 "key_file": self._cert_dir / f"{device}.key",
             }
         )
-        return _tls_context(own)
+        return tls_context(own)
 
     def cannot_connect(self, device: str, endpoint: tuple[str, int], exc: Exception) -> None:
         """Said once per broker node for the whole fleet (every device would say the same)."""
@@ -1196,26 +949,3 @@ def _raise_file_limit(needed: int) -> None:
                 "devices per process (or raise the limit: ulimit -Hn, LimitNOFILE=)"
             )
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def make_settings(fields: dict[str, Any]) -> SimulatorSettings:
-    """Settings from options; ConfigError names what is wrong."""
-    try:
-        return SimulatorSettings.model_validate(fields)
-    except ValidationError as exc:
-        raise ConfigError(f"simulate: {describe_validation_error(exc)}") from None
-
-
-def version_metrics(
-    rps: float, error_rate: dict[str, float], p99_ms: dict[str, float]
-) -> dict[str, dict[str, float]]:
-    """``metrics`` from per-version error rates and p99s ("*": any other version)."""
-    default = VersionMetrics()
-    return {
-        version: {
-            "rps": rps,
-            "error_rate": error_rate.get(version, error_rate.get("*", default.error_rate)),
-            "p99_ms": p99_ms.get(version, p99_ms.get("*", default.p99_ms)),
-        }
-        for version in sorted({"*", *error_rate, *p99_ms})
-    }

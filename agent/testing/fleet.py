@@ -32,7 +32,8 @@ from agent.daemon import DeviceAgent
 from agent.fleet.control import FleetView
 from agent.fleet.deploy import make_deployment
 from agent.fleet.server import BlockServer, serve
-from agent.fleet.simulator import Simulator, make_settings
+from agent.fleet.simulator import Simulator
+from agent.fleet.simulator_settings import make_settings
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.testing.broker import Endpoint

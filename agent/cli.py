@@ -1869,7 +1869,7 @@ def _check_trust(config: AgentConfig, warnings: list[str]) -> list[str]:
 
 
 def _check_tls(settings: MqttSettings) -> list[str]:
-    from agent.transport.session import _tls_context
+    from agent.transport.session import tls_context
 
     if not settings.tls:
         return []
@@ -1885,7 +1885,7 @@ def _check_tls(settings: MqttSettings) -> list[str]:
     if missing:
         return missing
     try:
-        _tls_context(settings)
+        tls_context(settings)
     except ConfigError as exc:
         return [f"mqtt: {exc}"]
     return []

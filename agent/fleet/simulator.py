@@ -93,10 +93,10 @@ from agent.transport.multiplex import Multiplexer, Timer
 from agent.transport.session import (
     MqttSettings,
     Will,
-    _tls_context,
     backoff_delay,
     connect,
     new_client,
+    tls_context,
 )
 from agent.transport.topics import Topics, check_id
 from agent.transport.transfer import Transfer, TransferSettings
@@ -1095,7 +1095,7 @@ class Simulator:
         if cert_dir is not None and not cert_dir.is_dir():
             raise ConfigError(f"{cert_dir} is not a directory of device certificates")
         self._cert_dir = cert_dir
-        self._tls = _tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
+        self._tls = tls_context(mqtt_settings) if mqtt_settings.tls else None  # shared by all
         self.mux = Multiplexer()
         # The backends' modules (never their runtimes), imported now: choosing a variant needs
         # them, and a first deployment should not wait for imports in the middle of it.
@@ -1115,7 +1115,7 @@ class Simulator:
                 "key_file": self._cert_dir / f"{device}.key",
             }
         )
-        return _tls_context(own)
+        return tls_context(own)
 
     def cannot_connect(self, device: str, endpoint: tuple[str, int], exc: Exception) -> None:
         """Said once per broker node for the whole fleet (every device would say the same)."""

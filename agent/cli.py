@@ -986,7 +986,7 @@ def _rollout_resume(args: argparse.Namespace) -> int:
             control = request(
                 session, knowledge.topics, args.rollout, "resume", _client_id(args, "rollout")
             )
-            controller._advance_if_halted(control.at)
+            controller.advance_if_halted(control.at)
         return _drive(controller, args)
 
 

@@ -6,7 +6,8 @@ command-line tools (each module lists what it offers in ``__all__``):
 ================== ===========================================================================
 ``agent.fleet``    the fleet side: keys (:class:`KeyStore`), build (:func:`build_bundle`), sign
                    and reissue (:func:`sign_bundle`, :func:`reissue_bundle`), deploy
-                   (:func:`make_deployment`), the fleet's view (:func:`collect`,
+                   (:func:`stage_descriptors`, :func:`make_deployment`) and wait for the
+                   devices (:func:`watch_deployment`), the fleet's view (:func:`collect`,
                    :class:`FleetView`), rollouts (:class:`Controller`, :func:`plan_rollout`) and
                    the bundle server (:class:`BlockServer`)
 ``agent.verify``   the whole verification of a bundle file, as a device runs it

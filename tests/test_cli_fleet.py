@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from agent.cli import _mqtt_settings, fleet_parser
+from agent.cli import fleet_parser
+from agent.cli._common import mqtt_settings
 from agent.testing.broker import Broker, make_certs, tls_broker
 from agent.testing.fleet import agent, agent_config, watcher
 from agent.testing.models import make_onnx
@@ -276,7 +277,7 @@ def test_edge_fleet_tls_from_the_environment(
     else:
         monkeypatch.setenv("EDGE_FLEET_TLS", value)
     args = fleet_parser().parse_args(["status", "--broker", "127.0.0.1:1883"])
-    settings = _mqtt_settings(args) if not tls else None
+    settings = mqtt_settings(args) if not tls else None
     assert args.no_tls is (not tls)
     if settings is not None:
         assert settings.tls is False

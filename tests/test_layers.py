@@ -35,7 +35,7 @@ LAYERS: dict[str, set[str]] = {
 }
 _BELOW_DEVICE = set(LAYERS) - {BASE}
 # agent/device/: device-side parts the fleet's simulator runs too; the daemon's process
-# (daemon, config, upstream, standalone) sits above them, and the fleet beside it.
+# (daemon, config, upstream, standalone, checks) sits above them, and the fleet beside it.
 LAYERS["device-shared"] = set(_BELOW_DEVICE)
 LAYERS["device"] = _BELOW_DEVICE | {"device-shared"}
 LAYERS["fleet"] = _BELOW_DEVICE | {"device-shared"}
@@ -54,6 +54,7 @@ MODULES = {
     "config": "device",
     "upstream": "device",
     "standalone": "device",
+    "checks": "device",
     "cli": "cli",
     "testing": "testing",
 }

@@ -22,8 +22,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent._fsutil import atomic_write_bytes
-from agent._strictjson import dump_model, parse_model
+from agent._strictjson import dump_model, loads, parse_model
 from agent.errors import ConfigError, FormatError, StorageError
+from agent.transport.messages import TrustUpdate
 from agent.trust.envelope import parse_envelope, sign_envelope
 from agent.trust.keys import Signer
 from agent.trust.metadata import (
@@ -36,7 +37,7 @@ from agent.trust.metadata import (
     RootMetadata,
 )
 from agent.trust.verifier import TrustedState
-from agent.verify import KEYRING_FILE, ROOT_FILE
+from agent.verify import KEYRING_FILE, ROOT_FILE, load_trust
 
 PASSPHRASE_ENV = "EDGE_FLEET_KEY_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
 
@@ -65,6 +66,19 @@ def key_directory(key: Path) -> Path | None:
     if private.name == "private" and (private.parent / ROOT_FILE).is_file():
         return private.parent
     return None
+
+
+def fleet_trust(trust: Path | None, keys: Sequence[Path], now: datetime) -> TrustedState:
+    """The fleet's trust (root and keyring): ``trust`` (a key directory, root.json or
+    keyring.json), else the key directory the first of the private key files ``keys`` is in."""
+    found = trust or next(filter(None, map(key_directory, keys)), None)
+    if found is None:
+        raise ConfigError(
+            f"{keys[0]} is not in a key directory (DIR/private/), so the bundles' signatures "
+            "cannot be checked against the fleet's keyring: give --trust (the key directory, "
+            "root.json or keyring.json)"
+        )
+    return load_trust(found, now)
 
 
 def _public(signer: Signer) -> PublicKey:
@@ -126,6 +140,17 @@ class KeyStore:
         envelope = parse_envelope(self.keyring_bytes())
         return parse_model(
             KeyringMetadata, envelope.payload, what="keyring", max_bytes=MAX_METADATA_BYTES
+        )
+
+    def trust_update(self) -> TrustUpdate:
+        """The message of the trust topic: every root after v1 (a device holds v1 from
+        installation and walks the chain from there) and the current keyring."""
+        history = sorted(
+            (self.root / "history").glob("root.v*.json"), key=lambda p: int(p.stem.split(".v")[1])
+        )
+        roots = [loads(p.read_bytes(), what=str(p), max_bytes=1 << 20) for p in history[1:]]
+        return TrustUpdate(
+            roots=roots, keyring=loads(self.keyring_bytes(), what="keyring", max_bytes=1 << 20)
         )
 
     def release_key_paths(self) -> list[Path]:

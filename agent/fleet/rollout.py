@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from agent._strictjson import parse_model
 from agent.errors import BadContentError, BrokerError, ConfigError, RolloutConflictError
@@ -903,12 +903,14 @@ class Controller:
             self.save(status="paused", control_at=c.at)
         elif c.action == "resume" and st in ("paused", "halted"):
             self.progress(f"resumed by {c.by or 'an operator'}")
-            self._advance_if_halted(c.at)
+            self.advance_if_halted(c.at)
         else:
             self.save(control_at=c.at)
 
-    def _advance_if_halted(self, at: datetime | None) -> None:
-        if self.state.status == "halted":  # the operator looked at the halt and goes on
+    def advance_if_halted(self, at: datetime | None) -> None:
+        """Carry the rollout on after a resume taken at ``at``: past the wave a gate halted
+        (the operator looked at the halt and goes on), or from where it was paused."""
+        if self.state.status == "halted":
             self._next_wave(control_at=at)
         else:
             self.save(status="running", control_at=at)
@@ -1304,6 +1306,46 @@ def request(
     control = RolloutControl(rollout_id=rollout_id, action=action, at=_now(), by=by[:128])  # type: ignore[arg-type]
     publish_retained(session, topics.rollout(rollout_id, "control"), control.to_bytes())
     return control
+
+
+@dataclass(frozen=True)
+class Controlled:
+    """What came of a pause or abort: ``set`` here (no controller was driving: ``status`` is
+    the state written), ``taken`` by the driving ``owner``, or only ``asked`` of it so far."""
+
+    how: Literal["set", "taken", "asked"]
+    status: str
+    owner: str | None
+
+
+def pause_or_abort(
+    session: Session,
+    inbox: queue.SimpleQueue[InboxItem],
+    knowledge: Knowledge,
+    rollout_id: str,
+    action: Literal["pause", "abort"],
+    by: str = "",
+) -> Controlled:
+    """Ask for ``action``: a request the driving controller takes at its next tick; with none
+    driving, the state is changed here. A finished rollout is refused (ConfigError)."""
+    _, state = load(knowledge, rollout_id)
+    if state.status in ROLLOUT_FINAL:
+        raise ConfigError(f"rollout {rollout_id} is {state.status}")
+    control = request(session, knowledge.topics, rollout_id, action, by)
+    if lease_free(state, control.at):
+        status = "aborted" if action == "abort" else "paused"
+        if action == "pause" and state.status != "running":
+            status = state.status
+        new = state.model_copy(
+            update={"status": status, "control_at": control.at, "updated": control.at}
+        )
+        if action == "abort":
+            new = new.model_copy(update={"reason": f"aborted by {control.by}"})
+        publish_retained(session, knowledge.topics.rollout(rollout_id, "state"), new.to_bytes())
+        return Controlled("set", status, state.owner)
+    if wait_applied(knowledge, inbox, rollout_id, control):
+        return Controlled("taken", state.status, state.owner)
+    return Controlled("asked", state.status, state.owner)
 
 
 # -- status ------------------------------------------------------------------------------------

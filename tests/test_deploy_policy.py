@@ -19,8 +19,9 @@ from agent.fleet.deploy import (
     parse_variants,
     stage_descriptors,
 )
+from agent.fleet.gate import Outcome
 from agent.fleet.keys import fleet_trust, load_signer
-from agent.fleet.rollout import Knowledge, Outcome
+from agent.fleet.plan import Knowledge
 from agent.fleet.sign import reissue_bundle
 from agent.fleet.watch import Watched, progress_line
 from agent.transport.topics import Topics

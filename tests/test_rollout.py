@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent.fleet.keys import KeyStore
-from agent.fleet.rollout import parse_waves
+from agent.fleet.plan import parse_waves
 from agent.testing.broker import Broker, plain_broker
 from agent.testing.fleet import (
     REPO,

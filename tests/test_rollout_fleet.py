@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.fleet.rollout import _order
+from agent.fleet.plan import _order
 from agent.fleet.simulator_settings import LoadFailure
 from agent.testing.broker import Broker, plain_broker
 from agent.testing.fleet import (

@@ -13,12 +13,10 @@ from datetime import datetime, timezone
 import pytest
 
 from agent.errors import ConfigError
-from agent.fleet.rollout import (
-    Follower,
+from agent.fleet.gate import Follower, allowed_failures, evaluate
+from agent.fleet.plan import (
     Knowledge,
     Target,
-    allowed_failures,
-    evaluate,
     parse_duration,
     parse_failures,
     parse_waves,

@@ -48,7 +48,7 @@ def _drive(controller: Any, args: argparse.Namespace) -> int:
 
 def _rollout_session(args: argparse.Namespace, command: str, trust: Any = None) -> Any:
     from agent.fleet.control import fleet_session
-    from agent.fleet.rollout import Knowledge
+    from agent.fleet.plan import Knowledge
 
     topics = Topics(args.prefix)
     knowledge = Knowledge(topics, trust)
@@ -63,15 +63,8 @@ def _rollout_session(args: argparse.Namespace, command: str, trust: Any = None) 
 def _rollout_start(args: argparse.Namespace) -> int:
     from agent.fleet.deploy import parse_variants
     from agent.fleet.keys import fleet_trust, load_signer
-    from agent.fleet.rollout import (
-        Controller,
-        Target,
-        begin,
-        collect,
-        parse_duration,
-        parse_failures,
-        plan_rollout,
-    )
+    from agent.fleet.plan import Target, collect, parse_duration, parse_failures, plan_rollout
+    from agent.fleet.rollout import Controller, begin
     from agent.transport.messages import Gate
 
     now = now_at()
@@ -133,15 +126,8 @@ def _rollout_start(args: argparse.Namespace) -> int:
 
 def _rollout_resume(args: argparse.Namespace) -> int:
     from agent.fleet.keys import fleet_trust, load_signer
-    from agent.fleet.rollout import (
-        Controller,
-        collect,
-        lease_free,
-        load,
-        request,
-        take_over,
-        wait_applied,
-    )
+    from agent.fleet.plan import collect
+    from agent.fleet.rollout import Controller, lease_free, load, request, take_over, wait_applied
 
     now = now_at()
     signers = [load_signer(k) for k in args.key]
@@ -173,7 +159,8 @@ def _rollout_resume(args: argparse.Namespace) -> int:
 
 def _rollout_rollback(args: argparse.Namespace) -> int:
     from agent.fleet.keys import fleet_trust, load_signer
-    from agent.fleet.rollout import Controller, collect, lease_free, load, request, take_over
+    from agent.fleet.plan import collect
+    from agent.fleet.rollout import Controller, lease_free, load, request, take_over
 
     now = now_at()
     signers = [load_signer(k) for k in args.key]
@@ -193,7 +180,8 @@ def _rollout_rollback(args: argparse.Namespace) -> int:
 def _rollout_control(args: argparse.Namespace) -> int:
     """pause, abort: a request the driving controller takes at its next tick; with none
     driving, the state is changed here."""
-    from agent.fleet.rollout import collect, pause_or_abort
+    from agent.fleet.plan import collect
+    from agent.fleet.rollout import pause_or_abort
 
     action = args.action
     cm, knowledge = _rollout_session(args, action)
@@ -214,7 +202,8 @@ def _rollout_control(args: argparse.Namespace) -> int:
 def _rollout_status(args: argparse.Namespace) -> int:
     import queue as _queue
 
-    from agent.fleet.rollout import collect, exit_code, load, render, summary
+    from agent.fleet.plan import collect
+    from agent.fleet.rollout import exit_code, load, render, summary
     from agent.transport.session import Incoming
 
     cm, knowledge = _rollout_session(args, "status")

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from agent.fleet.control import DeviceView, FleetView, collect, fleet_session
     from agent.fleet.deploy import make_deployment, stage_descriptors
     from agent.fleet.keys import KeyStore, fleet_trust, load_signer
-    from agent.fleet.rollout import Controller, plan_rollout
+    from agent.fleet.plan import plan_rollout
+    from agent.fleet.rollout import Controller
     from agent.fleet.server import BlockServer, BundleCatalog
     from agent.fleet.sign import describe_bundle, reissue_bundle, sign_bundle
     from agent.fleet.watch import Watched, watch_deployment
@@ -36,7 +37,7 @@ _HOMES = {
     "load_signer": "keys",
     "fleet_trust": "keys",
     "Controller": "rollout",
-    "plan_rollout": "rollout",
+    "plan_rollout": "plan",
     "BlockServer": "server",
     "BundleCatalog": "server",
     "describe_bundle": "sign",

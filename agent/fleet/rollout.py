@@ -3,7 +3,7 @@
 ``edge-fleet rollout start`` plans and then drives a rollout; ``pause``, ``resume``, ``abort`` and
 ``rollback`` act on one; ``status`` shows it. The parts:
 
-* **Plan** (:func:`plan_rollout`): the target set comes from the devices' retained ``reported``
+* **Plan** (:func:`agent.fleet.plan.plan_rollout`, in :mod:`agent.fleet.plan`): the target set comes from the devices' retained ``reported``
   and ``online`` topics (the group a device follows, narrowed by selectors on what it reports),
   ordered by a hash of the rollout id and the device id (so the canaries are a fair sample and
   the same on every replanning), cut into waves. For each device the plan keeps what its
@@ -16,757 +16,71 @@
   (the broker's order of the two plans decides which one stands). A device document is signed on
   the plan's terms, so a controller that publishes one again after a restart publishes the same
   bytes, which devices take as the document they already have.
-* **Gate** (:func:`evaluate`): a wave passes once every device of it is active, or the
+* **Gate** (:func:`agent.fleet.gate.evaluate`, in :mod:`agent.fleet.gate`): a wave passes once every device of it is active, or the
   wave's timeout has passed (devices still on their way count as timed out), with failures --
   failed, rolled back, refused, timed out, counted over every device published so far -- at most
   the threshold; then, with a soak time, the new version's error rate and p99 latency from the
   devices' telemetry against the old version's. A gate that fails halts the rollout at once.
-* **Rollback** (:func:`rollback_terms`): every device the rollout published to gets a document
+* **Rollback** (:func:`agent.fleet.plan.rollback_terms`): every device the rollout published to gets a document
   that names what it ran before, each earlier bundle's descriptor re-issued with a release above
   every release the rollout reached: devices keep refusing older releases, and the bytes, so
   the blocks already on the boxes, are the same.
+
+This module is the controller that drives a plan through its gates, and the commands on a
+rollout (:func:`begin`, :func:`take_over`, :func:`pause_or_abort`, :func:`summary`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import itertools
-import json
-import math
 import os
 import queue
-import re
 import socket
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Literal
 
-from agent._strictjson import parse_model
-from agent.errors import BadContentError, BrokerError, ConfigError, RolloutConflictError
-from agent.fleet import control
-from agent.fleet.control import FleetView, publish_retained
-from agent.fleet.deploy import default_sequence, make_deployment
+from agent.errors import BrokerError, ConfigError, RolloutConflictError
+from agent.fleet.control import publish_retained
+from agent.fleet.gate import Follower, GateVerdict, evaluate, soak_verdict
+from agent.fleet.plan import (
+    Knowledge,
+    descriptor_of,
+    rollback_document,
+    rollback_terms,
+    rollback_want,
+    rollout_document,
+)
 from agent.transport.messages import (
     HEARTBEAT_S,
     LEASE_S,
-    MAX_MESSAGE_BYTES,
     MAX_ROLLOUT_DEVICES,
     NOT_RETURNED,
-    OFFLINE,
     ROLLOUT_FINAL,
-    TIMED_OUT,
     DeviceFailure,
-    DocumentTerms,
-    Event,
-    Gate,
-    Phase,
-    PriorVersion,
-    Reported,
     RollbackTerms,
     RolloutControl,
-    RolloutModel,
     RolloutPlan,
     RolloutState,
-    Telemetry,
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session
 from agent.transport.topics import Topics
-from agent.trust.envelope import parse_envelope
 from agent.trust.keys import Signer
-from agent.trust.metadata import (
-    MAX_METADATA_BYTES,
-    BundleDescriptor,
-    DeploymentDocument,
-    DeploymentTarget,
-)
 from agent.trust.verifier import TrustedState
 
 TICK_S = 0.2
-
-
-# -- parsing what an operator types -------------------------------------------------------------
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str, what: str = "duration") -> float:
-    """``90``, ``90s``, ``10m``, ``2h``, ``1d`` -> seconds."""
-    m = _DURATION.fullmatch(text.strip())
-    if not m:
-        raise ConfigError(f"{what} {text!r} is not a duration (e.g. 90s, 10m, 2h)")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-
-
-def parse_waves(spec: str, total: int) -> list[int]:
-    """Cumulative wave ends from ``1,10%,50%,100%`` (a count, or a percentage of ``total``).
-
-    Each entry is how many devices have been reached by the end of that wave; a percentage is
-    rounded up. Entries that add no device are dropped; the last must reach every device.
-    """
-    ends: list[int] = []
-    for part in (p.strip() for p in spec.split(",")):
-        try:
-            n = math.ceil(total * float(part[:-1]) / 100) if part.endswith("%") else int(part)
-        except ValueError:
-            raise ConfigError(f"--waves: {part!r} is neither a count nor a percentage") from None
-        if n < 1 or (part.endswith("%") and float(part[:-1]) > 100):
-            raise ConfigError(f"--waves: {part!r} reaches no device, or more than all of them")
-        n = min(n, total)
-        if ends and n < ends[-1]:
-            raise ConfigError(f"--waves: {spec!r} must grow from one wave to the next")
-        if not ends or n > ends[-1]:
-            ends.append(n)
-    if not ends or ends[-1] != total:
-        raise ConfigError(
-            f"--waves: {spec!r} reaches {ends[-1] if ends else 0} of the {total} devices; "
-            "end with 100%"
-        )
-    return ends
-
-
-def parse_failures(spec: str) -> tuple[int | None, float | None]:
-    """``--max-failures``: ``2`` (devices) or ``5%`` (of the devices published so far)."""
-    try:
-        if spec.endswith("%"):
-            pct = float(spec[:-1])
-            if not 0 <= pct <= 100:
-                raise ValueError
-            return None, pct
-        count = int(spec)
-        if count < 0:
-            raise ValueError
-        return count, None
-    except ValueError:
-        raise ConfigError(
-            f"--max-failures {spec!r}: give a count (2) or a percentage (5%)"
-        ) from None
-
-
-# -- selectors ---------------------------------------------------------------------------------
-def _values(key: str, device: str, r: Reported) -> list[str]:
-    hw = r.hardware
-    models = r.models.values()
-    if key == "device":
-        return [device]
-    if key == "arch":
-        return [hw.arch] if hw else []
-    if key == "accelerator":
-        return list(hw.accelerators) if hw else []
-    if key == "agent_version":
-        return [r.agent_version]
-    if key in ("runtime", "variant", "version"):
-        return [v for m in models if (v := getattr(m, key))]
-    if key.startswith("hardware."):
-        detail = hw.details.get(key.removeprefix("hardware.")) if hw else None
-        return [detail] if detail is not None else []
-    raise ConfigError(
-        f"--where: unknown key {key!r} (device, arch, accelerator, agent_version, runtime, "
-        "variant, version, hardware.<detail>)"
-    )
-
-
-def parse_selector(text: str) -> tuple[str, bool, str]:
-    """``KEY=GLOB`` or ``KEY!=GLOB`` -> (key, wanted, glob)."""
-    m = re.fullmatch(r"([a-z_][a-z0-9_.]*)(!?=)(.+)", text.strip())
-    if not m:
-        raise ConfigError(f"--where {text!r}: write KEY=GLOB or KEY!=GLOB (runtime=openvino*)")
-    key, op, glob = m.groups()
-    _values(key, "x", Reported(device_id="x", agent_version="0", at=_now()))  # known key?
-    return key, op == "=", glob
-
-
-def matches(device: str, r: Reported, selectors: Iterable[str]) -> bool:
-    for text in selectors:
-        key, wanted, glob = parse_selector(text)
-        hit = any(fnmatch.fnmatchcase(v, glob) for v in _values(key, device, r))
-        if hit != wanted:
-            return False
-    return True
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _order(rollout_id: str, device: str) -> str:
-    return hashlib.sha256(f"{rollout_id}/{device}".encode()).hexdigest()
-
-
-# -- what the fleet knows: devices (FleetView) and the documents they follow --------------------
-class Knowledge:
-    """Devices' retained state, their desired documents, and the rollouts, from the broker.
-
-    Desired documents are verified with the fleet's trust as a device would (signatures, target,
-    expiry) before anything is taken from them: a document is only re-used in a rollout's own
-    documents when a release key signed it.
-    """
-
-    def __init__(self, topics: Topics, trust: TrustedState | None = None) -> None:
-        self.topics = topics
-        self.trust = trust
-        self.view = FleetView(topics)
-        self.desired: dict[tuple[str, str], DeploymentDocument] = {}  # (kind, id) -> document
-        self.unverified: dict[tuple[str, str], str] = {}  # (kind, id) -> why it was refused
-        self.plans: dict[str, RolloutPlan] = {}
-        self.states: dict[str, RolloutState] = {}
-        self.controls: dict[str, RolloutControl] = {}
-        self.plan_order: list[str] = []  # rollout ids in the order their plans arrived
-        self.problems: list[str] = []
-
-    @property
-    def subscriptions(self) -> list[str]:
-        t = self.topics
-        subs = [*self.view.subscriptions, t.all_devices_filter("telemetry")]
-        subs += [t.all_devices_filter("desired"), f"{t.prefix}/groups/+/desired"]
-        subs += [t.all_rollouts_filter(c) for c in ("plan", "state", "control")]
-        return subs
-
-    def update(self, item: Incoming) -> None:
-        try:
-            ref = self.topics.parse(item.topic)
-        except BadContentError:
-            return
-        try:
-            if ref.kind == "rollout":
-                self._rollout(ref.id, ref.channel, item.payload)
-            elif ref.channel == "desired":
-                self._desired(ref.kind, ref.id, item.payload)
-            elif ref.kind == "device":
-                self.view.update(item)
-        except BadContentError as exc:
-            self.problems.append(f"{item.topic}: {exc}")
-            del self.problems[:-20]
-
-    def _rollout(self, rollout_id: str, channel: str, payload: bytes) -> None:
-        if not payload:
-            if channel == "plan":
-                self.plans.pop(rollout_id, None)
-            elif channel == "state":
-                self.states.pop(rollout_id, None)
-            else:
-                self.controls.pop(rollout_id, None)
-            return
-        if channel == "plan":
-            self.plans[rollout_id] = RolloutPlan.from_bytes(payload)
-            self.plan_order.append(rollout_id)
-        elif channel == "state":
-            self.states[rollout_id] = RolloutState.from_bytes(payload)
-        elif channel == "control":
-            self.controls[rollout_id] = RolloutControl.from_bytes(payload)
-
-    def _desired(self, kind: str, ident: str, payload: bytes) -> None:
-        key = (kind, ident)
-        self.desired.pop(key, None)
-        self.unverified.pop(key, None)
-        if not payload or self.trust is None:
-            return
-        target = DeploymentTarget(kind="device" if kind == "device" else "group", id=ident)
-        try:
-            verified = self.trust.verify_deployment(payload, _now(), targets=[target])
-        except BadContentError as exc:
-            self.unverified[key] = f"{exc.code}: {exc}"
-            raise
-        self.desired[key] = verified.document
-
-    def descriptors(self) -> dict[str, dict[str, object]]:
-        """Every signed descriptor a verified desired document carries, by bundle SHA-256."""
-        out: dict[str, dict[str, object]] = {}
-        for doc in self.desired.values():
-            for entry in doc.models.values():
-                out[_descriptor(entry.descriptor).bundle_sha256] = entry.descriptor
-        return out
-
-    def effective(self, device: str) -> tuple[DeploymentDocument | None, str]:
-        """The document ``device`` follows -- its own, unless it hands it back to its groups,
-        else the first of its groups' that has one, as the agent chooses -- or why it is not
-        known (a document the fleet's trust refuses: its models cannot be carried over)."""
-        view = self.view.devices.get(device)
-        groups = view.reported.groups if view and view.reported else []
-        for key in [("device", device), *(("group", g) for g in groups)]:
-            if key in self.unverified:
-                return None, f"its {key[0]} document is refused here ({self.unverified[key]})"
-            doc = self.desired.get(key)
-            if doc is not None and not doc.follow_groups:
-                return doc, ""
-        return None, ""
-
-    def overlapping(self, devices: Iterable[str], but: str = "") -> dict[str, list[str]]:
-        """Rollouts other than ``but``, not yet final, that have any of ``devices``."""
-        mine = set(devices)
-        out: dict[str, list[str]] = {}
-        for rid, plan in self.plans.items():
-            state = self.states.get(rid)
-            if rid == but or (state is not None and state.status in ROLLOUT_FINAL):
-                continue
-            both = sorted(mine.intersection(plan.devices))
-            if both:
-                out[rid] = both
-        return out
-
-
-def collect(
-    inbox: queue.SimpleQueue[InboxItem],
-    knowledge: Knowledge,
-    *,
-    quiet: float = 0.5,
-    timeout: float = 10.0,
-) -> None:
-    """Take messages until no retained one came for ``quiet`` seconds (at most ``timeout``)."""
-    control.collect(inbox, knowledge, quiet=quiet, timeout=timeout)
-
-
-# -- planning ----------------------------------------------------------------------------------
-@dataclass
-class Target:
-    """Whom a rollout is for: a group (its members, as they report), or named devices."""
-
-    group: str | None = None
-    devices: Sequence[str] = ()
-    selectors: Sequence[str] = ()
-    include_offline: bool = False
-
-
-def select(knowledge: Knowledge, target: Target) -> tuple[list[str], dict[str, str]]:
-    """The devices ``target`` reaches now, and those left out with the reason."""
-    chosen: list[str] = []
-    left: dict[str, str] = {}
-    named = set(target.devices)
-    for device, view in sorted(knowledge.view.devices.items()):
-        r = view.reported
-        if named and device not in named:
-            continue
-        if r is None:
-            left[device] = "has not reported"
-            continue
-        if target.group is not None and target.group not in r.groups:
-            continue
-        if not matches(device, r, target.selectors):
-            continue
-        if view.online is False and not target.include_offline:
-            left[device] = "offline"
-            continue
-        chosen.append(device)
-    for device in sorted(named - set(knowledge.view.devices)):
-        left[device] = "has not reported"
-    return chosen, left
-
-
-def _descriptor(envelope: Mapping[str, Any]) -> BundleDescriptor:
-    payload = parse_envelope(json.dumps(envelope).encode()).payload
-    return parse_model(
-        BundleDescriptor, payload, what="bundle descriptor", max_bytes=MAX_METADATA_BYTES
+def _releases(terms: RollbackTerms) -> str:
+    return (
+        ", ".join(sorted({str(descriptor_of(e).release) for e in terms.descriptors.values()}))
+        or "-"
     )
-
-
-@dataclass
-class Planned:
-    plan: RolloutPlan
-    left_out: dict[str, str]
-
-
-def plan_rollout(
-    knowledge: Knowledge,
-    *,
-    rollout_id: str,
-    descriptors: Mapping[str, bytes],
-    target: Target,
-    waves: str,
-    gate: Gate,
-    now: datetime,
-    days: int = 30,
-    variants: Mapping[str, str] | None = None,
-    created_by: str = "",
-) -> Planned:
-    """Plan a rollout of ``descriptors`` (model -> descriptor envelope) from what is known."""
-    if days < 1:
-        raise ConfigError("--days must be at least 1: a document must not expire before use")
-    models: dict[str, RolloutModel] = {}
-    for name, data in descriptors.items():
-        envelope = json.loads(data)
-        d = _descriptor(envelope)
-        models[name] = RolloutModel(
-            version=d.version, release=d.release, bundle_sha256=d.bundle_sha256, descriptor=envelope
-        )
-    chosen, left = select(knowledge, target)
-    known = knowledge.descriptors()
-    prior: dict[str, dict[tuple[str, str, int, str | None], list[str]]] = {}
-    devices: list[str] = []
-    for device in chosen:
-        _, problem = knowledge.effective(device)
-        if problem:
-            left[device] = problem
-            continue
-        r = knowledge.view.devices[device].reported
-        assert r is not None
-        for name in models:
-            status = r.models.get(name)
-            if status is None or status.bundle_sha256 is None or status.version is None:
-                continue
-            if status.bundle_sha256 not in known:
-                # What it runs came with no document the broker still has: a rollback could
-                # not name it again.
-                left[device] = (
-                    f"runs {name} {status.version}, whose signed descriptor no retained "
-                    "document carries (a rollback could not return it)"
-                )
-                break
-            key = (status.bundle_sha256, status.version, status.release or 1, status.variant)
-            prior.setdefault(name, {}).setdefault(key, []).append(device)
-        else:
-            devices.append(device)
-    if not devices:
-        why = "; ".join(f"{d}: {w}" for d, w in sorted(left.items())[:5])
-        raise ConfigError(f"the rollout reaches no device{f' ({why})' if why else ''}")
-    if len(devices) > MAX_ROLLOUT_DEVICES:
-        raise ConfigError(f"{len(devices)} devices; a rollout takes at most {MAX_ROLLOUT_DEVICES}")
-    devices.sort(key=lambda d: _order(rollout_id, d))
-    ends = parse_waves(waves, len(devices))
-    cuts = [0, *ends]
-    sequence = default_sequence(now)
-    plan = RolloutPlan(
-        rollout_id=rollout_id,
-        created=now.replace(microsecond=0),
-        created_by=created_by[:128],
-        group=target.group,
-        selectors=list(target.selectors),
-        models=models,
-        variants=dict(variants or {}),
-        terms=DocumentTerms(
-            deployment_id=rollout_id,
-            sequence=sequence,
-            issued=now.replace(microsecond=0),
-            expires=(now + timedelta(days=days)).replace(microsecond=0),
-        ),
-        gate=gate,
-        waves=[devices[a:b] for a, b in itertools.pairwise(cuts)],
-        prior={
-            name: [
-                PriorVersion(
-                    version=v, release=rel, bundle_sha256=sha, variant=var, devices=sorted(ds)
-                )
-                for (sha, v, rel, var), ds in sorted(versions.items(), key=lambda kv: kv[0][:3])
-            ]
-            for name, versions in prior.items()
-        },
-        prior_descriptors={
-            sha: known[sha] for versions in prior.values() for (sha, _, _, _) in versions
-        },
-    )
-    if len(plan.to_bytes()) > MAX_MESSAGE_BYTES:
-        raise ConfigError("the plan is too large for one message: roll out to fewer devices")
-    return Planned(plan, left)
-
-
-# -- documents -----------------------------------------------------------------------------------
-def device_document(
-    device: str,
-    base: DeploymentDocument | None,
-    signers: Sequence[Signer],
-    *,
-    terms: DocumentTerms,
-    replace: Iterable[str],
-    models: Mapping[str, bytes],
-    variants: Mapping[str, str],
-) -> bytes:
-    """The signed document for ``device``: what ``base`` (the document it follows) names, with
-    the models in ``replace`` taken out and ``models`` put in (each with its variant, if any)."""
-    entries = {
-        n: json.dumps(e.descriptor).encode() for n, e in (base.models if base else {}).items()
-    }
-    chosen = {n: e.variant for n, e in (base.models if base else {}).items() if e.variant}
-    for name in replace:  # a model the rollback has no earlier version of is removed
-        entries.pop(name, None)
-        chosen.pop(name, None)
-    entries.update(models)
-    chosen.update({n: v for n, v in variants.items() if n in models})
-    return make_deployment(
-        entries,
-        target=DeploymentTarget(kind="device", id=device),
-        signers=signers,
-        now=terms.issued,
-        days=max(1, math.ceil((terms.expires - terms.issued).total_seconds() / 86400)),
-        sequence=terms.sequence,
-        deployment_id=terms.deployment_id,
-        variants=chosen,
-    )
-
-
-def rollout_document(
-    plan: RolloutPlan, device: str, knowledge: Knowledge, signers: Sequence[Signer]
-) -> bytes:
-    base, _ = knowledge.effective(device)
-    return device_document(
-        device,
-        base,
-        signers,
-        terms=plan.terms,
-        replace=plan.models,
-        models={n: json.dumps(m.descriptor).encode() for n, m in plan.models.items()},
-        variants=plan.variants,
-    )
-
-
-# -- following devices ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
-    """Where one device stands with a document published to it."""
-
-    phase: str  # a Phase value, "pending", or a failure code below
-    final: bool = False
-    ok: bool = False
-    code: str | None = None
-    message: str = ""
-    model: str | None = None  # the model that failed
-
-    def failure(self, device: str, wave: int) -> DeviceFailure:
-        text = f"{self.model}: {self.message}" if self.model else self.message
-        return DeviceFailure(
-            device=device, wave=wave, code=self.code or self.phase, message=text[:1024]
-        )
-
-
-def outcome(
-    reported: Reported | None,
-    deployment_id: str,
-    want: Mapping[str, str | None],
-    refused: DeviceFailure | None = None,
-) -> Outcome:
-    """A device's outcome for the document ``deployment_id``: each model in ``want`` active on
-    its bundle (``None``: the model removed), or the first failure."""
-    if reported is not None and reported.deployment_id == deployment_id:
-        phases: list[str] = []
-        for name, sha in want.items():
-            m = reported.models.get(name)
-            if sha is None:
-                phases.append(Phase.ACTIVE.value if m is None else "removing")
-                continue
-            if m is None:
-                phases.append("pending")
-            elif m.phase in (Phase.FAILED, Phase.ROLLED_BACK):
-                code = m.error.code if m.error else m.phase.value
-                return Outcome(
-                    m.phase.value, final=True, code=code, message=_msg(m.error), model=name
-                )
-            elif m.phase == Phase.ACTIVE and m.bundle_sha256 != sha:
-                phases.append("pending")
-            else:
-                phases.append(m.phase.value)
-        if all(p == Phase.ACTIVE.value for p in phases):
-            return Outcome(Phase.ACTIVE.value, final=True, ok=True)
-        return Outcome(min(phases, key=_PHASE_ORDER.index))
-    if refused is not None:
-        return Outcome("refused", final=True, code=refused.code, message=refused.message)
-    return Outcome("pending")
-
-
-def _msg(error: Any) -> str:
-    return str(error.message) if error is not None else ""
-
-
-_PHASE_ORDER = ["pending", *(p.value for p in Phase), "removing"]
-
-
-@dataclass
-class Follower:
-    """Follows the devices a document went to: their reports, refusals and telemetry.
-
-    A refusal is a ``rejected`` event on the device's desired topic, or a report that arrives
-    live (not a retained copy) with a document error while naming another deployment.
-    """
-
-    knowledge: Knowledge
-    deployment_id: str
-    watching: set[str] = field(default_factory=set)
-    refused: dict[str, DeviceFailure] = field(default_factory=dict)
-    samples: deque[tuple[float, str, float, float, float]] = field(
-        default_factory=lambda: deque(maxlen=200_000)
-    )  # (monotonic time, device, rps, errors per s, p99 ms)
-    models: Sequence[str] = ()
-    group: str | None = None  # the document went to this group's topic (else the devices')
-
-    def _doc_topics(self, device: str) -> set[str]:
-        t = self.knowledge.topics
-        return {t.group_desired(self.group) if self.group else t.device(device).desired}
-
-    def update(self, item: Incoming) -> None:
-        k = self.knowledge
-        k.update(item)
-        try:
-            ref = k.topics.parse(item.topic)
-        except BadContentError:
-            return
-        if ref.kind != "device" or ref.id not in self.watching:
-            return
-        try:
-            if ref.channel == "events":
-                ev = Event.from_bytes(item.payload)
-                if ev.kind == "rejected" and ev.error and ev.topic in self._doc_topics(ref.id):
-                    self._refuse(ref.id, ev.error.code, ev.error.message)
-            elif ref.channel == "reported" and not item.retain:
-                view = k.view.devices.get(ref.id)
-                r = view.reported if view else None
-                if r is not None and r.error is not None and r.deployment_id != self.deployment_id:
-                    self._refuse(ref.id, r.error.code, r.error.message)
-            elif ref.channel == "telemetry":
-                self._sample(ref.id, Telemetry.from_bytes(item.payload))
-        except BadContentError:
-            return
-
-    def _refuse(self, device: str, code: str, message: str) -> None:
-        self.refused[device] = DeviceFailure(
-            device=device, wave=0, code=code, message=message[:1024]
-        )
-
-    def _sample(self, device: str, t: Telemetry) -> None:
-        for name in self.models:
-            m = t.metrics
-            rps = m.get(f"model.{name}.rps")
-            if rps is None:
-                continue
-            errs = m.get(f"model.{name}.errors_per_s", 0.0)
-            p99 = m.get(f"model.{name}.p99_ms", 0.0)
-            self.samples.append((time.monotonic(), device, rps, errs, p99))
-
-    def outcome(self, device: str, want: Mapping[str, str | None]) -> Outcome:
-        view = self.knowledge.view.devices.get(device)
-        return outcome(
-            view.reported if view else None, self.deployment_id, want, self.refused.get(device)
-        )
-
-    def online(self, device: str) -> bool | None:
-        view = self.knowledge.view.devices.get(device)
-        return view.online if view else None
-
-
-@dataclass(frozen=True)
-class Health:
-    """Requests, error rate and p99 latency over a set of telemetry samples."""
-
-    samples: int
-    requests_per_s: float
-    error_rate: float | None
-    p99_ms: float | None
-
-    @staticmethod
-    def of(samples: Iterable[tuple[float, str, float, float, float]]) -> Health:
-        n, rps, errs, p99s = 0, 0.0, 0.0, []
-        for _, _, r, e, p in samples:
-            n += 1
-            rps += r
-            errs += e
-            if r > 0:
-                p99s.append(p)
-        return Health(
-            samples=n,
-            requests_per_s=rps,
-            error_rate=errs / rps if rps > 0 else None,
-            p99_ms=sorted(p99s)[len(p99s) // 2] if p99s else None,
-        )
-
-
-# -- the gate ----------------------------------------------------------------------------------
-@dataclass
-class Verdict:
-    passed: bool | None  # None: not decided yet
-    failures: list[DeviceFailure]
-    counts: dict[str, int]
-    reason: str = ""
-
-
-def allowed_failures(gate: Gate, published: int) -> int:
-    limits = []
-    if gate.max_failures is not None:
-        limits.append(gate.max_failures)
-    if gate.max_failures_percent is not None:
-        limits.append(math.floor(published * gate.max_failures_percent / 100))
-    return min(limits) if limits else published
-
-
-def evaluate(
-    plan: RolloutPlan,
-    state: RolloutState,
-    follower: Follower,
-    now_mono: float,
-    wave_started_mono: float,
-) -> Verdict:
-    """The gate of the current wave, from what the devices published to so far report."""
-    want: dict[str, str | None] = {n: m.bundle_sha256 for n, m in plan.models.items()}
-    failures: list[DeviceFailure] = []
-    counts: dict[str, int] = {}
-    pending_in_wave = 0
-    timed_out = now_mono - wave_started_mono >= plan.gate.wave_timeout_s
-    for index, wave in enumerate(plan.waves[: state.published]):
-        for device in wave:
-            o = follower.outcome(device, want)
-            phase = o.phase
-            if o.final and not o.ok:
-                failures.append(o.failure(device, index))
-            elif not o.final:
-                if timed_out:
-                    code = OFFLINE if follower.online(device) is False else TIMED_OUT
-                    failures.append(
-                        DeviceFailure(
-                            device=device,
-                            wave=index,
-                            code=code,
-                            message=f"not active within {plan.gate.wave_timeout_s:g} s ({phase})",
-                        )
-                    )
-                    phase = code
-                elif index == state.wave:
-                    pending_in_wave += 1
-            counts[phase] = counts.get(phase, 0) + 1
-    published = sum(len(w) for w in plan.waves[: state.published])
-    limit = allowed_failures(plan.gate, published)
-    if len(failures) > limit:
-        shown = ", ".join(f"{f.device}: {f.code}" for f in failures[:5])
-        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
-        reason = (
-            f"{len(failures)} of {published} devices failed (at most {limit} may): {shown}{more}"
-        )
-        return Verdict(False, failures, counts, reason)
-    if pending_in_wave:
-        return Verdict(None, failures, counts)
-    return Verdict(True, failures, counts)
-
-
-def soak_verdict(
-    plan: RolloutPlan, state: RolloutState, follower: Follower, since_mono: float
-) -> tuple[bool, str]:
-    """The new version's telemetry over the soak against the old version's (devices not yet
-    reached, over the whole time the controller watched)."""
-    reached = {d for w in plan.waves[: state.published] for d in w}
-    new = Health.of(s for s in follower.samples if s[1] in reached and s[0] >= since_mono)
-    old = Health.of(s for s in follower.samples if s[1] not in reached)
-    g = plan.gate
-    text = (
-        f"new: {new.samples} samples, error rate {_pct(new.error_rate)}, p99 {_ms(new.p99_ms)}; "
-        f"old: {old.samples} samples, error rate {_pct(old.error_rate)}, p99 {_ms(old.p99_ms)}"
-    )
-    if new.samples == 0:
-        return False, f"no telemetry from the wave during the soak ({text})"
-    if new.error_rate is not None:
-        base = old.error_rate or 0.0
-        if new.error_rate > base + g.max_error_rate_increase:
-            return (
-                False,
-                f"error rate above the old version's by more than {_pct(g.max_error_rate_increase)} ({text})",
-            )
-    if new.p99_ms is not None and old.p99_ms and new.p99_ms > old.p99_ms * g.max_p99_ratio:
-        return False, f"p99 above {g.max_p99_ratio:g} times the old version's ({text})"
-    return True, text
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f} ms"
 
 
 # -- the controller ----------------------------------------------------------------------------
@@ -1008,7 +322,7 @@ class Controller:
             if refused is not None:
                 raise BrokerError(f"the broker refused the document for {device}: {refused} (ACL?)")
 
-    def _show(self, verdict: Verdict) -> None:
+    def _show(self, verdict: GateVerdict) -> None:
         counts = ", ".join(f"{n} {p}" for p, n in sorted(verdict.counts.items()))
         line = f"wave {self.state.wave + 1}/{len(self.plan.waves)}: {counts}"
         if line != self._last_line:
@@ -1084,93 +398,6 @@ class Controller:
             )
         self.progress("rolled back" + (f"; {reason}" if reason else ""))
         self.save(status="rolled-back", failures=failures, reason=reason)
-
-
-def _releases(terms: RollbackTerms) -> str:
-    return (
-        ", ".join(sorted({str(_descriptor(e).release) for e in terms.descriptors.values()})) or "-"
-    )
-
-
-def prior_of(plan: RolloutPlan, device: str) -> dict[str, PriorVersion | None]:
-    out: dict[str, PriorVersion | None] = dict.fromkeys(plan.models)
-    for name, versions in plan.prior.items():
-        for p in versions:
-            if device in p.devices:
-                out[name] = p
-    return out
-
-
-def rollback_want(plan: RolloutPlan, device: str) -> dict[str, str | None]:
-    return {n: p.bundle_sha256 if p else None for n, p in prior_of(plan, device).items()}
-
-
-def rollback_terms(
-    plan: RolloutPlan,
-    state: RolloutState,
-    knowledge: Knowledge,
-    trust: TrustedState,
-    signers: Sequence[Signer],
-    *,
-    now: datetime,
-    days: int,
-) -> RollbackTerms:
-    """Re-issue the descriptor of every earlier version the touched devices ran, with a release
-    above every one the rollout or the devices reached for that model."""
-    from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor
-
-    touched = [d for w in plan.waves[: state.published] for d in w]
-    top: dict[str, int] = {n: m.release for n, m in plan.models.items()}
-    for name, versions in plan.prior.items():
-        for p in versions:
-            top[name] = max(top[name], p.release)
-    for device in touched:
-        view = knowledge.view.devices.get(device)
-        for name, m in view.reported.models.items() if view and view.reported else ():
-            if name in top and m.release:
-                top[name] = max(top[name], m.release)
-    descriptors: dict[str, dict[str, object]] = {}
-    for name, versions in plan.prior.items():
-        for p in versions:
-            if not set(p.devices).intersection(touched):
-                continue
-            envelope = plan.prior_descriptors[p.bundle_sha256]
-            earlier = descriptor_to_reissue(json.dumps(envelope).encode(), trust, now)
-            data = reissue_descriptor(earlier, signers, release=top[name] + 1, now=now, days=days)
-            descriptors[p.bundle_sha256] = json.loads(data)
-    sequence = max(default_sequence(now), plan.terms.sequence + 1)
-    return RollbackTerms(
-        terms=DocumentTerms(
-            deployment_id=f"{plan.rollout_id}-rollback"[:64],
-            sequence=sequence,
-            issued=now.replace(microsecond=0),
-            expires=(now + timedelta(days=days)).replace(microsecond=0),
-        ),
-        descriptors=descriptors,
-        devices=touched,
-    )
-
-
-def rollback_document(
-    plan: RolloutPlan,
-    rb: RollbackTerms,
-    device: str,
-    knowledge: Knowledge,
-    signers: Sequence[Signer],
-) -> bytes:
-    earlier = {n: p for n, p in prior_of(plan, device).items() if p is not None}
-    base, _ = knowledge.effective(device)
-    return device_document(
-        device,
-        base,
-        signers,
-        terms=rb.terms,
-        replace=plan.models,
-        models={
-            n: json.dumps(rb.descriptors[p.bundle_sha256]).encode() for n, p in earlier.items()
-        },
-        variants={n: p.variant for n, p in earlier.items() if p.variant},
-    )
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from agent.fleet.control import bar
-from agent.fleet.rollout import Follower, Knowledge, Outcome, collect
+from agent.fleet.gate import Follower, Outcome
+from agent.fleet.plan import Knowledge, collect
 from agent.transport.session import InboxItem, Incoming, Session
 from agent.transport.topics import Topics
 

@@ -23,9 +23,9 @@ from agent.runtime.choice import RuntimeConfig
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.statusd import DEFAULT_SOCKET
+from agent.transport.fetch import TransferSettings
 from agent.transport.session import MqttSettings
 from agent.transport.topics import DEFAULT_PREFIX, Topics
-from agent.transport.transfer import TransferSettings
 from agent.upstream import TelemetrySettings
 from agent.values import TargetId
 

@@ -54,6 +54,7 @@ from agent.bundle.unpack import unpack_bundle
 from agent.bundle.verify import check_bundle, check_bundle_structure
 from agent.config import AgentConfig
 from agent.device.reporting import reported_hardware
+from agent.device.transfer import Transfer
 from agent.errors import (
     BadContentError,
     ConfigError,
@@ -97,7 +98,6 @@ from agent.transport.messages import (
     decode_block_reply,
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
-from agent.transport.transfer import Transfer
 from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
 from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment, VerifiedDescriptor
 from agent.upstream import Upstream

@@ -65,6 +65,7 @@ from agent.bundle.manifest import DEFAULT_BLOCK_SIZE
 from agent.bundle.verify import check_bundle
 from agent.config import load_config
 from agent.daemon import DeviceAgent
+from agent.device.transfer import Transfer
 from agent.errors import EdgeAgentError
 from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
@@ -79,6 +80,7 @@ from agent.testing.fleet import (
     write_agent_toml,
 )
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.messages import (
     BlockRequest,
     Event,
@@ -87,7 +89,6 @@ from agent.transport.messages import (
     decode_block_reply,
 )
 from agent.transport.session import Connection, InboxItem, Incoming, MqttSettings, Session
-from agent.transport.transfer import Transfer, TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import BundleDescriptor
 

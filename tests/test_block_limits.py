@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.bundle.blocks import digest_file
+from agent.device.transfer import Transfer
 from agent.errors import BlockTooLargeError, TransferError
 from agent.testing.broker import Broker, plain_broker
 from agent.testing.fleet import (
@@ -28,8 +29,8 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.messages import BlockReplyHeader, BlockRequest, ErrorInfo
-from agent.transport.transfer import Transfer, TransferSettings
 from agent.trust.envelope import parse_envelope
 from agent.trust.metadata import BundleDescriptor
 from tests.conftest import Keys

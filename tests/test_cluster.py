@@ -34,8 +34,8 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.session import InboxItem, Incoming, Session
-from agent.transport.transfer import TransferSettings
 from tests.cluster import Cluster, nats_binary, nats_cluster, nats_version
 from tests.conftest import Keys
 

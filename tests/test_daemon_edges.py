@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from agent.daemon import DeviceAgent
+from agent.device.transfer import Transfer
 from agent.runtime.base import get_backend
 from agent.serving.slots import SlotSettings
 from agent.testing.fleet import TOPICS, WAIT, agent_config, deployment, hand_back
 from agent.testing.models import make_onnx
 from agent.transport.messages import Phase
 from agent.transport.session import Incoming
-from agent.transport.transfer import Transfer
 from tests.conftest import Keys
 from tests.test_daemon_races import DEVICE, publish, run_until, runs, stored
 

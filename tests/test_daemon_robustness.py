@@ -34,8 +34,8 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.messages import Event, Phase
-from agent.transport.transfer import TransferSettings
 from tests.conftest import Keys
 
 BLOCK = 4096

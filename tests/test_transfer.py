@@ -40,9 +40,9 @@ from agent.testing.fleet import (
     write_agent_toml,
 )
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.messages import BlockRequest, decode_block_reply
 from agent.transport.session import InboxItem, Incoming, Session
-from agent.transport.transfer import TransferSettings
 from tests.conftest import Keys
 
 STOCK_LIMITS = ["max_queued_messages 1000", "max_inflight_messages 20"]

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.bundle.blocks import digest_file
+from agent.device.transfer import Transfer
 from agent.testing.fleet import TOPICS
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.messages import BlockReplyHeader, BlockRequest
-from agent.transport.transfer import Transfer, TransferSettings
 from agent.trust.envelope import parse_envelope
 from agent.trust.metadata import BundleDescriptor
 

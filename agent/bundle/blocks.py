@@ -23,6 +23,7 @@ from typing import BinaryIO
 CHUNK_BYTES = 4 << 20
 RING = 3  # buffers: one being read, two being hashed
 TAIL_SHARE = 6  # percent of each chunk's blocks the worker hashes besides the whole-file digest
+DIGEST = 32  # bytes of one block's SHA-256 in a block-hash list
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,10 @@ BlockSource = Mapping[bytes, LocalBlock]  # digest -> where the same bytes lie o
 def blocks_of(path: Path, block_list: bytes, block_size: int, size: int) -> dict[bytes, LocalBlock]:
     """Index a complete bundle's blocks by digest (for :class:`Transfer`'s ``reuse``)."""
     found: dict[bytes, LocalBlock] = {}
-    for i in range(len(block_list) // 32):
+    for i in range(len(block_list) // DIGEST):
         offset = i * block_size
         found.setdefault(
-            block_list[i * 32 : (i + 1) * 32],
+            block_list[i * DIGEST : (i + 1) * DIGEST],
             LocalBlock(path, offset, min(block_size, size - offset)),
         )
     return found

@@ -10,7 +10,7 @@ project's own code what the agent (agent.daemon) does:
   release floor per model (raised when a version commits, as the agent does);
 * follows the effective document: its own, unless it has none or the document hands it back
   to its groups (``follow_groups``), else the first of its groups' in the order given;
-* pulls each new bundle with :class:`~agent.transport.transfer.Transfer` (the block list and
+* pulls each new bundle with :class:`~agent.device.transfer.Transfer` (the block list and
   every block checked against the signed hashes, written to a part file under the state
   directory), checks the finished file with :func:`check_bundle`, and chooses the variant for
   its hardware profile with :func:`agent.runtime.choice.choose`;
@@ -54,6 +54,7 @@ from agent.bundle.manifest import Manifest
 from agent.bundle.reader import BundleIndex
 from agent.bundle.verify import check_bundle, check_index
 from agent.device.reporting import reported_hardware
+from agent.device.transfer import Transfer
 from agent.errors import (
     BadContentError,
     ConfigError,
@@ -96,7 +97,6 @@ from agent.transport.session import (
     tls_context,
 )
 from agent.transport.topics import Topics
-from agent.transport.transfer import Transfer
 from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
 from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
 

@@ -29,8 +29,8 @@ from agent.errors import (
     ToolError,
 )
 from agent.runtime.probe import GpuInfo, HostProfile, JetsonInfo
+from agent.transport.fetch import TransferSettings
 from agent.transport.topics import check_id
-from agent.transport.transfer import TransferSettings
 
 
 def device_unit(salt: str, device_id: str) -> float:

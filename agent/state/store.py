@@ -6,7 +6,7 @@
     trust/keyring.json         the keyring accepted last
     trust/floors.json          keyring floor, release floor per model, deployment sequence points
     desired/{source}.dsse      the deployment last accepted from each desired topic
-    downloads/{sha256}/        transfers in progress (see agent.transport.transfer)
+    downloads/{sha256}/        transfers in progress (see agent.state.partfile)
     bundles/{sha256}.emb       verified bundles (and {sha256}.blocks: their block-hash lists)
     slots/{name}.json          what each model slot runs: its bundle and where it is unpacked
     trials/{name}.json         a version handed to the slot layer and not committed yet: how

@@ -38,10 +38,10 @@ from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.testing.broker import Endpoint
 from agent.testing.models import make_onnx
+from agent.transport.fetch import TransferSettings
 from agent.transport.messages import Event, Phase, Reported
 from agent.transport.session import InboxItem, Incoming, MqttSettings, Session
 from agent.transport.topics import Topics
-from agent.transport.transfer import TransferSettings
 from agent.trust.keys import Signer
 from agent.trust.metadata import DeploymentTarget
 from agent.verify import load_trust

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from agent import errors
 from agent.errors import EdgeAgentError
+from agent.transport.fetch import BITMAP_EVERY, TransferSettings
 from agent.transport.messages import (
     BLOCK_LIST_PAGE,
     HEARTBEAT_S,
@@ -35,7 +36,6 @@ from agent.transport.messages import (
     TrustStatus,
 )
 from agent.transport.topics import Topics
-from agent.transport.transfer import BITMAP_EVERY, TransferSettings
 from agent.trust.metadata import (
     DEPLOYMENT_TYPE,
     DESCRIPTOR_TYPE,

@@ -1,5 +1,8 @@
 """Serving: model slots and the local inference API.
 
+Internal to the agent (see :mod:`agent` for the public surface): names here may change in any
+release.
+
 * :mod:`agent.serving.slots`: load, warm up, self-test, swap, probation, rollback.
 * :mod:`agent.serving.source`: the ``ModelSource`` / ``ServedModel`` protocols the API serves from.
 * :mod:`agent.serving.api`: the Open Inference Protocol (KServe v2 REST) as an ASGI app, and its

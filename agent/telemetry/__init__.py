@@ -1,5 +1,8 @@
 """Health and metrics collectors, and the store-and-forward queue for what goes upstream.
 
+Internal to the agent (see :mod:`agent` for the public surface): names here may change in any
+release.
+
 * :mod:`agent.telemetry.collect`: :func:`collect_system` (the box), :func:`collect_inference`
   and :class:`InferenceCollector` (the models), :func:`bounded` (what one Telemetry message holds).
 * :mod:`agent.telemetry.queue`: :class:`StoreQueue` (bounded, on disk, batched writes) and

@@ -461,8 +461,8 @@ class DeviceAgent:
             models[name]["deployment_id"] = slot.deployment_id
         api: list[str] = []
         if self.api is not None and self.api.tcp_address is not None:
-            host, port = self.api.tcp_address
-            api.append(f"http://{host}:{port}")
+            api_host, api_port = self.api.tcp_address
+            api.append(f"http://{api_host}:{api_port}")
         if self.api is not None and self.api.unix_socket is not None:
             api.append(f"unix:{self.api.unix_socket}")
         since = self._run_since

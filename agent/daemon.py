@@ -2,7 +2,16 @@
 
 One loop on one thread (:meth:`DeviceAgent.run`) owns all state. The MQTT session's network
 thread only puts what arrives on the inbox queue; the loop takes it from there, so nothing here
-needs a lock.
+needs a lock. The agent is wired from parts that each do one job:
+
+* agent.device.machine: each model's rollout (:class:`~agent.device.machine.ModelRollout`),
+  its table of phases and the rules that tell a late result from a current one; no I/O.
+* agent.device.pipeline: the ``prepare`` worker and the steps it runs on a bundle (open a
+  transfer's files, check and store the download, unpack it), the choice of what the slot layer
+  loads, and the removal of garbage.
+* agent.device.reporting: the reported state, the events, ``edge-agent status`` and STATUS=.
+* this module: the loop, what each topic means, the trust and deployment documents, the trials
+  of versions handed to the slot layer, reload, the watchdog and systemd notifications.
 
 What the loop does with each topic:
 
@@ -29,6 +38,45 @@ What is on disk after a crash in any phase is enough to go on: a partial downloa
 its bitmap, a stored bundle is unpacked again, a half-unpacked copy is thrown away, and a version
 not yet committed is deployed again from its stored bundle after the last committed one is
 restored (the crash-recovery tests kill the process in each phase through agent._failpoints).
+
+Threads: who owns what, and what each may touch
+-------------------------------------------------
+``main`` (``edge-agent run``; a test's thread in tests)
+    Runs :meth:`DeviceAgent.run`: the loop. Owns every attribute of :class:`DeviceAgent` (the
+    rollouts, documents, trust state, trials, the reporter, the transfers while they download)
+    and is the only thread that writes the state directory's records (installed models,
+    trials, deployment documents, trust, event numbers). Its signal handlers
+    (agent.cli) only set ``stop`` (SIGTERM, SIGINT) or the reload flag (SIGHUP,
+    :meth:`DeviceAgent.request_reload`); the loop does the work.
+``mqtt-{device id}`` (agent.transport.session)
+    The network thread: connects, reconnects with backoff, runs paho's loop. Its callbacks only
+    put :class:`~agent.transport.session.Incoming` and ``Connection`` items on the inbox. It
+    owns the paho client; ``Session.publish`` is called from the loop and ``upstream``.
+``prepare`` (agent.device.pipeline)
+    One job at a time: opens a transfer's files, checks and stores a download (into
+    ``bundles/``), unpacks a bundle (into ``models/``), removes garbage. A job touches only the
+    files of the bundle it was given and the transfer handed over with it (which the loop leaves
+    alone until the result comes back: ``opening``, or past ``downloading``); results go to the
+    inbox as ``Prepared`` and ``Removed``. Hashing a file may use a short-lived ``sha256-file``
+    helper thread (agent.bundle.blocks).
+``slot-{model}``, ``load-{model}``, ``drain-{model}`` (agent.serving.slots)
+    The slot layer's: load, warm up, self-test and swap a version (``slot-``), a load with its
+    timeout (``load-``), draining the version swapped out (``drain-``). They own the runtimes
+    and the slots under the slot manager's lock; they tell the loop through the inbox only
+    (``SlotEvent``; ``VerdictItem``, which they wait on until the loop has it on disk).
+``edge-agent-api`` and ``edge-agent-infer-*`` (agent.serving.server, agent.serving.api)
+    The local inference API's event loop, and the pool that runs inferences. They read the
+    slot manager's active versions (under its lock) and the API metrics; never the loop's state.
+``status-socket`` and ``status-client`` (agent.statusd)
+    Accept ``edge-agent status`` connections and answer each with the last snapshot the loop
+    handed over (:meth:`~agent.statusd.StatusServer.update`, under the server's lock).
+``upstream`` (agent.upstream)
+    Collects telemetry and sends what is queued (events, telemetry; its queue is on disk, under
+    the state directory, and its own) whenever connected.
+    ``put`` (from the loop) and ``connected`` are its only entry points from other threads.
+``stop-deadline`` (agent.notify, started by agent.cli)
+    Waits for ``stop``; if the agent has not finished draining in time, logs every thread's
+    stack and exits the process.
 """
 
 from __future__ import annotations
@@ -36,22 +84,17 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from agent import __version__
 from agent._failpoints import failpoint
 from agent._lazy import release_free_memory
-from agent.bundle.blocks import BlockSource
-from agent.bundle.manifest import MANIFEST_NAME, Manifest
-from agent.bundle.unpack import unpack_bundle
-from agent.bundle.verify import check_bundle, check_bundle_structure
 from agent.config import AgentConfig
 from agent.device.machine import (
     FINAL,
@@ -66,6 +109,7 @@ from agent.device.machine import (
     plan_unnamed,
     refused_trigger,
 )
+from agent.device.pipeline import Job, Pipeline, Prepared, Removed
 from agent.device.reporting import Reporter, reported_hardware
 from agent.errors import (
     BadContentError,
@@ -76,7 +120,6 @@ from agent.errors import (
     RollbackError,
     SizeLimitError,
     StorageError,
-    ToolError,
     TransferError,
 )
 from agent.logs import log_fields
@@ -85,13 +128,12 @@ from agent.runtime import hardware
 from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
-from agent.serving.slots import Candidate, SlotManager
+from agent.serving.slots import SlotManager
 from agent.state.store import (
     InstalledModel,
     StateStore,
     Trial,
     Verdict,
-    bundle_sha,
 )
 from agent.statusd import StatusServer
 from agent.transport.messages import (
@@ -103,7 +145,7 @@ from agent.transport.messages import (
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
 from agent.transport.transfer import Transfer
-from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
+from agent.trust.metadata import MAX_METADATA_BYTES, DeploymentTarget
 from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
 from agent.upstream import Upstream
 
@@ -130,30 +172,6 @@ def _verdict(exc: EdgeAgentError) -> Verdict:
     return Verdict(code=exc.code, message=str(exc)[:1024])
 
 
-Stage = Literal["opened", "stored", "unpacked"]
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A step the ``prepare`` worker finished for a bundle: a transfer opened (its part file
-    and the blocks on disk checked), the download checked and stored, or the bundle unpacked."""
-
-    name: str
-    bundle_sha256: str
-    attempt: int  # the model's attempt it was for: a result of an older one is dropped
-    stage: Stage
-    path: Path | None  # the stored bundle, or the unpacked directory
-    error: EdgeAgentError | None
-    transfer: Transfer | None = None  # the transfer opened
-
-
-@dataclass(frozen=True)
-class Removed:
-    """Garbage the ``prepare`` worker removed; ``shas`` were busy until now."""
-
-    shas: tuple[str, ...]
-
-
 @dataclass(frozen=True)
 class VerdictItem:
     """A slot worker's verdict on a version's probation, to be recorded before it rolls back;
@@ -166,30 +184,6 @@ class VerdictItem:
 
 
 LoopItem = InboxItem | SlotEvent | Prepared | Removed | VerdictItem
-
-
-class _Worker:
-    """One daemon thread that runs jobs in order. A daemon: a job still running when the agent
-    exits is cut short (an unpack leaves only its temporary directory, collected later), so it
-    never holds the process past its stop deadline."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()  # jobs report their own errors; this is for what they did not expect
-            except Exception:
-                log.exception("a job of the %s worker failed", self._thread.name)
 
 
 class DeviceAgent:
@@ -224,9 +218,14 @@ class DeviceAgent:
         self.deployment: VerifiedDeployment | None = None
         self.profile = hardware.probe_isolated()
         self.inbox: queue.SimpleQueue[LoopItem] = queue.SimpleQueue()
-        # Checks and unpacks bundles, one at a time, off the loop; the bundles it works on.
-        self._prepare = _Worker("prepare")
-        self._in_flight: dict[str, int] = {}  # bundle sha -> jobs queued or running
+        # Checks and unpacks bundles, one at a time, off the loop.
+        self.pipeline = Pipeline(
+            self.store,
+            limits=config.limits,
+            runtime=config.runtime,
+            profile=self.profile,
+            put=self.inbox.put,
+        )
         self.metrics = ApiMetrics()
         self.models = SlotManager(
             config.serving,
@@ -301,7 +300,7 @@ class DeviceAgent:
             # What runs is never above the floor (a crash between the two writes).
             self.trusted = self.trusted.with_release(name, installed.release)
             try:
-                candidate = self._candidate(name, installed)
+                candidate = self.pipeline.candidate(name, installed)
                 self.models.restore(candidate)
                 self._restoring.add(name)
             except (EdgeAgentError, OSError) as exc:
@@ -414,7 +413,7 @@ class DeviceAgent:
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
-            self._prepare.stop()  # a job still running is cut short at exit (see _Worker)
+            self.pipeline.stop()
             self.models.close()
 
     def _record_verdicts(self) -> None:
@@ -490,31 +489,6 @@ class DeviceAgent:
     def _ping(self, notify: Notifier) -> None:
         if notify.watchdog_due() and self.healthy():
             notify.watchdog()
-
-    def _candidate(self, name: str, installed: InstalledModel) -> Candidate:
-        """What the slot layer loads for an installed (unpacked, verified) bundle."""
-        manifest = Manifest.from_bytes(
-            (installed.path / MANIFEST_NAME).read_bytes(),
-            max_bytes=self.config.limits.max_manifest_bytes,
-        )
-        backend = installed.backend
-        variant_id = installed.variant
-        if backend is None or variant_id is None:
-            choice = hardware.choose(
-                manifest, self.profile, self.config.runtime.policy, variant=variant_id
-            )
-            backend, variant_id = choice.backend, choice.variant_id
-        return Candidate(
-            name=name,
-            version=installed.version,
-            release=installed.release,
-            bundle_sha256=installed.bundle_sha256,
-            directory=installed.path,
-            manifest=manifest,
-            variant=manifest.variant(variant_id),
-            backend=backend,
-            settings=self.config.runtime.settings_for(backend),
-        )
 
     def _slot_phase(
         self, name: str, phase: Phase, error: EdgeAgentError | None, progress: float | None
@@ -885,7 +859,7 @@ class DeviceAgent:
             # Its part file is synced to disk on the worker; the download is garbage from now
             # on, unless a document names the bundle again before it is collected.
             t.suspend(self._mono())
-            self._prepare.submit(t.pause)
+            self.pipeline.pause(t)
 
     # -- transfers ----------------------------------------------------------------------------
     def _start_next(self) -> None:
@@ -906,7 +880,7 @@ class DeviceAgent:
                 rollout, SizeLimitError(f"the bundle is {d.bundle_size} bytes; the limit is {cap}")
             )
             return
-        if d.bundle_sha256 in self._in_flight:
+        if d.bundle_sha256 in self.pipeline.in_flight:
             return  # a stale job still moves or unpacks these bytes: start once it is done
         stored = self.store.bundle_path(d.bundle_sha256)
         if stored.exists():  # fetched before (an earlier deployment, then rolled forward again)
@@ -920,19 +894,12 @@ class DeviceAgent:
             topics=self.topics,
             publish=lambda t, p: self.session.publish(t, p),
             settings=self.config.transfer,
-            reuse=lambda: self._local_blocks(d.block_size),
+            reuse=lambda: self.pipeline.local_blocks(d.block_size),
             inline_open=False,  # opened on the prepare worker: see _after_transfer
         )
         rollout.transfer = transfer
         self._move(rollout, Trigger.FETCH)
         self._after_transfer(rollout)
-
-    def _local_blocks(self, block_size: int) -> BlockSource:
-        try:
-            return self.store.local_blocks(block_size)
-        except (EdgeAgentError, OSError) as exc:
-            log.warning("not reusing blocks of stored bundles: %s", exc)
-            return {}
 
     def _on_blocks(self, item: Incoming) -> None:
         try:
@@ -960,7 +927,7 @@ class DeviceAgent:
             # re-checked block by block; blocks of other bundles) is read on the worker.
             if not rollout.opening:
                 rollout.opening = True
-                self._submit(rollout, "opened", self._open_transfer, t)
+                self.pipeline.open(self._job(rollout), t)
             return
         if t.state == "failed":
             assert t.error is not None
@@ -970,100 +937,25 @@ class DeviceAgent:
             self.report.progress(rollout.name, t.progress)
             return
         self._move(rollout, Trigger.DOWNLOADED)
-        self._submit(rollout, "stored", self._check_and_store, t)
+        self.pipeline.store(self._job(rollout), t)
 
-    # -- on the prepare worker ------------------------------------------------------------------
-    def _submit(
-        self,
-        rollout: ModelRollout,
-        stage: Stage,
-        job: Callable[..., Path | None],
-        *args: Any,
-    ) -> None:
-        """Run ``job`` on the prepare worker; its result comes back as a :class:`Prepared`."""
-        assert rollout.target is not None
-        name, sha = rollout.name, rollout.target.descriptor.bundle_sha256
-        rollout.attempt += 1
-        attempt = rollout.attempt
-        self._busy(sha)
-        transfer = rollout.transfer if stage == "opened" else None
-
-        def run() -> None:
-            path: Path | None = None
-            error: EdgeAgentError | None = None
-            try:
-                path = job(*args)
-            except EdgeAgentError as exc:
-                error = exc
-            except OSError as exc:
-                error = StorageError(str(exc))
-            except Exception as exc:  # a bug must fail the deployment, not leave it hanging
-                log.exception("%s of %s", stage, name)
-                error = ToolError(f"{type(exc).__name__}: {exc}")
-            self.inbox.put(Prepared(name, sha, attempt, stage, path, error, transfer))
-
-        self._prepare.submit(run)
-
-    def _busy(self, sha: str) -> None:
-        """A job of the prepare worker works on ``sha``'s files (see :meth:`_done_with`)."""
-        self._in_flight[sha] = self._in_flight.get(sha, 0) + 1
-
-    def _done_with(self, sha: str) -> None:
-        left = self._in_flight.pop(sha, 1) - 1
-        if left:
-            self._in_flight[sha] = left
-
+    # -- the prepare worker's steps -----------------------------------------------------------
     @staticmethod
-    def _open_transfer(t: Transfer) -> None:
-        t.open()  # its own errors are kept for start()
-
-    def _check_and_store(self, t: Transfer) -> Path:
-        """The bytes are the signed ones (each block was checked on arrival): check the archive
-        and its members against the signed manifest, then move it to ``bundles/``."""
-        d = t.descriptor
-        t.finish()  # on disk before it counts as stored
-        check_bundle(t.part_path, d, self.config.limits, bytes_checked=True)
-        failpoint("verifying")
-        stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
-        try:
-            t.discard()
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", t.dir, exc)
-        return stored
-
-    def _unpack(self, bundle: Path, dest: Path, d: BundleDescriptor) -> Path:
-        # A stored bundle was checked against the descriptor it came with; this one may be
-        # another for the same bytes (named again, or re-issued under a higher release), so its
-        # manifest terms are checked again. A refusal is the descriptor's fault: the stored
-        # bytes are the signed ones and stay.
-        check_bundle_structure(bundle, d, self.config.limits)
-        if dest.exists():  # left by a run that stopped before recording it
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            unpack_bundle(
-                bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
-            )
-        except BadContentError:
-            bundle.unlink(missing_ok=True)  # the stored copy is bad: fetch it again next time
-            raise
-        return dest
+    def _job(rollout: ModelRollout) -> Job:
+        """A job for the prepare worker, for what ``rollout`` heads for now."""
+        assert rollout.target is not None
+        return Job(rollout.name, rollout.target.descriptor.bundle_sha256, rollout.next_attempt())
 
     def _on_prepared(self, item: Prepared) -> None:
-        self._done_with(item.bundle_sha256)
+        self.pipeline.done_with(item.bundle_sha256)
         rollout = self.rollouts.get(item.name)
-        if (
-            rollout is None
-            or rollout.attempt != item.attempt
-            or rollout.target is None
-            or rollout.target.descriptor.bundle_sha256 != item.bundle_sha256
-        ):
+        if rollout is None or not rollout.is_current(item.attempt, item.bundle_sha256):
             # The deployment moved on meanwhile; what was written is collected as garbage.
             log.info(
                 "%s of %s %s: no longer wanted", item.stage, item.name, item.bundle_sha256[:16]
             )
             if item.transfer is not None:  # opened for nothing: its files are closed there
-                self._prepare.submit(item.transfer.pause)
+                self.pipeline.pause(item.transfer)
             return
         if item.stage == "opened":
             rollout.opening = False
@@ -1097,7 +989,7 @@ class DeviceAgent:
         # Unpacked again even where it is the installed version's directory: loading that one
         # again means its copy did not serve (its restore failed), so the copy is suspect.
         self._move(rollout, Trigger.UNPACK)
-        self._submit(rollout, "unpacked", self._unpack, bundle, dest, d)
+        self.pipeline.unpack(self._job(rollout), bundle, dest, d)
 
     def _load(self, rollout: ModelRollout, dest: Path) -> None:
         """Choose the unpacked bundle's variant and runtime, and hand it to the slot layer."""
@@ -1111,27 +1003,9 @@ class DeviceAgent:
                 RollbackError(f"{rollout.name} release {d.release} is older than release {floor}"),
             )
             return
+        draft = rollout.draft(dest)
         try:
-            draft = InstalledModel(
-                model=rollout.name,
-                bundle_sha256=d.bundle_sha256,
-                version=d.version,
-                release=d.release,
-                variant=rollout.variant,
-                deployment_id=rollout.deployment_id,
-                path=dest,
-                previous_sha256=(
-                    None
-                    if rollout.installed is None
-                    else rollout.installed.previous_sha256
-                    if rollout.installed.bundle_sha256 == d.bundle_sha256  # loaded again
-                    else rollout.installed.bundle_sha256
-                ),
-            )
-            candidate = self._candidate(rollout.name, draft)
-            hardware.check_memory(
-                candidate.variant, hardware.refresh_memory(self.profile), candidate.backend
-            )
+            candidate = self.pipeline.loadable(draft)
         except (EdgeAgentError, OSError) as exc:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
             self._fail(rollout, err)
@@ -1257,58 +1131,16 @@ class DeviceAgent:
             self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Find what no record names (here, where the state is whole) and have the prepare
-        worker remove it: an unpacked model of gigabytes takes a while to delete."""
-        keep: set[str] = set()
-        downloading: set[str] = set()
-        for rollout in self.rollouts.values():
-            if rollout.installed is not None:
-                keep.add(rollout.installed.bundle_sha256)
-                if rollout.installed.previous_sha256:
-                    keep.add(rollout.installed.previous_sha256)
-            if rollout.target is not None:
-                sha = rollout.target.descriptor.bundle_sha256
-                keep.add(sha)
-                if rollout.transfer is not None or not self.store.bundle_path(sha).exists():
-                    downloading.add(sha)  # a download in progress, or one to resume
-            if rollout.loading is not None:  # with the slot layer (loading ... probation)
-                keep.add(rollout.loading.bundle_sha256)
-            served = self.models.describe(rollout.name)
-            if served is not None:  # what serves now (on probation: not committed yet)
-                keep.add(served.candidate.bundle_sha256)
-        for trial in self.trials.values():
-            # Being tried, or refused for one document (another may name it again).
-            keep.add(trial.bundle_sha256)
-        try:
-            found = self.store.garbage(
-                keep,
-                busy=self._in_flight,
-                downloading=downloading,
-                models=self.rollouts,
-                sources=self._sources(),
-            )
-        except (EdgeAgentError, OSError) as exc:
-            log.warning("garbage collection: %s", exc)
-            return
-        if not found:
-            return
-        # Nothing may start on these files before they are gone (see _start_transfer).
-        shas = tuple(sorted({bundle_sha(p) for p in found} - {""}))
-        for sha in shas:
-            self._busy(sha)
-
-        def remove() -> None:
-            try:
-                for path in self.store.remove(found):
-                    log.debug("removed %s", path)
-            finally:
-                self.inbox.put(Removed(shas))
-
-        self._prepare.submit(remove)
+        self.pipeline.collect_garbage(
+            self.rollouts,
+            self.trials.values(),
+            served=self.models.describe,
+            sources=self._sources(),
+        )
 
     def _on_removed(self, item: Removed) -> None:
         for sha in item.shas:
-            self._done_with(sha)
+            self.pipeline.done_with(sha)
 
     # -- trust ----------------------------------------------------------------------------
     def _on_trust(self, item: Incoming) -> None:

@@ -35,7 +35,7 @@ def offline(tmp_path: Path, keys: Keys, **update: object) -> Iterator[DeviceAgen
     try:
         yield dev
     finally:
-        dev._prepare.stop()
+        dev.pipeline.stop()
         dev.models.close()
 
 
@@ -46,7 +46,7 @@ def test_what_is_on_probation_is_not_collected_when_the_document_moves_on(
         e1, _ = stored(dev, tmp_path, signed, "1.0.0", 1)
         publish(dev, keys, e1, 1)
         run_until(dev, runs(dev, "1.0.0"), "1.0.0 active")
-        run_until(dev, lambda: not dev._in_flight, "1.0.0's garbage collected")
+        run_until(dev, lambda: not dev.pipeline.in_flight, "1.0.0's garbage collected")
         e2, sha2 = stored(dev, tmp_path, signed, "2.0.0", 2)
         e3, _ = stored(dev, tmp_path, signed, "3.0.0", 3)
         # 2.0.0's probation lasts: long enough for the document to move on meanwhile.
@@ -56,7 +56,7 @@ def test_what_is_on_probation_is_not_collected_when_the_document_moves_on(
         publish(dev, keys, e3, 3)  # the target moves on; 2.0.0 is still on probation
         assert dev.rollouts["tiny"].loading is not None
         dev._collect_garbage()
-        run_until(dev, lambda: not dev._in_flight, "the worker done")
+        run_until(dev, lambda: not dev.pipeline.in_flight, "the worker done")
         assert dev.store.bundle_path(sha2).exists()
         assert dev.store.model_dir("tiny", sha2).is_dir()
         served = dev.models.describe("tiny")
@@ -123,8 +123,8 @@ def test_a_state_directory_that_refuses_event_numbers_does_not_stop_the_agent(
 def test_a_job_that_fails_does_not_stop_the_worker(tmp_path: Path, keys: Keys) -> None:
     with offline(tmp_path, keys) as dev:
         ran = threading.Event()
-        dev._prepare.submit(lambda: 1 / 0)  # type: ignore[func-returns-value]
-        dev._prepare.submit(ran.set)
+        dev.pipeline.worker.submit(lambda: 1 / 0)  # type: ignore[func-returns-value]
+        dev.pipeline.worker.submit(ran.set)
         assert ran.wait(WAIT)
 
 
@@ -157,7 +157,7 @@ def test_a_group_document_below_the_floor_is_not_run_after_a_hand_back(
         group = deployment({"tiny": e1}, keys.release, group="lobby", sequence=1)
         dev.handle(Incoming(TOPICS.group_desired("lobby"), group, True))
         run_until(dev, runs(dev, "1.0.0"), "the lobby's 1.0.0")
-        run_until(dev, lambda: not dev._in_flight, "1.0.0's garbage collected")
+        run_until(dev, lambda: not dev.pipeline.in_flight, "1.0.0's garbage collected")
         e2, _ = stored(dev, tmp_path, signed, "2.0.0", 2)
         publish(dev, keys, e2, 5)
         run_until(dev, runs(dev, "2.0.0"), "its own 2.0.0")

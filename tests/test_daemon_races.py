@@ -39,7 +39,7 @@ def offline_agent(tmp_path: Path, keys: Keys) -> Iterator[DeviceAgent]:
     try:
         yield dev
     finally:
-        dev._prepare.stop()
+        dev.pipeline.stop()
         dev.models.close()
 
 
@@ -65,7 +65,7 @@ def publish(dev: DeviceAgent, keys: Keys, envelope: bytes, sequence: int) -> Non
 def gate(dev: DeviceAgent) -> threading.Event:
     """Hold the prepare worker until the event is set."""
     opened = threading.Event()
-    dev._prepare.submit(lambda: opened.wait(WAIT) and None)
+    dev.pipeline.worker.submit(lambda: opened.wait(WAIT) and None)
     return opened
 
 
@@ -127,14 +127,14 @@ def test_a_b_a_while_a_is_unpacked_deploys_a_once(
     assert device.rollouts["tiny"].phase == Phase.UNPACKING
     publish(device, keys, eb, 2)
     publish(device, keys, ea, 3)
-    assert device._in_flight[sha_a] == 1
+    assert device.pipeline.in_flight[sha_a] == 1
     opened.set()
     phases = run_until(device, runs(device, "1.0.0"), "1.0.0 active")
     assert device.report.error is None
     assert device.rollouts["tiny"].error is None
     assert phases.count(Phase.LOADING) == 1, phases
     # What the worker still has is the removal of B's bundle, the garbage 1.0.0's commit left.
-    run_until(device, lambda: not device._in_flight, "the worker done")
+    run_until(device, lambda: not device.pipeline.in_flight, "the worker done")
     assert device.models.describe("tiny").version == "1.0.0"  # type: ignore[union-attr]
 
 

@@ -397,3 +397,21 @@ def test_status_without_a_served_version_names_the_record_and_no_runtime() -> No
     assert (status.version, status.bundle_sha256, status.runtime) == ("1.0.0", OLD, None)
     assert status.progress == 45.7
     assert status.fallback is None
+
+
+# -- the record a version becomes -----------------------------------------------------------
+def test_a_draft_keeps_the_version_it_replaces_for_rollback() -> None:
+    r = ModelRollout("tiny", installed=_installed(OLD), target=_target(NEW), variant="cpu")
+    r.follow("dep-2", DOC_2)
+    draft = r.draft(Path("/models/tiny/new"))
+    assert (draft.bundle_sha256, draft.version, draft.release) == (NEW, "2.0.0", 2)
+    assert (draft.variant, draft.deployment_id) == ("cpu", "dep-2")
+    assert draft.previous_sha256 == OLD
+
+
+def test_a_draft_of_the_bytes_installed_keeps_the_earlier_fallback() -> None:
+    installed = _installed(NEW).model_copy(update={"previous_sha256": OLD})
+    r = ModelRollout("tiny", installed=installed, target=_target(NEW))
+    assert r.draft(Path("/models/tiny/new")).previous_sha256 == OLD  # loaded again
+    first = ModelRollout("tiny", target=_target(NEW))
+    assert first.draft(Path("/models/tiny/new")).previous_sha256 is None

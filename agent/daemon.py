@@ -2,7 +2,16 @@
 
 One loop on one thread (:meth:`DeviceAgent.run`) owns all state. The MQTT session's network
 thread only puts what arrives on the inbox queue; the loop takes it from there, so nothing here
-needs a lock.
+needs a lock. The agent is wired from parts that each do one job:
+
+* agent.device.machine: each model's rollout (:class:`~agent.device.machine.ModelRollout`),
+  its table of phases and the rules that tell a late result from a current one; no I/O.
+* agent.device.pipeline: the ``prepare`` worker and the steps it runs on a bundle (open a
+  transfer's files, check and store the download, unpack it), the choice of what the slot layer
+  loads, and the removal of garbage.
+* agent.device.reporting: the reported state, the events, ``edge-agent status`` and STATUS=.
+* this module: the loop, what each topic means, the trust and deployment documents, the trials
+  of versions handed to the slot layer, reload, the watchdog and systemd notifications.
 
 What the loop does with each topic:
 
@@ -16,7 +25,7 @@ What the loop does with each topic:
 Anything refused changes no state: the reason goes to ``Reported.error`` (machine-readable code
 and a message) and to a ``rejected`` event.
 
-Each model named by the effective document has its own slot that moves through the phases
+Each model named by the effective document has its own rollout that moves through the phases
 (``pending``, ``downloading``, ``verifying``, ``unpacking``, ``loading``, ..., ``active`` or
 ``failed``) on its own; one bundle is downloaded at a time. A model the document no longer names
 is removed once every model it does name is active. After the download the bundle's structure is
@@ -29,6 +38,45 @@ What is on disk after a crash in any phase is enough to go on: a partial downloa
 its bitmap, a stored bundle is unpacked again, a half-unpacked copy is thrown away, and a version
 not yet committed is deployed again from its stored bundle after the last committed one is
 restored (the crash-recovery tests kill the process in each phase through agent._failpoints).
+
+Threads: who owns what, and what each may touch
+-------------------------------------------------
+``main`` (``edge-agent run``; a test's thread in tests)
+    Runs :meth:`DeviceAgent.run`: the loop. Owns every attribute of :class:`DeviceAgent` (the
+    rollouts, documents, trust state, trials, the reporter, the transfers while they download)
+    and is the only thread that writes the state directory's records (installed models,
+    trials, deployment documents, trust, event numbers). Its signal handlers
+    (agent.cli) only set ``stop`` (SIGTERM, SIGINT) or the reload flag (SIGHUP,
+    :meth:`DeviceAgent.request_reload`); the loop does the work.
+``mqtt-{device id}`` (agent.transport.session)
+    The network thread: connects, reconnects with backoff, runs paho's loop. Its callbacks only
+    put :class:`~agent.transport.session.Incoming` and ``Connection`` items on the inbox. It
+    owns the paho client; ``Session.publish`` is called from the loop and ``upstream``.
+``prepare`` (agent.device.pipeline)
+    One job at a time: opens a transfer's files, checks and stores a download (into
+    ``bundles/``), unpacks a bundle (into ``models/``), removes garbage. A job touches only the
+    files of the bundle it was given and the transfer handed over with it (which the loop leaves
+    alone until the result comes back: ``opening``, or past ``downloading``); results go to the
+    inbox as ``Prepared`` and ``Removed``. Hashing a file may use a short-lived ``sha256-file``
+    helper thread (agent.bundle.blocks).
+``slot-{model}``, ``load-{model}``, ``drain-{model}`` (agent.serving.slots)
+    The slot layer's: load, warm up, self-test and swap a version (``slot-``), a load with its
+    timeout (``load-``), draining the version swapped out (``drain-``). They own the runtimes
+    and the slots under the slot manager's lock; they tell the loop through the inbox only
+    (``SlotEvent``; ``VerdictItem``, which they wait on until the loop has it on disk).
+``edge-agent-api`` and ``edge-agent-infer-*`` (agent.serving.server, agent.serving.api)
+    The local inference API's event loop, and the pool that runs inferences. They read the
+    slot manager's active versions (under its lock) and the API metrics; never the loop's state.
+``status-socket`` and ``status-client`` (agent.statusd)
+    Accept ``edge-agent status`` connections and answer each with the last snapshot the loop
+    handed over (:meth:`~agent.statusd.StatusServer.update`, under the server's lock).
+``upstream`` (agent.upstream)
+    Collects telemetry and sends what is queued (events, telemetry; its queue is on disk, under
+    the state directory, and its own) whenever connected.
+    ``put`` (from the loop) and ``connected`` are its only entry points from other threads.
+``stop-deadline`` (agent.notify, started by agent.cli)
+    Waits for ``stop``; if the agent has not finished draining in time, logs every thread's
+    stack and exits the process.
 """
 
 from __future__ import annotations
@@ -36,24 +84,33 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from agent import __version__
 from agent._failpoints import failpoint
 from agent._lazy import release_free_memory
-from agent.bundle.blocks import BlockSource
-from agent.bundle.manifest import MANIFEST_NAME, Manifest
-from agent.bundle.unpack import unpack_bundle
-from agent.bundle.verify import check_bundle, check_bundle_structure
 from agent.config import AgentConfig
-from agent.device.reporting import reported_hardware
+from agent.device.machine import (
+    FINAL,
+    Heard,
+    Leftover,
+    ModelRollout,
+    Plan,
+    SlotEvent,
+    Trigger,
+    error_info,
+    plan,
+    plan_unnamed,
+    refused_trigger,
+)
+from agent.device.pipeline import Job, Pipeline, Prepared, Removed
+from agent.device.reporting import Reporter, reported_hardware
 from agent.device.transfer import Transfer
 from agent.errors import (
     BadContentError,
@@ -61,11 +118,9 @@ from agent.errors import (
     DeploymentInterruptedError,
     EdgeAgentError,
     FormatError,
-    ProbationError,
     RollbackError,
     SizeLimitError,
     StorageError,
-    ToolError,
     TransferError,
 )
 from agent.logs import log_fields
@@ -74,41 +129,28 @@ from agent.runtime import hardware
 from agent.serving.api import InferenceApi
 from agent.serving.metrics import ApiMetrics
 from agent.serving.server import ApiServer, serve_api
-from agent.serving.slots import Candidate, SlotManager, Version
+from agent.serving.slots import SlotManager
 from agent.state.store import (
-    EVENT_SEQ_BLOCK,
     InstalledModel,
     StateStore,
     Trial,
     Verdict,
-    bundle_sha,
 )
 from agent.statusd import StatusServer
 from agent.transport.messages import (
-    MAX_MESSAGE_BYTES,
     ErrorInfo,
-    Event,
-    ModelStatus,
     Online,
     Phase,
-    Reported,
-    TrustStatus,
     TrustUpdate,
-    VersionRef,
     decode_block_reply,
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
-from agent.trust.metadata import MAX_METADATA_BYTES, BundleDescriptor, DeploymentTarget
-from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment, VerifiedDescriptor
+from agent.trust.metadata import MAX_METADATA_BYTES, DeploymentTarget
+from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
 from agent.upstream import Upstream
 
 log = logging.getLogger("agent")
 
-FINAL = (Phase.ACTIVE, Phase.FAILED, Phase.ROLLED_BACK)
-# At most one `rejected` event per topic, reason code and second; refusals beyond it are
-# counted into the next one (Event.count), never dropped.
-REJECT_EVENT_INTERVAL_S = 1.0
-MAX_REPORTED_MODELS = 16  # Reported.models holds at most this many
 # A version is handed to the slot layer at most this often for one deployment: a trial still on
 # disk at start-up was cut short by the agent's death (a crash, a kill, a power cut), and a
 # version that keeps taking the agent down with it is not started again.
@@ -125,47 +167,9 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _error(exc: EdgeAgentError) -> ErrorInfo:
-    return ErrorInfo(code=exc.code, message=str(exc)[:1024])
-
-
 def _verdict(exc: EdgeAgentError) -> Verdict:
     """What a trial records of the error that ended it (the reported ErrorInfo's fields)."""
     return Verdict(code=exc.code, message=str(exc)[:1024])
-
-
-@dataclass(frozen=True)
-class SlotEvent:
-    """A phase change of the slot layer, queued for the loop (from a slot worker thread)."""
-
-    name: str
-    phase: Phase
-    error: EdgeAgentError | None
-    progress: float | None
-
-
-Stage = Literal["opened", "stored", "unpacked"]
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A step the ``prepare`` worker finished for a bundle: a transfer opened (its part file
-    and the blocks on disk checked), the download checked and stored, or the bundle unpacked."""
-
-    name: str
-    bundle_sha256: str
-    attempt: int  # the slot's attempt it was for: a result of an older one is dropped
-    stage: Stage
-    path: Path | None  # the stored bundle, or the unpacked directory
-    error: EdgeAgentError | None
-    transfer: Transfer | None = None  # the transfer opened
-
-
-@dataclass(frozen=True)
-class Removed:
-    """Garbage the ``prepare`` worker removed; ``shas`` were busy until now."""
-
-    shas: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -180,114 +184,6 @@ class VerdictItem:
 
 
 LoopItem = InboxItem | SlotEvent | Prepared | Removed | VerdictItem
-
-
-class _Worker:
-    """One daemon thread that runs jobs in order. A daemon: a job still running when the agent
-    exits is cut short (an unpack leaves only its temporary directory, collected later), so it
-    never holds the process past its stop deadline."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()  # jobs report their own errors; this is for what they did not expect
-            except Exception:
-                log.exception("a job of the %s worker failed", self._thread.name)
-
-
-@dataclass
-class Slot:
-    """One model: what it runs, what it is asked to run, and where that stands."""
-
-    name: str
-    installed: InstalledModel | None = None
-    phase: Phase = Phase.PENDING
-    target: VerifiedDescriptor | None = None
-    variant: str | None = None
-    deployment_id: str | None = None
-    deployment_sha256: str | None = None  # the envelope digest of that deployment document
-    transfer: Transfer | None = None
-    opening: bool = False  # the prepare worker is opening the transfer
-    error: ErrorInfo | None = None
-    retry_at: float | None = None  # monotonic time of the next attempt after a transient failure
-    loading: InstalledModel | None = None  # the record to write once the slot layer commits it
-    waiting: Path | None = None  # a verified bundle waiting for the slot's current deployment
-    warm_progress: float | None = None
-    attempt: int = 0  # bumped by every prepare job and every cancel: older results are stale
-
-    def status(self, served: Version | None = None) -> ModelStatus:
-        """What the slot serves (``served``, the slot layer's active version; else the record
-        of the committed one, which then does not serve: no runtime) and where its deployment
-        stands. While a new version serves on
-        probation, ``fallback`` names the committed one a failed probation returns to."""
-        i = self.installed
-        progress = None
-        if self.phase == Phase.DOWNLOADING and self.transfer:
-            progress = self.transfer.progress
-        elif self.phase == Phase.WARMING and self.warm_progress is not None:
-            progress = round(100 * self.warm_progress, 1)
-        fallback = None
-        version: str | None
-        release: int | None
-        variant: str | None
-        sha: str | None
-        runtime: str | None
-        if served is not None:
-            c = served.candidate
-            version, variant, sha = c.version, c.variant.id, c.bundle_sha256
-            # The signed release, never the manifest's: the record's while it is the version
-            # served (a re-issued descriptor raises that one in place), else the candidate's.
-            release = i.release if i is not None and i.bundle_sha256 == sha else c.release
-            runtime = served.runtime
-            if i is not None and i.bundle_sha256 != sha:
-                fallback = VersionRef(
-                    version=i.version, release=i.release, bundle_sha256=i.bundle_sha256
-                )
-        else:
-            version, release = (i.version, i.release) if i else (None, None)
-            variant, sha = (i.variant, i.bundle_sha256) if i else (None, None)
-            runtime = None
-        return ModelStatus(
-            phase=self.phase,
-            version=version,
-            release=release,
-            variant=variant,
-            runtime=runtime[:64] if runtime else None,
-            bundle_sha256=sha,
-            progress=progress,
-            error=self.error,
-            fallback=fallback,
-        )
-
-
-@dataclass
-class _Rejects:
-    """Refusals on one topic with one code: when the last event went, and what came since."""
-
-    sent: float
-    count: int = 0
-    error: ErrorInfo | None = None
-
-
-@dataclass
-class _Outbox:
-    reported_dirty: bool = True
-    last_reported: float = float("-inf")
-    last_progress: dict[str, float] = field(default_factory=dict)
-    event_seq: int = 0
-    event_seq_end: int = 0  # reserved on disk up to here (StateStore.reserve_event_seq)
-    rejects: dict[tuple[str, str], _Rejects] = field(default_factory=dict)
 
 
 class DeviceAgent:
@@ -318,15 +214,18 @@ class DeviceAgent:
         # The last document refused on each desired topic for want of trust material (no
         # keyring yet, a key it does not list): verified again when trust changes.
         self._untrusted: dict[str, Incoming] = {}
-        self.slots: dict[str, Slot] = {}
+        self.rollouts: dict[str, ModelRollout] = {}
         self.deployment: VerifiedDeployment | None = None
-        self.doc_error: ErrorInfo | None = None
         self.profile = hardware.probe_isolated()
-        self.hardware = reported_hardware(self.profile)
         self.inbox: queue.SimpleQueue[LoopItem] = queue.SimpleQueue()
-        # Checks and unpacks bundles, one at a time, off the loop; the bundles it works on.
-        self._prepare = _Worker("prepare")
-        self._in_flight: dict[str, int] = {}  # bundle sha -> jobs queued or running
+        # Checks and unpacks bundles, one at a time, off the loop.
+        self.pipeline = Pipeline(
+            self.store,
+            limits=config.limits,
+            runtime=config.runtime,
+            profile=self.profile,
+            put=self.inbox.put,
+        )
         self.metrics = ApiMetrics()
         self.models = SlotManager(
             config.serving,
@@ -335,8 +234,6 @@ class DeviceAgent:
             on_verdict=self._slot_verdict,
         )
         self.api: ApiServer | None = None
-        self._out = _Outbox()
-        self._reserve_event_seq()
         self.session = Session(
             config.mqtt,
             config.device_id,
@@ -363,6 +260,21 @@ class DeviceAgent:
             models=self.models.names,
             clock=self._now,
         )
+        self.report = Reporter(
+            self,
+            device_id=config.device_id,
+            groups=config.groups,
+            hardware=reported_hardware(self.profile),
+            topics=self.me,
+            store=self.store,
+            session=self.session,
+            models=self.models,
+            put_event=self.upstream.put,
+            tls=config.mqtt.tls,
+            report_interval_s=config.report_interval_s,
+            clock=self._now,
+            monotonic=self._mono,
+        )
         self._restore()
 
     # -- start-up -----------------------------------------------------------------------------
@@ -382,18 +294,20 @@ class DeviceAgent:
 
     def _restore(self) -> None:
         for name, installed in self.store.load_installed().items():
-            slot = self.slots[name] = Slot(name, installed=installed, phase=Phase.LOADING)
+            rollout = self.rollouts[name] = ModelRollout(
+                name, installed=installed, phase=Phase.LOADING
+            )
             # What runs is never above the floor (a crash between the two writes).
             self.trusted = self.trusted.with_release(name, installed.release)
             try:
-                candidate = self._candidate(name, installed)
+                candidate = self.pipeline.candidate(name, installed)
                 self.models.restore(candidate)
                 self._restoring.add(name)
             except (EdgeAgentError, OSError) as exc:
                 err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
                 log.error("cannot serve %s %s: %s", name, installed.version, err)
-                slot.error = _error(err)
-                slot.phase = Phase.FAILED
+                rollout.error = error_info(err)
+                rollout.step(Trigger.RESTORE_FAILED)
         now = self._now()
         for source, data in self.store.load_desired().items():
             try:
@@ -425,19 +339,17 @@ class DeviceAgent:
             self.api = serve_api(app, settings)
         except EdgeAgentError as exc:
             log.error("the local inference API cannot listen: %s", exc)
-            self.doc_error = _error(exc)
+            self.report.error = error_info(exc)
             app.close()
 
     # -- edge-agent status ---------------------------------------------------------------------
-    _run_since: float | None = None  # monotonic time run() began
-
     def _start_status(self) -> StatusServer | None:
         """The status socket (agent.statusd); the agent goes on without it if it cannot listen."""
-        self._run_since = self._mono()
+        self.report.run_since = self._mono()
         path = self.config.status_socket
         if path is None:
             return None
-        server = StatusServer(path, self.status_snapshot())
+        server = StatusServer(path, self.report.status_snapshot())
         try:
             server.start()
         except EdgeAgentError as exc:
@@ -446,53 +358,7 @@ class DeviceAgent:
         return server
 
     def _publish_status(self, server: StatusServer, ready: bool) -> None:
-        server.update(self.status_snapshot(ready=ready))
-
-    def status_snapshot(self, *, ready: bool = False) -> dict[str, Any]:
-        """What ``edge-agent status`` shows (JSON-able; built on the loop's thread)."""
-        doc = self.deployment
-        source = next((s for s, d in self.documents.items() if d is doc), None)
-        mqtt = self.config.mqtt
-        host, port = self.session.endpoint  # with failover nodes: the one connected to
-        models: dict[str, Any] = {}
-        for name in sorted(self.slots):
-            slot = self.slots[name]
-            models[name] = slot.status(self.models.describe(name)).model_dump(mode="json")
-            models[name]["deployment_id"] = slot.deployment_id
-        api: list[str] = []
-        if self.api is not None and self.api.tcp_address is not None:
-            host, port = self.api.tcp_address
-            api.append(f"http://{host}:{port}")
-        if self.api is not None and self.api.unix_socket is not None:
-            api.append(f"unix:{self.api.unix_socket}")
-        since = self._run_since
-        return {
-            "device_id": self.config.device_id,
-            "agent_version": __version__,
-            "at": self._now().isoformat(),
-            "uptime_s": round(self._mono() - since, 3) if since is not None else 0.0,
-            "ready": ready,
-            "summary": self.status_line(),
-            "broker": {
-                "host": host,
-                "port": port,
-                "tls": mqtt.tls,
-                "connected": self.session.connected.is_set(),
-                "connects": self.session.connects,
-            },
-            "deployment": (
-                {
-                    "id": doc.document.deployment_id,
-                    "sequence": doc.document.sequence,
-                    "source": source,
-                }
-                if doc is not None
-                else None
-            ),
-            "error": self.doc_error.model_dump(mode="json") if self.doc_error else None,
-            "models": models,
-            "api": api,
-        }
+        server.update(self.report.status_snapshot(ready=ready))
 
     def run(self, stop: threading.Event, notifier: Notifier | None = None) -> None:
         """Serve until ``stop`` is set, telling systemd how it stands (``notifier``; by default
@@ -524,10 +390,10 @@ class DeviceAgent:
                 self._guarded(self.tick)
                 if not ready and not self._restoring:
                     ready = True
-                    log.info("ready: %s", self.status_line())
+                    log.info("ready: %s", self.report.status_line())
                     notify.ready()
                     release_free_memory()  # what start-up allocated and freed, back to the system
-                notify.status(self.status_line())
+                notify.status(self.report.status_line())
                 if status is not None:
                     self._guarded(self._publish_status, status, ready)
                 self._ping(notify)
@@ -539,15 +405,15 @@ class DeviceAgent:
             log.info("stopping")
             self._record_verdicts()
             self._release_trials()
-            for slot in self.slots.values():
-                t = slot.transfer
-                if t is not None and not t.finished and not slot.opening:
+            for rollout in self.rollouts.values():
+                t = rollout.transfer
+                if t is not None and not t.finished and not rollout.opening:
                     t.pause()  # (one being opened is the worker's, cut short at exit)
             self.upstream.stop()  # what it could not send stays queued on disk for next time
             self.session.stop(offline_payload=Online(state="offline").to_bytes())
             if self.api is not None:
                 self.api.stop()
-            self._prepare.stop()  # a job still running is cut short at exit (see _Worker)
+            self.pipeline.stop()
             self.models.close()
 
     def _record_verdicts(self) -> None:
@@ -567,11 +433,11 @@ class DeviceAgent:
 
     def _release_trials(self) -> None:
         """A clean stop does not count against the versions the slot layer is still trying."""
-        for slot in self.slots.values():
-            trial = self.trials.get(slot.name)
-            if slot.loading is None or trial is None or trial.verdict is not None:
+        for rollout in self.rollouts.values():
+            trial = self.trials.get(rollout.name)
+            if rollout.loading is None or trial is None or trial.verdict is not None:
                 continue
-            if trial.bundle_sha256 == slot.loading.bundle_sha256 and trial.starts > 0:
+            if trial.bundle_sha256 == rollout.loading.bundle_sha256 and trial.starts > 0:
                 try:
                     self._save_trial(trial.model_copy(update={"starts": trial.starts - 1}))
                 except EdgeAgentError as exc:
@@ -603,7 +469,8 @@ class DeviceAgent:
             if later:
                 log.warning("config changes that take effect on restart: %s", ", ".join(later))
             self.config = self.config.model_copy(update=live)
-            self._out.reported_dirty = True
+            self.report.report_interval_s = new.report_interval_s
+            self.report.changed()
             log.info(
                 "reloaded: report_interval_s=%s, transfer window=%d",
                 new.report_interval_s,
@@ -623,47 +490,6 @@ class DeviceAgent:
         if notify.watchdog_due() and self.healthy():
             notify.watchdog()
 
-    def status_line(self) -> str:
-        """What the agent does, for STATUS=: "serving tiny 1.0.0; downloading detector 42%"."""
-        parts: list[str] = []
-        for name in sorted(self.slots):
-            slot = self.slots[name]
-            i = slot.installed
-            if slot.phase == Phase.DOWNLOADING and slot.transfer is not None:
-                parts.append(f"downloading {name} {int(slot.transfer.progress)}%")
-            elif slot.phase == Phase.ACTIVE and i is not None:
-                parts.append(f"serving {name} {i.version}")
-            else:
-                parts.append(f"{name} {slot.phase.value}")
-        if not self.session.connected.is_set():
-            parts.append("connecting to broker")
-        return "; ".join(parts) or "no models"
-
-    def _candidate(self, name: str, installed: InstalledModel) -> Candidate:
-        """What the slot layer loads for an installed (unpacked, verified) bundle."""
-        manifest = Manifest.from_bytes(
-            (installed.path / MANIFEST_NAME).read_bytes(),
-            max_bytes=self.config.limits.max_manifest_bytes,
-        )
-        backend = installed.backend
-        variant_id = installed.variant
-        if backend is None or variant_id is None:
-            choice = hardware.choose(
-                manifest, self.profile, self.config.runtime.policy, variant=variant_id
-            )
-            backend, variant_id = choice.backend, choice.variant_id
-        return Candidate(
-            name=name,
-            version=installed.version,
-            release=installed.release,
-            bundle_sha256=installed.bundle_sha256,
-            directory=installed.path,
-            manifest=manifest,
-            variant=manifest.variant(variant_id),
-            backend=backend,
-            settings=self.config.runtime.settings_for(backend),
-        )
-
     def _slot_phase(
         self, name: str, phase: Phase, error: EdgeAgentError | None, progress: float | None
     ) -> None:
@@ -680,18 +506,18 @@ class DeviceAgent:
                 event.phase.value,
                 extra=log_fields(model=event.name, phase=event.phase),
             )
-        slot = self.slots.get(event.name)
-        if slot is None:
+        rollout = self.rollouts.get(event.name)
+        if rollout is None:
             return
         if event.progress is not None:
-            slot.warm_progress = event.progress
-            self._out.reported_dirty = True
-        draft = slot.loading
+            rollout.warm_progress = event.progress
+            self.report.changed()
+        draft = rollout.loading
         if event.phase == Phase.ACTIVE and draft is not None:
-            self._commit(slot, draft)
+            self._commit(rollout, draft)
         elif event.phase in (Phase.FAILED, Phase.ROLLED_BACK):
-            slot.loading = None
-            trial = self.trials.get(slot.name)
+            rollout.loading = None
+            trial = self.trials.get(rollout.name)
             if (
                 draft is not None
                 and trial is not None
@@ -699,50 +525,42 @@ class DeviceAgent:
                 and trial.bundle_sha256 == draft.bundle_sha256
             ):
                 # Failed on its own (a load, warm-up or self-test): tried again after a restart.
-                self._end_trial(slot.name)
-        served = self.models.describe(slot.name) if event.phase in FINAL else None
-        if slot.target is not None and (
-            restoring
-            or draft is None
-            or draft.bundle_sha256 != slot.target.descriptor.bundle_sha256
-        ):
-            # The event is about a version the slot no longer heads for (a restore, or one a
+                self._end_trial(rollout.name)
+        served = self.models.describe(rollout.name) if event.phase in FINAL else None
+        heard = rollout.hear(event, draft, restoring=restoring, serves=served is not None)
+        if heard == Heard.STALE:
+            # The event is about a version the rollout no longer heads for (a restore, or one a
             # newer document replaced while the slot layer had it): its outcome is recorded
             # above; the phase reported stays the newer deployment's.
             if event.phase in (Phase.FAILED, Phase.ROLLED_BACK) and event.error is not None:
-                log.error("%s: %s", slot.name, event.error)
-                if served is None:  # nothing serves now: say so beside the newer phase
-                    slot.error = _error(event.error)
-            self._out.reported_dirty = True
+                log.error("%s: %s", rollout.name, event.error)
+            self.report.changed()
             return
-        if event.phase == Phase.ACTIVE:
-            slot.error = None
-        elif event.phase in (Phase.FAILED, Phase.ROLLED_BACK) and event.error is not None:
-            slot.error = _error(event.error)
-        self._phase(slot, event.phase)
+        if heard == Heard.ENTERED:
+            self.report.phase(rollout)
         if event.phase in FINAL:
             self._reconcile()  # the document may have moved on while the slot layer worked
 
-    def _commit(self, slot: Slot, installed: InstalledModel) -> None:
+    def _commit(self, rollout: ModelRollout, installed: InstalledModel) -> None:
         """The slot layer committed a new version: the floor first, then the record."""
-        trusted = self.trusted.with_release(slot.name, installed.release)
+        trusted = self.trusted.with_release(rollout.name, installed.release)
         self.store.save_trust(trusted, self.points)
         self.trusted = trusted
         failpoint("committing")
         self.store.save_installed(installed)
-        self._end_trial(slot.name)
-        slot.installed, slot.loading = installed, None
-        if slot.target is not None and slot.target.descriptor.bundle_sha256 == (
+        self._end_trial(rollout.name)
+        rollout.installed, rollout.loading = installed, None
+        if rollout.target is not None and rollout.target.descriptor.bundle_sha256 == (
             installed.bundle_sha256
         ):
-            slot.target, slot.waiting = None, None
+            rollout.target, rollout.waiting = None, None
         log.info(
             "%s %s (%s) is active",
-            slot.name,
+            rollout.name,
             installed.version,
             installed.bundle_sha256[:16],
             extra=log_fields(
-                model=slot.name,
+                model=rollout.name,
                 version=installed.version,
                 deployment_id=installed.deployment_id,
                 bundle_id=installed.bundle_sha256,
@@ -751,27 +569,27 @@ class DeviceAgent:
         )
         self._collect_garbage()
 
-    def _raise_release(self, slot: Slot, release: int) -> None:
-        """The effective document names the bytes the slot runs, under a higher release (a
+    def _raise_release(self, rollout: ModelRollout, release: int) -> None:
+        """The effective document names the bytes the rollout runs, under a higher release (a
         re-issued descriptor): nothing is fetched or loaded, and the release moves as a commit
         moves it, the floor first, then the record."""
-        assert slot.installed is not None
-        trusted = self.trusted.with_release(slot.name, release)
+        assert rollout.installed is not None
+        trusted = self.trusted.with_release(rollout.name, release)
         self.store.save_trust(trusted, self.points)
         self.trusted = trusted
-        installed = slot.installed.model_copy(
-            update={"release": release, "deployment_id": slot.deployment_id}
+        installed = rollout.installed.model_copy(
+            update={"release": release, "deployment_id": rollout.deployment_id}
         )
         self.store.save_installed(installed)
-        slot.installed = installed
-        self._out.reported_dirty = True
+        rollout.installed = installed
+        self.report.changed()
         log.info(
             "%s %s runs on as release %d",
-            slot.name,
+            rollout.name,
             installed.version,
             release,
             extra=log_fields(
-                model=slot.name,
+                model=rollout.name,
                 version=installed.version,
                 deployment_id=installed.deployment_id,
                 bundle_id=installed.bundle_sha256,
@@ -789,8 +607,7 @@ class DeviceAgent:
         except (EdgeAgentError, OSError) as exc:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
             log.error("%s", err)
-            self.doc_error = _error(err)
-            self._out.reported_dirty = True
+            self.report.fault(error_info(err))
 
     def handle(self, item: LoopItem) -> None:
         if isinstance(item, SlotEvent):
@@ -809,16 +626,17 @@ class DeviceAgent:
             if item.up:
                 self.upstream.connected()
             now = self._mono()
-            for slot in self.slots.values():
-                if slot.transfer is None:
+            for rollout in self.rollouts.values():
+                if rollout.transfer is None:
                     continue
                 if not item.up:
-                    slot.transfer.suspend(now)  # nothing is asked for while offline
+                    rollout.transfer.suspend(now)  # nothing is asked for while offline
                 elif self.session.connects > 1:
                     # Replies may have been lost with the connection. (On the first connect,
                     # requests made before it are in paho's queue and go out now.)
-                    slot.transfer.resend(now)
-            self._out.reported_dirty = self._out.reported_dirty or item.up
+                    rollout.transfer.resend(now)
+            if item.up:
+                self.report.changed()
             return
         try:
             ref = self.topics.parse(item.topic)
@@ -840,24 +658,28 @@ class DeviceAgent:
     def tick(self) -> None:
         now = self._mono()
         online = self.session.connected.is_set()
-        for slot in list(self.slots.values()):
-            if slot.waiting is not None and not self.models.busy(slot.name):
-                bundle, slot.waiting = slot.waiting, None
-                self._install(slot, bundle)
-            if slot.phase == Phase.FAILED and slot.retry_at is not None and now >= slot.retry_at:
-                log.info("trying the download of %s again", slot.name)
-                slot.retry_at = None
-                slot.error = None
-                self._phase(slot, Phase.PENDING)
-            if online and slot.transfer is not None and slot.phase == Phase.DOWNLOADING:
+        for rollout in list(self.rollouts.values()):
+            if rollout.waiting is not None and not self.models.busy(rollout.name):
+                bundle, rollout.waiting = rollout.waiting, None
+                self._install(rollout, bundle)
+            if (
+                rollout.phase == Phase.FAILED
+                and rollout.retry_at is not None
+                and now >= rollout.retry_at
+            ):
+                log.info("trying the download of %s again", rollout.name)
+                rollout.retry_at = None
+                rollout.error = None
+                self._move(rollout, Trigger.RETRY)
+            if online and rollout.transfer is not None and rollout.phase == Phase.DOWNLOADING:
                 try:
-                    slot.transfer.tick(now)
+                    rollout.transfer.tick(now)
                 except EdgeAgentError as exc:
-                    slot.transfer.fail(exc)
-                self._after_transfer(slot)
+                    rollout.transfer.fail(exc)
+                self._after_transfer(rollout)
         self._start_next()
-        self._flush_rejects(now)
-        self._publish_reported()
+        self.report.flush_rejects(now)
+        self.report.publish()
 
     # -- desired ------------------------------------------------------------------------------
     def _on_desired(self, source: str, item: Incoming) -> None:
@@ -881,15 +703,14 @@ class DeviceAgent:
                 self._untrusted[source] = item
             else:  # what the topic holds now is refused for good
                 self._untrusted.pop(source, None)
-            self._reject(item.topic, exc)
+            self.report.reject(item.topic, exc)
             return
         self._untrusted.pop(source, None)
         if self.points.get(source) == verified.point:
             # The same document again (a retained message on reconnect): the topic holds a
             # valid document, so an error about an earlier refused message is over.
-            if self.doc_error is not None:
-                self.doc_error = None
-                self._out.reported_dirty = True
+            if self.report.error is not None:
+                self.report.clear_error()
             if source not in self.documents:
                 # Accepted before, refused at start-up (its keyring had expired, say), and good
                 # again with the trust there is now: resume it.
@@ -909,11 +730,10 @@ class DeviceAgent:
         self.store.save_trust(self.trusted, self.points)
         self.documents[source] = verified
         self._payloads[source] = item.payload
-        self.doc_error = None
-        self._out.reported_dirty = True
-        for slot in self.slots.values():  # a new document is a new attempt
-            if slot.phase in (Phase.FAILED, Phase.ROLLED_BACK):
-                slot.target = None
+        self.report.clear_error()
+        for rollout in self.rollouts.values():  # a new document is a new attempt
+            if rollout.phase in (Phase.FAILED, Phase.ROLLED_BACK):
+                rollout.target = None
         self._reconcile()
 
     def _target(self, source: str) -> DeploymentTarget:
@@ -964,7 +784,7 @@ class DeviceAgent:
         except BadContentError as exc:
             log.warning("the %s deployment no longer holds: %s", source, exc)
             del self.documents[source]
-            self._reject(self._desired_topic(source), exc)
+            self.report.reject(self._desired_topic(source), exc)
             return None
         self.documents[source] = again
         return again
@@ -975,102 +795,97 @@ class DeviceAgent:
             return
         self.deployment = doc
         for name, verified in doc.bundles.items():
-            slot = self.slots.setdefault(name, Slot(name))
+            rollout = self.rollouts.setdefault(name, ModelRollout(name))
             want = verified.descriptor.bundle_sha256
-            variant = doc.document.models[name].variant
-            serving = name in self._restoring or self.models.describe(name) is not None
-            if slot.installed is not None and slot.installed.bundle_sha256 == want and serving:
-                if slot.target is not None:
-                    self._cancel(slot)
-                moved_on = slot.deployment_id != doc.document.deployment_id
-                self._follow(slot, doc)
-                if name in self._restoring:  # loading what it ran before: the slot layer says when
+            restoring = name in self._restoring
+            trial = self.trials.get(name)
+            todo = plan(
+                rollout,
+                want,
+                serving=restoring or self.models.describe(name) is not None,
+                trial=trial,
+                deployment_sha256=doc.envelope_sha256,
+            )
+            if todo == Plan.RUNS_IT:
+                assert rollout.installed is not None
+                if rollout.target is not None:
+                    self._cancel(rollout)
+                moved_on = rollout.deployment_id != doc.document.deployment_id
+                rollout.follow(doc.document.deployment_id, doc.envelope_sha256)
+                if restoring:  # loading what it ran before: the slot layer says when
                     continue
-                if verified.descriptor.release > slot.installed.release:
-                    self._raise_release(slot, verified.descriptor.release)
-                if slot.phase != Phase.ACTIVE or moved_on:
-                    slot.error = None
-                    self._phase(slot, Phase.ACTIVE)
+                if verified.descriptor.release > rollout.installed.release:
+                    self._raise_release(rollout, verified.descriptor.release)
+                if rollout.phase != Phase.ACTIVE or moved_on:
+                    rollout.error = None
+                    self._move(rollout, Trigger.RUNS_IT)
                 continue
-            if slot.target is not None and slot.target.descriptor.bundle_sha256 == want:
+            if todo == Plan.ON_ITS_WAY:
                 # Already on its way (or failed: a new document is needed). The bytes are the
                 # same; the release is the newer document's (it may be a re-issue).
-                slot.target = verified
-                self._follow(slot, doc)
+                rollout.target = verified
+                rollout.follow(doc.document.deployment_id, doc.envelope_sha256)
                 continue
-            self._cancel(slot)
-            slot.target, slot.variant = verified, variant
-            self._follow(slot, doc)
-            slot.retry_at = None
-            trial = self.trials.get(name)
-            if (
-                trial is not None
-                and trial.verdict is not None
-                and trial.for_deployment(want, doc.envelope_sha256)
-            ):
+            self._cancel(rollout)
+            rollout.target, rollout.variant = verified, doc.document.models[name].variant
+            rollout.follow(doc.document.deployment_id, doc.envelope_sha256)
+            rollout.retry_at = None
+            if todo == Plan.REFUSED:
                 # Tried before for this very document, and refused (a failed probation, or a
                 # version that kept taking the agent down): not again until a new document.
-                slot.error = ErrorInfo(code=trial.verdict.code, message=trial.verdict.message)
-                rolled_back = trial.verdict.code == ProbationError.code and bool(slot.installed)
-                self._phase(slot, Phase.ROLLED_BACK if rolled_back else Phase.FAILED, force=True)
+                assert trial is not None
+                assert trial.verdict is not None
+                rollout.error = ErrorInfo(code=trial.verdict.code, message=trial.verdict.message)
+                self._move(rollout, refused_trigger(rollout, trial))
                 continue
-            slot.error = None
-            self._phase(slot, Phase.PENDING, force=True)
-        for name in [n for n in self.slots if n not in doc.bundles]:
-            slot = self.slots[name]
-            if slot.installed is None:  # never ran here: nothing to keep, nothing to wait for
-                self._cancel(slot)
-                del self.slots[name]
-                self._out.reported_dirty = True
-            elif slot.target is not None:  # runs an older version: stop fetching the new one
-                self._cancel(slot)
-                slot.error = None
-                self._phase(slot, Phase.ACTIVE)
+            rollout.error = None
+            self._move(rollout, Trigger.NEW_TARGET)
+        for name in [n for n in self.rollouts if n not in doc.bundles]:
+            rollout = self.rollouts[name]
+            leftover = plan_unnamed(rollout)
+            if leftover == Leftover.FORGET:
+                self._cancel(rollout)
+                del self.rollouts[name]
+                self.report.changed()
+            elif leftover == Leftover.STOP_FETCHING:
+                self._cancel(rollout)
+                rollout.error = None
+                self._move(rollout, Trigger.DROPPED)
         self._start_next()
 
-    def _follow(self, slot: Slot, doc: VerifiedDeployment) -> None:
-        """``slot`` heads for what ``doc`` names (or runs it already)."""
-        slot.deployment_id = doc.document.deployment_id
-        slot.deployment_sha256 = doc.envelope_sha256
-
-    def _cancel(self, slot: Slot) -> None:
-        t = slot.transfer
-        if t is not None and slot.phase == Phase.DOWNLOADING and not slot.opening:
+    def _cancel(self, rollout: ModelRollout) -> None:
+        t = rollout.cancel()
+        if t is not None:
             # Its part file is synced to disk on the worker; the download is garbage from now
             # on, unless a document names the bundle again before it is collected.
             t.suspend(self._mono())
-            self._prepare.submit(t.pause)
-        slot.transfer = None  # (while opening or past downloading it is the prepare worker's)
-        slot.opening = False
-        slot.target = None
-        slot.waiting = None
-        slot.attempt += 1  # what the prepare worker still does for it is stale
+            self.pipeline.pause(t)
 
     # -- transfers ----------------------------------------------------------------------------
     def _start_next(self) -> None:
-        if any(s.phase == Phase.DOWNLOADING for s in self.slots.values()):
+        if any(s.phase == Phase.DOWNLOADING for s in self.rollouts.values()):
             return
-        for slot in self.slots.values():
-            if slot.phase == Phase.PENDING and slot.target is not None:
-                self._start_transfer(slot)
+        for rollout in self.rollouts.values():
+            if rollout.phase == Phase.PENDING and rollout.target is not None:
+                self._start_transfer(rollout)
                 return
         self._drop_unwanted()
 
-    def _start_transfer(self, slot: Slot) -> None:
-        assert slot.target is not None
-        d = slot.target.descriptor
+    def _start_transfer(self, rollout: ModelRollout) -> None:
+        assert rollout.target is not None
+        d = rollout.target.descriptor
         cap = self.config.limits.max_bundle_bytes
         if d.bundle_size > cap:
             self._fail(
-                slot, SizeLimitError(f"the bundle is {d.bundle_size} bytes; the limit is {cap}")
+                rollout, SizeLimitError(f"the bundle is {d.bundle_size} bytes; the limit is {cap}")
             )
             return
-        if d.bundle_sha256 in self._in_flight:
+        if d.bundle_sha256 in self.pipeline.in_flight:
             return  # a stale job still moves or unpacks these bytes: start once it is done
         stored = self.store.bundle_path(d.bundle_sha256)
         if stored.exists():  # fetched before (an earlier deployment, then rolled forward again)
-            self._phase(slot, Phase.VERIFYING)
-            self._install(slot, stored)
+            self._move(rollout, Trigger.FOUND_STORED)
+            self._install(rollout, stored)
             return
         transfer = Transfer(
             d,
@@ -1079,238 +894,135 @@ class DeviceAgent:
             topics=self.topics,
             publish=lambda t, p: self.session.publish(t, p),
             settings=self.config.transfer,
-            reuse=lambda: self._local_blocks(d.block_size),
+            reuse=lambda: self.pipeline.local_blocks(d.block_size),
             inline_open=False,  # opened on the prepare worker: see _after_transfer
         )
-        slot.transfer = transfer
-        self._phase(slot, Phase.DOWNLOADING)
-        self._after_transfer(slot)
-
-    def _local_blocks(self, block_size: int) -> BlockSource:
-        try:
-            return self.store.local_blocks(block_size)
-        except (EdgeAgentError, OSError) as exc:
-            log.warning("not reusing blocks of stored bundles: %s", exc)
-            return {}
+        rollout.transfer = transfer
+        self._move(rollout, Trigger.FETCH)
+        self._after_transfer(rollout)
 
     def _on_blocks(self, item: Incoming) -> None:
         try:
             header, data = decode_block_reply(item.payload)
         except BadContentError as exc:
-            self._reject(item.topic, exc, report=False)
+            self.report.reject(item.topic, exc, report=False)
             return
-        for slot in self.slots.values():
-            t = slot.transfer
+        for rollout in self.rollouts.values():
+            t = rollout.transfer
             if t is not None and t.descriptor.bundle_sha256 == header.bundle_sha256:
                 try:
                     t.on_reply(header, data, self._mono())
                 except EdgeAgentError as exc:
                     t.fail(exc)
-                self._after_transfer(slot)
+                self._after_transfer(rollout)
                 return
         log.debug("ignoring a block of %s (not being fetched)", header.bundle_sha256[:16])
 
-    def _after_transfer(self, slot: Slot) -> None:
-        t = slot.transfer
-        if t is None or slot.phase != Phase.DOWNLOADING:
+    def _after_transfer(self, rollout: ModelRollout) -> None:
+        t = rollout.transfer
+        if t is None or rollout.phase != Phase.DOWNLOADING:
             return
         if t.opening:
             # New, or its block list just arrived: what is on disk already (a resumed part file,
             # re-checked block by block; blocks of other bundles) is read on the worker.
-            if not slot.opening:
-                slot.opening = True
-                self._submit(slot, "opened", self._open_transfer, t)
+            if not rollout.opening:
+                rollout.opening = True
+                self.pipeline.open(self._job(rollout), t)
             return
         if t.state == "failed":
             assert t.error is not None
-            self._fail(slot, t.error)
+            self._fail(rollout, t.error)
             return
         if t.state != "done":
-            last = self._out.last_progress.get(slot.name, -1.0)
-            if t.progress - last >= 1.0:
-                self._out.last_progress[slot.name] = t.progress
-                self._out.reported_dirty = True
+            self.report.progress(rollout.name, t.progress)
             return
-        self._phase(slot, Phase.VERIFYING)
-        self._submit(slot, "stored", self._check_and_store, t)
+        self._move(rollout, Trigger.DOWNLOADED)
+        self.pipeline.store(self._job(rollout), t)
 
-    # -- on the prepare worker ------------------------------------------------------------------
-    def _submit(
-        self,
-        slot: Slot,
-        stage: Stage,
-        job: Callable[..., Path | None],
-        *args: Any,
-    ) -> None:
-        """Run ``job`` on the prepare worker; its result comes back as a :class:`Prepared`."""
-        assert slot.target is not None
-        name, sha = slot.name, slot.target.descriptor.bundle_sha256
-        slot.attempt += 1
-        attempt = slot.attempt
-        self._busy(sha)
-        transfer = slot.transfer if stage == "opened" else None
-
-        def run() -> None:
-            path: Path | None = None
-            error: EdgeAgentError | None = None
-            try:
-                path = job(*args)
-            except EdgeAgentError as exc:
-                error = exc
-            except OSError as exc:
-                error = StorageError(str(exc))
-            except Exception as exc:  # a bug must fail the deployment, not leave it hanging
-                log.exception("%s of %s", stage, name)
-                error = ToolError(f"{type(exc).__name__}: {exc}")
-            self.inbox.put(Prepared(name, sha, attempt, stage, path, error, transfer))
-
-        self._prepare.submit(run)
-
-    def _busy(self, sha: str) -> None:
-        """A job of the prepare worker works on ``sha``'s files (see :meth:`_done_with`)."""
-        self._in_flight[sha] = self._in_flight.get(sha, 0) + 1
-
-    def _done_with(self, sha: str) -> None:
-        left = self._in_flight.pop(sha, 1) - 1
-        if left:
-            self._in_flight[sha] = left
-
+    # -- the prepare worker's steps -----------------------------------------------------------
     @staticmethod
-    def _open_transfer(t: Transfer) -> None:
-        t.open()  # its own errors are kept for start()
-
-    def _check_and_store(self, t: Transfer) -> Path:
-        """The bytes are the signed ones (each block was checked on arrival): check the archive
-        and its members against the signed manifest, then move it to ``bundles/``."""
-        d = t.descriptor
-        t.finish()  # on disk before it counts as stored
-        check_bundle(t.part_path, d, self.config.limits, bytes_checked=True)
-        failpoint("verifying")
-        stored = self.store.store_bundle(t.part_path, d.bundle_sha256, t.block_list)
-        try:
-            t.discard()
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", t.dir, exc)
-        return stored
-
-    def _unpack(self, bundle: Path, dest: Path, d: BundleDescriptor) -> Path:
-        # A stored bundle was checked against the descriptor it came with; this one may be
-        # another for the same bytes (named again, or re-issued under a higher release), so its
-        # manifest terms are checked again. A refusal is the descriptor's fault: the stored
-        # bytes are the signed ones and stay.
-        check_bundle_structure(bundle, d, self.config.limits)
-        if dest.exists():  # left by a run that stopped before recording it
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            unpack_bundle(
-                bundle, dest, manifest_sha256=d.manifest_sha256, limits=self.config.limits
-            )
-        except BadContentError:
-            bundle.unlink(missing_ok=True)  # the stored copy is bad: fetch it again next time
-            raise
-        return dest
+    def _job(rollout: ModelRollout) -> Job:
+        """A job for the prepare worker, for what ``rollout`` heads for now."""
+        assert rollout.target is not None
+        return Job(rollout.name, rollout.target.descriptor.bundle_sha256, rollout.next_attempt())
 
     def _on_prepared(self, item: Prepared) -> None:
-        self._done_with(item.bundle_sha256)
-        slot = self.slots.get(item.name)
-        if (
-            slot is None
-            or slot.attempt != item.attempt
-            or slot.target is None
-            or slot.target.descriptor.bundle_sha256 != item.bundle_sha256
-        ):
+        self.pipeline.done_with(item.bundle_sha256)
+        rollout = self.rollouts.get(item.name)
+        if rollout is None or not rollout.is_current(item.attempt, item.bundle_sha256):
             # The deployment moved on meanwhile; what was written is collected as garbage.
             log.info(
                 "%s of %s %s: no longer wanted", item.stage, item.name, item.bundle_sha256[:16]
             )
             if item.transfer is not None:  # opened for nothing: its files are closed there
-                self._prepare.submit(item.transfer.pause)
+                self.pipeline.pause(item.transfer)
             return
         if item.stage == "opened":
-            slot.opening = False
+            rollout.opening = False
             t = item.transfer
-            if t is not None and slot.transfer is t and slot.phase == Phase.DOWNLOADING:
+            if t is not None and rollout.transfer is t and rollout.phase == Phase.DOWNLOADING:
                 if item.error is not None:  # open() raised what it does not keep for start()
                     t.fail(item.error)
                 else:
                     t.start(self._mono())
-                self._after_transfer(slot)
+                self._after_transfer(rollout)
             return
         if item.stage == "stored":
-            slot.transfer = None
+            rollout.transfer = None
         if item.error is not None:
-            self._fail(slot, item.error)
+            self._fail(rollout, item.error)
             return
         assert item.path is not None
         if item.stage == "stored":
-            self._install(slot, item.path)
+            self._install(rollout, item.path)
         else:
-            self._load(slot, item.path)
+            self._load(rollout, item.path)
 
-    def _install(self, slot: Slot, bundle: Path) -> None:
+    def _install(self, rollout: ModelRollout, bundle: Path) -> None:
         """Unpack the verified bundle (on the prepare worker), then :meth:`_load` it."""
-        assert slot.target is not None
-        if self.models.busy(slot.name):  # the previous version is still on probation
-            slot.waiting = bundle
+        assert rollout.target is not None
+        if self.models.busy(rollout.name):  # the previous version is still on probation
+            rollout.waiting = bundle
             return
-        d = slot.target.descriptor
-        dest = self.store.model_dir(slot.name, d.bundle_sha256)
+        d = rollout.target.descriptor
+        dest = self.store.model_dir(rollout.name, d.bundle_sha256)
         # Unpacked again even where it is the installed version's directory: loading that one
         # again means its copy did not serve (its restore failed), so the copy is suspect.
-        self._phase(slot, Phase.UNPACKING)
-        self._submit(slot, "unpacked", self._unpack, bundle, dest, d)
+        self._move(rollout, Trigger.UNPACK)
+        self.pipeline.unpack(self._job(rollout), bundle, dest, d)
 
-    def _load(self, slot: Slot, dest: Path) -> None:
+    def _load(self, rollout: ModelRollout, dest: Path) -> None:
         """Choose the unpacked bundle's variant and runtime, and hand it to the slot layer."""
-        assert slot.target is not None
-        d = slot.target.descriptor
-        self._phase(slot, Phase.LOADING)
-        floor = self.trusted.release_floor.get(slot.name, 0)
+        assert rollout.target is not None
+        d = rollout.target.descriptor
+        self._move(rollout, Trigger.LOAD)
+        floor = self.trusted.release_floor.get(rollout.name, 0)
         if d.release < floor:  # checked when the document came; the floor may have moved since
             self._fail(
-                slot,
-                RollbackError(f"{slot.name} release {d.release} is older than release {floor}"),
+                rollout,
+                RollbackError(f"{rollout.name} release {d.release} is older than release {floor}"),
             )
             return
+        draft = rollout.draft(dest)
         try:
-            draft = InstalledModel(
-                model=slot.name,
-                bundle_sha256=d.bundle_sha256,
-                version=d.version,
-                release=d.release,
-                variant=slot.variant,
-                deployment_id=slot.deployment_id,
-                path=dest,
-                previous_sha256=(
-                    None
-                    if slot.installed is None
-                    else slot.installed.previous_sha256
-                    if slot.installed.bundle_sha256 == d.bundle_sha256  # loaded again
-                    else slot.installed.bundle_sha256
-                ),
-            )
-            candidate = self._candidate(slot.name, draft)
-            hardware.check_memory(
-                candidate.variant, hardware.refresh_memory(self.profile), candidate.backend
-            )
+            candidate = self.pipeline.loadable(draft)
         except (EdgeAgentError, OSError) as exc:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
-            self._fail(slot, err)
+            self._fail(rollout, err)
             return
-        if not self._begin_trial(slot, draft):
+        if not self._begin_trial(rollout, draft):
             return
-        slot.loading = draft.model_copy(
+        rollout.loading = draft.model_copy(
             update={"variant": candidate.variant.id, "backend": candidate.backend}
         )
         self.models.deploy(candidate)
 
     # -- trials: a version handed to the slot layer, until it commits ----------------------------
-    def _begin_trial(self, slot: Slot, draft: InstalledModel) -> bool:
-        """Record the trial before the slot layer gets the version; False (and the slot failed)
+    def _begin_trial(self, rollout: ModelRollout, draft: InstalledModel) -> bool:
+        """Record the trial before the slot layer gets the version; False (and the rollout failed)
         when this version took the agent down with it too often for this deployment."""
-        deployment = slot.deployment_sha256 or ""
-        prev = self.trials.get(slot.name)
+        deployment = rollout.deployment_sha256 or ""
+        prev = self.trials.get(rollout.name)
         # The same bundle again, even for a newer document (the fleet publishes documents for
         # other models too): interrupted starts add up. A refused one starts afresh.
         again = (
@@ -1318,28 +1030,28 @@ class DeviceAgent:
         )
         starts = prev.starts + 1 if again and prev is not None else 1
         trial = Trial(
-            model=slot.name,
+            model=rollout.name,
             bundle_sha256=draft.bundle_sha256,
             version=draft.version,
             release=draft.release,
             deployment_sha256=deployment,
-            deployment_id=slot.deployment_id,
+            deployment_id=rollout.deployment_id,
             starts=starts,
         )
         if starts > MAX_TRIAL_STARTS:
             exc = DeploymentInterruptedError(
-                f"the agent stopped {starts - 1} times while deploying {slot.name} "
+                f"the agent stopped {starts - 1} times while deploying {rollout.name} "
                 f"{draft.version} (a crash, a kill or a power cut each time); not trying it "
                 "again for this deployment"
             )
             trial = trial.model_copy(update={"starts": starts - 1, "verdict": _verdict(exc)})
             self._save_trial(trial)
-            self._fail(slot, exc)
+            self._fail(rollout, exc)
             return False
         if starts > 1:
             log.warning(
                 "%s %s: deploying again after %d interrupted attempt(s)",
-                slot.name,
+                rollout.name,
                 draft.version,
                 starts - 1,
             )
@@ -1364,17 +1076,17 @@ class DeviceAgent:
     def _on_verdict(self, item: VerdictItem) -> None:
         try:
             trial = self.trials.get(item.name)
-            slot = self.slots.get(item.name)
+            rollout = self.rollouts.get(item.name)
             if trial is None or trial.bundle_sha256 != item.bundle_sha256:
                 return  # not a version this agent handed over (cannot happen)
             verdict = _verdict(item.error)
             update: dict[str, Any] = {"verdict": verdict}
-            if slot is not None and slot.deployment_sha256 is not None:
-                # The document the slot heads for now (one naming the same bundle may have
+            if rollout is not None and rollout.deployment_sha256 is not None:
+                # The document the rollout heads for now (one naming the same bundle may have
                 # replaced the one the trial began with).
                 update |= {
-                    "deployment_sha256": slot.deployment_sha256,
-                    "deployment_id": slot.deployment_id,
+                    "deployment_sha256": rollout.deployment_sha256,
+                    "deployment_id": rollout.deployment_id,
                 }
             refused = trial.model_copy(update=update)
             self.trials[item.name] = refused  # even if the disk refuses: not ended on rollback
@@ -1383,19 +1095,20 @@ class DeviceAgent:
         finally:
             item.done.set()
 
-    def _fail(self, slot: Slot, exc: EdgeAgentError) -> None:
+    def _fail(self, rollout: ModelRollout, exc: EdgeAgentError) -> None:
         log.error(
             "deployment of %s failed: %s",
-            slot.name,
+            rollout.name,
             exc,
-            extra=log_fields(model=slot.name, deployment_id=slot.deployment_id, phase=Phase.FAILED),
+            extra=log_fields(
+                model=rollout.name, deployment_id=rollout.deployment_id, phase=Phase.FAILED
+            ),
         )
-        slot.error = _error(exc)
-        slot.transfer = None
         # A transfer that timed out or found no server, or a full disk, may work later.
-        if isinstance(exc, (TransferError, StorageError)):
-            slot.retry_at = self._mono() + self.config.transfer.retry_after_s
-        self._phase(slot, Phase.FAILED)
+        transient = isinstance(exc, (TransferError, StorageError))
+        retry_at = self._mono() + self.config.transfer.retry_after_s if transient else None
+        if rollout.fail(exc, retry_at=retry_at):
+            self.report.phase(rollout)
 
     def _drop_unwanted(self) -> None:
         """Unload models the document no longer names, once every named one is active."""
@@ -1403,73 +1116,31 @@ class DeviceAgent:
         if doc is None:
             return
         wanted = doc.document.models
-        if any(self.slots[n].phase != Phase.ACTIVE for n in wanted if n in self.slots):
+        if any(self.rollouts[n].phase != Phase.ACTIVE for n in wanted if n in self.rollouts):
             return
-        for name in [n for n in self.slots if n not in wanted]:
+        for name in [n for n in self.rollouts if n not in wanted]:
             log.info("removing %s: the deployment no longer names it", name)
-            self._cancel(self.slots[name])
+            self._cancel(self.rollouts[name])
             self._restoring.discard(name)  # (READY waits for no model that is gone)
             self.models.remove(name)
             self.store.remove_installed(name)
             self._end_trial(name)
-            del self.slots[name]
-            self._event("info", model=name, phase=None)
-            self._out.reported_dirty = True
+            del self.rollouts[name]
+            self.report.event("info", model=name, phase=None)
+            self.report.changed()
             self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Find what no record names (here, where the state is whole) and have the prepare
-        worker remove it: an unpacked model of gigabytes takes a while to delete."""
-        keep: set[str] = set()
-        downloading: set[str] = set()
-        for slot in self.slots.values():
-            if slot.installed is not None:
-                keep.add(slot.installed.bundle_sha256)
-                if slot.installed.previous_sha256:
-                    keep.add(slot.installed.previous_sha256)
-            if slot.target is not None:
-                sha = slot.target.descriptor.bundle_sha256
-                keep.add(sha)
-                if slot.transfer is not None or not self.store.bundle_path(sha).exists():
-                    downloading.add(sha)  # a download in progress, or one to resume
-            if slot.loading is not None:  # with the slot layer (loading ... probation)
-                keep.add(slot.loading.bundle_sha256)
-            served = self.models.describe(slot.name)
-            if served is not None:  # what serves now (on probation: not committed yet)
-                keep.add(served.candidate.bundle_sha256)
-        for trial in self.trials.values():
-            # Being tried, or refused for one document (another may name it again).
-            keep.add(trial.bundle_sha256)
-        try:
-            found = self.store.garbage(
-                keep,
-                busy=self._in_flight,
-                downloading=downloading,
-                models=self.slots,
-                sources=self._sources(),
-            )
-        except (EdgeAgentError, OSError) as exc:
-            log.warning("garbage collection: %s", exc)
-            return
-        if not found:
-            return
-        # Nothing may start on these files before they are gone (see _start_transfer).
-        shas = tuple(sorted({bundle_sha(p) for p in found} - {""}))
-        for sha in shas:
-            self._busy(sha)
-
-        def remove() -> None:
-            try:
-                for path in self.store.remove(found):
-                    log.debug("removed %s", path)
-            finally:
-                self.inbox.put(Removed(shas))
-
-        self._prepare.submit(remove)
+        self.pipeline.collect_garbage(
+            self.rollouts,
+            self.trials.values(),
+            served=self.models.describe,
+            sources=self._sources(),
+        )
 
     def _on_removed(self, item: Removed) -> None:
         for sha in item.shas:
-            self._done_with(sha)
+            self.pipeline.done_with(sha)
 
     # -- trust ----------------------------------------------------------------------------
     def _on_trust(self, item: Incoming) -> None:
@@ -1490,7 +1161,7 @@ class DeviceAgent:
                     raise
             state = state.update_keyring(json.dumps(update.keyring).encode(), self._now())
         except BadContentError as exc:
-            self._reject(item.topic, exc)
+            self.report.reject(item.topic, exc)
             return
         if state.root == self.trusted.root and state.keyring == self.trusted.keyring:
             return  # what the device trusts already (the retained message, again)
@@ -1501,8 +1172,7 @@ class DeviceAgent:
         )
         self.trusted = state
         self.store.save_trust(state, self.points)
-        self.doc_error = None
-        self._out.reported_dirty = True
+        self.report.clear_error()
         # Documents refused for want of this trust (no keyring yet, a key it did not list):
         # what the topics hold is verified again, with no restart and no new message.
         waiting, self._untrusted = self._untrusted, {}
@@ -1510,137 +1180,8 @@ class DeviceAgent:
             log.info("verifying the %s deployment again with the new trust", source)
             self._on_desired(source, refused)
 
-    # -- reporting ------------------------------------------------------------------------
-    def _reject(self, topic: str, exc: BadContentError, *, report: bool = True) -> None:
-        log.warning("rejected a message on %s (%s): %s", topic, exc.code, exc)
-        info = _error(exc)
-        if report:
-            self.doc_error = info
-            self._out.reported_dirty = True
-        now = self._mono()
-        key = (topic, info.code)
-        seen = self._out.rejects.get(key)
-        if seen is None or (seen.count == 0 and now - seen.sent >= REJECT_EVENT_INTERVAL_S):
-            self._out.rejects[key] = _Rejects(sent=now)
-            self._event("rejected", topic=topic, error=info)
-        else:  # within the interval: counted into the next event (see _flush_rejects)
-            seen.count += 1
-            seen.error = info
-
-    def _flush_rejects(self, now: float) -> None:
-        """Send what refusals came in since each topic's and code's last event, once its second
-        is over; forget topics quiet for a minute."""
-        for key, seen in list(self._out.rejects.items()):
-            if now - seen.sent < REJECT_EVENT_INTERVAL_S:
-                continue
-            if seen.count:
-                self._event("rejected", topic=key[0], error=seen.error, count=seen.count)
-                self._out.rejects[key] = _Rejects(sent=now)
-            elif now - seen.sent >= 60.0:
-                del self._out.rejects[key]
-
-    def _phase(self, slot: Slot, phase: Phase, *, force: bool = False) -> None:
-        if slot.phase == phase and not force:
-            return
-        slot.phase = phase
-        target = slot.target.descriptor if slot.target is not None else None
-        shown = target or slot.installed
-        log.log(
-            logging.WARNING if phase in (Phase.FAILED, Phase.ROLLED_BACK) else logging.INFO,
-            "%s: %s",
-            slot.name,
-            phase.value,
-            extra=log_fields(
-                model=slot.name,
-                version=shown.version if shown is not None else None,
-                deployment_id=slot.deployment_id,
-                bundle_id=shown.bundle_sha256 if shown is not None else None,
-                phase=phase,
-            ),
-        )
-        self._out.reported_dirty = True
-        self._out.last_reported = float("-inf")  # phase changes go out at once
-        self._event("phase", model=slot.name, phase=phase, error=slot.error)
-
-    def _event(
-        self,
-        kind: Literal["phase", "rejected", "info"],
-        *,
-        model: str | None = None,
-        phase: Phase | None = None,
-        topic: str | None = None,
-        error: ErrorInfo | None = None,
-        count: int = 1,
-    ) -> None:
-        out = self._out
-        if out.event_seq >= out.event_seq_end:  # the numbers reserved on disk are used up
-            self._reserve_event_seq()
-        event = Event(
-            device_id=self.config.device_id,
-            seq=out.event_seq,
-            at=self._now(),
-            kind=kind,
-            model=model,
-            deployment_id=self.slots[model].deployment_id if model in self.slots else None,
-            phase=phase,
-            topic=topic[:256] if topic else None,
-            error=error,
-            count=count,
-        )
-        out.event_seq += 1
-        self.upstream.put(self.me.events, event.to_bytes())
-
-    def _reserve_event_seq(self) -> None:
-        """More event numbers, reserved on disk so that they grow across restarts. A disk that
-        refuses (full, read-only) costs only that: numbering goes on from the clock, far above
-        what was reserved, and the reservation is tried again at the next block."""
-        out = self._out
-        try:
-            out.event_seq, out.event_seq_end = self.store.reserve_event_seq(out.event_seq)
-        except EdgeAgentError as exc:
-            log.warning("event numbers not reserved on disk: %s", exc)
-            out.event_seq = max(out.event_seq, time.time_ns() // 1000)
-            out.event_seq_end = out.event_seq + EVENT_SEQ_BLOCK
-
-    def reported(self) -> Reported:
-        doc = self.deployment
-        return Reported(
-            device_id=self.config.device_id,
-            agent_version=__version__,
-            at=self._now(),
-            hardware=self.hardware,
-            groups=list(self.config.groups),
-            deployment_id=doc.document.deployment_id if doc else None,
-            sequence=doc.document.sequence if doc else None,
-            models=self._reported_models(),
-            error=self.doc_error,
-            trust=self._trust_status(),
-        )
-
-    def _trust_status(self) -> TrustStatus:
-        keyring = self.trusted.keyring
-        return TrustStatus(
-            root_version=self.trusted.root.version,
-            keyring_version=keyring.version if keyring is not None else None,
-            keyring_expires=keyring.expires if keyring is not None else None,
-        )
-
-    def _reported_models(self) -> dict[str, ModelStatus]:
-        """Every slot, those the deployment names first, at most as many as a report holds."""
-        wanted = self.deployment.document.models if self.deployment else {}
-        names = sorted(self.slots, key=lambda n: (n not in wanted, n))[:MAX_REPORTED_MODELS]
-        return {name: self.slots[name].status(self.models.describe(name)) for name in sorted(names)}
-
-    def _publish_reported(self) -> None:
-        now = self._mono()
-        if not self._out.reported_dirty:
-            return
-        if now - self._out.last_reported < self.config.report_interval_s:
-            return
-        payload = self.reported().to_bytes()
-        if len(payload) > MAX_MESSAGE_BYTES:  # cannot happen with the models' caps
-            log.error("reported state of %d bytes is too large", len(payload))
-            return
-        self.session.publish(self.me.reported, payload, retain=True)
-        self._out.reported_dirty = False
-        self._out.last_reported = now
+    def _move(self, rollout: ModelRollout, trigger: Trigger, phase: Phase | None = None) -> None:
+        """Move ``rollout`` along the table (agent.device.machine); a phase entered is logged
+        and reported."""
+        if rollout.step(trigger, phase):
+            self.report.phase(rollout)

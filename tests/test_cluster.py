@@ -121,7 +121,7 @@ def test_deploy_and_swap_through_the_cluster_and_survive_a_bundle_servers_node(
         # Version 2, a swap; node 2 (one server's, and the publisher's) dies mid-transfer.
         publisher.publish(desired, deployment({"tiny": big}, keys.release, device=device))
         fleet.wait(device, downloading_past("tiny", 20), what="a fifth of 2.0.0 downloaded")
-        transfer = dev.slots["tiny"].transfer
+        transfer = dev.rollouts["tiny"].transfer
         assert transfer is not None
         two.kill()
         at_kill = transfer.have_count
@@ -176,7 +176,7 @@ def test_a_device_whose_node_dies_resumes_on_another_node(
     ):
         fleet.publish(desired, deployment({"tiny": envelope}, keys.release, device=device))
         fleet.wait(device, downloading_past("tiny", 20), what="a fifth downloaded")
-        transfer = dev.slots["tiny"].transfer
+        transfer = dev.rollouts["tiny"].transfer
         assert transfer is not None
         one.kill()
         at_kill = transfer.have_count

@@ -35,7 +35,7 @@ def offline(tmp_path: Path, keys: Keys, **update: object) -> Iterator[DeviceAgen
     try:
         yield dev
     finally:
-        dev._prepare.stop()
+        dev.pipeline.stop()
         dev.models.close()
 
 
@@ -46,17 +46,17 @@ def test_what_is_on_probation_is_not_collected_when_the_document_moves_on(
         e1, _ = stored(dev, tmp_path, signed, "1.0.0", 1)
         publish(dev, keys, e1, 1)
         run_until(dev, runs(dev, "1.0.0"), "1.0.0 active")
-        run_until(dev, lambda: not dev._in_flight, "1.0.0's garbage collected")
+        run_until(dev, lambda: not dev.pipeline.in_flight, "1.0.0's garbage collected")
         e2, sha2 = stored(dev, tmp_path, signed, "2.0.0", 2)
         e3, _ = stored(dev, tmp_path, signed, "3.0.0", 3)
         # 2.0.0's probation lasts: long enough for the document to move on meanwhile.
         dev.models.settings = SlotSettings(probation_s=30.0, max_p99_ratio=None)
         publish(dev, keys, e2, 2)
-        run_until(dev, lambda: dev.slots["tiny"].phase == Phase.PROBATION, "2.0.0 on probation")
+        run_until(dev, lambda: dev.rollouts["tiny"].phase == Phase.PROBATION, "2.0.0 on probation")
         publish(dev, keys, e3, 3)  # the target moves on; 2.0.0 is still on probation
-        assert dev.slots["tiny"].loading is not None
+        assert dev.rollouts["tiny"].loading is not None
         dev._collect_garbage()
-        run_until(dev, lambda: not dev._in_flight, "the worker done")
+        run_until(dev, lambda: not dev.pipeline.in_flight, "the worker done")
         assert dev.store.bundle_path(sha2).exists()
         assert dev.store.model_dir("tiny", sha2).is_dir()
         served = dev.models.describe("tiny")
@@ -78,7 +78,9 @@ def test_a_restore_cut_short_by_a_removal_lets_the_agent_be_ready(
         both = deployment({"tiny": a, "other": b}, keys.release, device=DEVICE, sequence=1)
         dev.handle(Incoming(TOPICS.device(DEVICE).desired, both, True))
         run_until(
-            dev, lambda: runs(dev, "1.0.0")() and dev.slots["other"].phase == Phase.ACTIVE, "both"
+            dev,
+            lambda: runs(dev, "1.0.0")() and dev.rollouts["other"].phase == Phase.ACTIVE,
+            "both",
         )
     only = deployment({"tiny": a}, keys.release, device=DEVICE, sequence=2)
     backend = get_backend("onnxruntime")
@@ -97,7 +99,7 @@ def test_a_restore_cut_short_by_a_removal_lets_the_agent_be_ready(
     with offline(tmp_path, keys) as again:
         assert again._restoring == {"tiny", "other"}
         try:
-            run_until(again, lambda: "other" not in again.slots, "other removed")
+            run_until(again, lambda: "other" not in again.rollouts, "other removed")
             assert not again._restoring, "READY would wait for a model that is gone"
         finally:
             release.set()
@@ -111,18 +113,18 @@ def test_a_state_directory_that_refuses_event_numbers_does_not_stop_the_agent(
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "events.seq").mkdir()  # unreadable as a file: the disk refuses
     with offline(tmp_path, keys) as dev:
-        first = dev._out.event_seq
+        first = dev.report.outbox.event_seq
         dev.handle(Incoming(TOPICS.device(DEVICE).desired, b"garbage", False))
-        assert dev._out.event_seq == first + 1
-        assert dev.doc_error is not None
-        assert dev.doc_error.code == "format"
+        assert dev.report.outbox.event_seq == first + 1
+        assert dev.report.error is not None
+        assert dev.report.error.code == "format"
 
 
 def test_a_job_that_fails_does_not_stop_the_worker(tmp_path: Path, keys: Keys) -> None:
     with offline(tmp_path, keys) as dev:
         ran = threading.Event()
-        dev._prepare.submit(lambda: 1 / 0)  # type: ignore[func-returns-value]
-        dev._prepare.submit(ran.set)
+        dev.pipeline.worker.submit(lambda: 1 / 0)  # type: ignore[func-returns-value]
+        dev.pipeline.worker.submit(ran.set)
         assert ran.wait(WAIT)
 
 
@@ -138,9 +140,9 @@ def test_an_open_that_raises_fails_the_deployment_and_the_loop_goes_on(
     monkeypatch.setattr(Transfer, "open", broken)
     with offline(tmp_path, keys) as dev:
         publish(dev, keys, envelope, 1)
-        run_until(dev, lambda: dev.slots["tiny"].phase == Phase.FAILED, "failed")
-        assert dev.slots["tiny"].error is not None
-        assert dev.slots["tiny"].error.code == "tool"
+        run_until(dev, lambda: dev.rollouts["tiny"].phase == Phase.FAILED, "failed")
+        assert dev.rollouts["tiny"].error is not None
+        assert dev.rollouts["tiny"].error.code == "tool"
         dev.tick()
 
 
@@ -155,15 +157,15 @@ def test_a_group_document_below_the_floor_is_not_run_after_a_hand_back(
         group = deployment({"tiny": e1}, keys.release, group="lobby", sequence=1)
         dev.handle(Incoming(TOPICS.group_desired("lobby"), group, True))
         run_until(dev, runs(dev, "1.0.0"), "the lobby's 1.0.0")
-        run_until(dev, lambda: not dev._in_flight, "1.0.0's garbage collected")
+        run_until(dev, lambda: not dev.pipeline.in_flight, "1.0.0's garbage collected")
         e2, _ = stored(dev, tmp_path, signed, "2.0.0", 2)
         publish(dev, keys, e2, 5)
         run_until(dev, runs(dev, "2.0.0"), "its own 2.0.0")
         back = hand_back(keys.release, DEVICE, sequence=6)
         dev.handle(Incoming(TOPICS.device(DEVICE).desired, back, True))  # verified at once
         dev.tick()
-        assert dev.doc_error is not None
-        assert dev.doc_error.code == "rollback"
+        assert dev.report.error is not None
+        assert dev.report.error.code == "rollback"
         assert "group-lobby" not in dev.documents
         served = dev.models.describe("tiny")
         assert served is not None

@@ -39,7 +39,7 @@ def offline_agent(tmp_path: Path, keys: Keys) -> Iterator[DeviceAgent]:
     try:
         yield dev
     finally:
-        dev._prepare.stop()
+        dev.pipeline.stop()
         dev.models.close()
 
 
@@ -65,7 +65,7 @@ def publish(dev: DeviceAgent, keys: Keys, envelope: bytes, sequence: int) -> Non
 def gate(dev: DeviceAgent) -> threading.Event:
     """Hold the prepare worker until the event is set."""
     opened = threading.Event()
-    dev._prepare.submit(lambda: opened.wait(WAIT) and None)
+    dev.pipeline.worker.submit(lambda: opened.wait(WAIT) and None)
     return opened
 
 
@@ -78,7 +78,7 @@ def run_until(dev: DeviceAgent, done: Callable[[], bool], what: str) -> list[Pha
         with contextlib.suppress(queue.Empty):
             dev.handle(dev.inbox.get(timeout=0.05))
         dev.tick()
-        slot = dev.slots.get("tiny")
+        slot = dev.rollouts.get("tiny")
         if slot is not None and (not phases or phases[-1] != slot.phase):
             phases.append(slot.phase)
     return phases
@@ -86,7 +86,7 @@ def run_until(dev: DeviceAgent, done: Callable[[], bool], what: str) -> list[Pha
 
 def runs(dev: DeviceAgent, version: str) -> Callable[[], bool]:
     def check() -> bool:
-        slot = dev.slots["tiny"]
+        slot = dev.rollouts["tiny"]
         return (
             slot.phase == Phase.ACTIVE
             and slot.installed is not None
@@ -103,13 +103,15 @@ def test_a_document_that_arrives_during_probation_is_deployed_after_it(
     e1, _ = stored(device, tmp_path, signed, "1.0.0", 1)
     e2, _ = stored(device, tmp_path, signed, "2.0.0", 2)
     publish(device, keys, e1, 1)
-    run_until(device, lambda: device.slots["tiny"].phase == Phase.PROBATION, "1.0.0 on probation")
+    run_until(
+        device, lambda: device.rollouts["tiny"].phase == Phase.PROBATION, "1.0.0 on probation"
+    )
     publish(device, keys, e2, 2)  # 1.0.0 is still on probation: 2.0.0 waits for it
     phases = run_until(device, runs(device, "2.0.0"), "2.0.0 active")
-    assert device.doc_error is None
+    assert device.report.error is None
     assert device.models.describe("tiny").version == "2.0.0"  # type: ignore[union-attr]
     # 1.0.0 committed on the way (it passed), and the phase said 2.0.0's the whole time.
-    assert device.slots["tiny"].installed.previous_sha256 is not None  # type: ignore[union-attr]
+    assert device.rollouts["tiny"].installed.previous_sha256 is not None  # type: ignore[union-attr]
     assert Phase.ACTIVE not in phases[:-1], phases
 
 
@@ -122,17 +124,17 @@ def test_a_b_a_while_a_is_unpacked_deploys_a_once(
     eb, _ = stored(device, tmp_path, signed, "2.0.0", 2)
     opened = gate(device)
     publish(device, keys, ea, 1)
-    assert device.slots["tiny"].phase == Phase.UNPACKING
+    assert device.rollouts["tiny"].phase == Phase.UNPACKING
     publish(device, keys, eb, 2)
     publish(device, keys, ea, 3)
-    assert device._in_flight[sha_a] == 1
+    assert device.pipeline.in_flight[sha_a] == 1
     opened.set()
     phases = run_until(device, runs(device, "1.0.0"), "1.0.0 active")
-    assert device.doc_error is None
-    assert device.slots["tiny"].error is None
+    assert device.report.error is None
+    assert device.rollouts["tiny"].error is None
     assert phases.count(Phase.LOADING) == 1, phases
     # What the worker still has is the removal of B's bundle, the garbage 1.0.0's commit left.
-    run_until(device, lambda: not device._in_flight, "the worker done")
+    run_until(device, lambda: not device.pipeline.in_flight, "the worker done")
     assert device.models.describe("tiny").version == "1.0.0"  # type: ignore[union-attr]
 
 
@@ -167,7 +169,7 @@ def test_a_model_whose_restore_failed_is_reported_and_loaded_again(
         publish(dev, keys, e1, 1)
         run_until(dev, runs(dev, "1.0.0"), "1.0.0 active")
     # The unpacked model loses its weights (a bad sector): the restore fails ...
-    installed = dev.slots["tiny"].installed
+    installed = dev.rollouts["tiny"].installed
     assert installed is not None
     for onnx_file in installed.path.rglob("*.onnx"):
         onnx_file.write_bytes(b"not a model")
@@ -176,7 +178,7 @@ def test_a_model_whose_restore_failed_is_reported_and_loaded_again(
             again,
             lambda: (
                 again.models.describe("tiny") is not None
-                and again.slots["tiny"].phase == Phase.ACTIVE
+                and again.rollouts["tiny"].phase == Phase.ACTIVE
             ),
             "served again",
         )
@@ -185,4 +187,4 @@ def test_a_model_whose_restore_failed_is_reported_and_loaded_again(
         failed = [r for r in caplog.records if r.getMessage() == "tiny: failed"]
         assert failed, [r.getMessage() for r in caplog.records]
         assert failed[0].levelno == logging.WARNING
-        assert again.slots["tiny"].error is None
+        assert again.rollouts["tiny"].error is None

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from agent.bundle.limits import BundleLimits
-from agent.daemon import MAX_REPORTED_MODELS, DeviceAgent
+from agent.daemon import DeviceAgent
+from agent.device.reporting import MAX_REPORTED_MODELS
 from agent.testing.broker import Broker, plain_broker
 from agent.testing.fleet import (
     TOPICS,
@@ -107,7 +108,7 @@ def test_a_model_named_like_a_json_file_survives_a_restart(
         assert (state / "models" / "x.json").is_dir(), "the unpacked bundle's directory"
         restarted = datetime.now(timezone.utc)
         with agent(config) as dev:
-            assert "x.json" in dev.slots, "the record was read back"
+            assert "x.json" in dev.rollouts, "the record was read back"
             reported = fleet.wait(
                 DEVICE,
                 lambda r: r.at >= restarted and active("x.json", "1.0.0")(r),
@@ -143,8 +144,8 @@ def test_a_report_holds_the_deployments_models_first_when_old_ones_linger(
             ),
             what="15 new models active and the unserved one failed",
         )
-        assert len(dev.slots) == MAX_REPORTED_MODELS + 1
-        assert dev.slots["a-old"].installed is not None
+        assert len(dev.rollouts) == MAX_REPORTED_MODELS + 1
+        assert dev.rollouts["a-old"].installed is not None
     assert len(reported.models) == MAX_REPORTED_MODELS
     assert set(reported.models) == set(names), "the deployment's models come first"
     assert (state / "slots" / "a-old.json").is_file(), "the old model still runs"
@@ -167,7 +168,7 @@ def test_a_broker_outage_longer_than_the_stall_timeout_does_not_fail_the_transfe
         fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
         fleet.wait(DEVICE, downloading_past("tiny", 20), what="a fifth downloaded")
         broker.stop()
-        transfer = dev.slots["tiny"].transfer
+        transfer = dev.rollouts["tiny"].transfer
         assert transfer is not None
         assert 0 < transfer.have_count < transfer.count, "cut mid-transfer"
         time.sleep(2 * settings.stall_timeout_s)  # the outage
@@ -200,7 +201,7 @@ def test_a_model_dropped_while_it_downloads_is_never_installed(
             lambda r: r.sequence == 2 and active("bbb", "1.0.0")(r) and "aaa" not in r.models,
             what="bbb active, aaa gone",
         )
-        assert "aaa" not in dev.slots
+        assert "aaa" not in dev.rollouts
     assert set(reported.models) == {"bbb"}
     floors = json.loads((state / "trust" / "floors.json").read_text())
     assert "aaa" not in floors["release_floor"], floors
@@ -261,7 +262,7 @@ def test_a_bundle_above_the_size_limit_fails_before_any_request(
         published = Published(dev)
         fleet.publish(DESIRED, deployment({"tiny": envelope}, keys.release, device=DEVICE))
         reported = fleet.wait(DEVICE, failed("tiny", "size-limit"), what="size-limit")
-        assert dev.slots["tiny"].transfer is None
+        assert dev.rollouts["tiny"].transfer is None
     error = reported.models["tiny"].error
     assert error is not None
     assert str(limit) in error.message

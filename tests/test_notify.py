@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import STOP_LIMIT_S
-from agent.daemon import DeviceAgent, SlotEvent
+from agent.daemon import DeviceAgent
+from agent.device.machine import SlotEvent
 from agent.notify import Notifier, StopDeadline, watchdog_interval
 from agent.testing.broker import Broker, plain_broker
 from agent.testing.fleet import (

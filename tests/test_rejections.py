@@ -39,10 +39,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import daemon
 from agent._strictjson import dump_model
 from agent.config import AgentConfig
 from agent.daemon import DeviceAgent
+from agent.device import reporting
 from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import sign_bundle
@@ -324,7 +324,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         envelopes.append(out.read_bytes())
     with ExitStack() as stack:
         patch = stack.enter_context(pytest.MonkeyPatch.context())
-        patch.setattr(daemon, "REJECT_EVENT_INTERVAL_S", 0.0)
+        patch.setattr(reporting, "REJECT_EVENT_INTERVAL_S", 0.0)
         broker = stack.enter_context(tls_broker(tmp, certs))
         config = agent_config(tmp / DEVICE, keys.root, broker, DEVICE, groups=(GROUP,))
         config = AgentConfig(**{**dict(config), "report_interval_s": 1e-6})

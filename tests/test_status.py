@@ -22,6 +22,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, NotRunningError, StorageError
+from agent.serving.api import ApiSettings
 from agent.statusd import StatusServer, query, render
 from agent.testing.broker import Broker, plain_broker
 from agent.testing.fleet import (
@@ -152,6 +153,25 @@ def test_status_shows_the_running_agent_and_its_deployed_model(
     assert gone.returncode == 3
     assert gone.stdout == ""
     assert gone.stderr == f"edge-agent: the agent is not running (no {sock})\n"
+
+
+def test_status_names_the_broker_beside_an_api_on_tcp(
+    tmp_path: Path, broker: Broker, keys: Keys
+) -> None:
+    """The ``broker`` block is the MQTT node connected to, whatever address the API listens on."""
+    config = _config(tmp_path, keys, broker).model_copy(
+        update={"api": ApiSettings(host="127.0.0.1", port=0, unix_socket=None)}
+    )
+    sock = config.status_socket
+    assert sock is not None
+    with agent(config) as dev:
+        doc = _until(sock, lambda d: d["ready"] and d["broker"]["connected"], "connected")
+        assert dev.api is not None
+        assert dev.api.tcp_address is not None
+        api_host, api_port = dev.api.tcp_address
+        assert api_port != broker.port
+        assert doc["api"] == [f"http://{api_host}:{api_port}"]
+        assert (doc["broker"]["host"], doc["broker"]["port"]) == (broker.host, broker.port)
 
 
 def test_status_without_a_running_agent_says_so(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def test_transfer_resumes_after_a_broker_restart_without_refetching(
         fleet.wait("cam-01", downloading_past("tiny", 25), what="a quarter downloaded")
         broker.stop()
         cut = time.monotonic()
-        transfer = dev.slots["tiny"].transfer
+        transfer = dev.rollouts["tiny"].transfer
         assert transfer is not None
         verified = {i for i in range(blocks) if transfer._has(i)}
         assert 0 < len(verified) < blocks

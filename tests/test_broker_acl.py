@@ -21,7 +21,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.testing.broker import Broker, make_certs, mosquitto_binary, tls_broker
+from agent.testing.broker import Broker, make_certs
+from tests.conftest import broker_fixture
 
 WAIT = 5.0  # seconds; every wait is bounded by this
 P = "ema/v1"
@@ -32,21 +33,12 @@ V311 = mqtt.MQTTv311
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    mosquitto_binary()  # fail early if there is no mosquitto
-    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
-
-
-@pytest.fixture(scope="module")
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, unrelated CA issuing a certificate with the very same name cam-01."""
     return make_certs(tmp_path_factory.mktemp("other-ca"), "cam-01")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Broker]:
-    with tls_broker(tmp_path_factory.mktemp("broker"), certs) as b:
-        yield b
+broker = broker_fixture(tls=True, scope="module")
 
 
 @dataclass

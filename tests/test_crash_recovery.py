@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pytest
 from agent._failpoints import ENV, NAMES
 from agent.serving.api import ApiSettings
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -42,12 +41,6 @@ from agent.testing.fleet import (
 )
 from agent.testing.models import reference
 from tests.conftest import Keys
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _infer(sock: Path, x: np.ndarray) -> tuple[str, np.ndarray]:

@@ -11,7 +11,6 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from agent.bundle.limits import BundleLimits
 from agent.daemon import MAX_REPORTED_MODELS, DeviceAgent
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -43,12 +42,6 @@ DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired
 # Short timeouts: a stalled transfer fails within a second or two.
 QUICK = TransferSettings(window=8, request_timeout_s=0.3, stall_timeout_s=1.0)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 @pytest.fixture

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.fleet.deploy import make_deployment
 from agent.serving.api import ApiSettings
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -38,12 +36,6 @@ from tests.conftest import Keys
 
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _rejected(events: list[Event], code: str) -> list[Event]:

@@ -15,11 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.fleet.rollout import _order
 from agent.fleet.simulator import LoadFailure
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -38,12 +36,6 @@ from tests.conftest import Keys
 GROUP = "hall"
 DEVICES = 40
 CANARY = 10  # --waves 25%,100%
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def canaries(rollout: str, ids: list[str]) -> list[str]:

@@ -7,15 +7,13 @@ tritonclient is the application.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tritonclient.http as triton
 
 from agent.serving.api import ApiSettings
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     active,
@@ -29,12 +27,6 @@ from agent.testing.fleet import (
 from agent.testing.models import reference
 from agent.transport.messages import Phase
 from tests.conftest import Keys
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _client(device) -> triton.InferenceServerClient:  # type: ignore[no-untyped-def]

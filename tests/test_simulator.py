@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from agent.errors import ConfigError
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor
 from agent.fleet.simulator import LoadFailure, Simulator, make_settings
-from agent.testing.broker import Broker, free_port, make_certs, plain_broker, tls_broker
+from agent.testing.broker import Broker, free_port, make_certs, tls_broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -42,12 +42,6 @@ from agent.verify import load_trust
 from tests.conftest import Keys
 
 GROUP = "site-a"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def wait_all(fleet: Watcher, sim: Simulator, check: Callable[[Reported], bool], what: str) -> None:

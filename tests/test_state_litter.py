@@ -14,14 +14,11 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent._failpoints import ENV
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -39,12 +36,6 @@ from agent.testing.models import make_onnx
 from tests.conftest import Keys
 
 DEVICE = "cam-01"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def named(state: Path) -> set[str]:

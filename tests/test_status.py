@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, NotRunningError, StorageError
 from agent.statusd import StatusServer, query, render
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -39,12 +39,6 @@ from agent.transport.messages import Phase, Reported
 from tests.conftest import Keys
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _status(*args: str) -> subprocess.CompletedProcess[str]:

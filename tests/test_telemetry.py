@@ -17,7 +17,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from agent.telemetry import (
     snapshot_from_metrics,
 )
 from agent.telemetry.collect import MAX_METRICS, histogram_quantile
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.transport.session import InboxItem, MqttSettings, Session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -435,12 +435,6 @@ def test_forwarder_sends_in_order_and_stops_at_a_failure(tmp_path: Path) -> None
         assert forwarder.drain() == 1
         assert sent == [b"%d" % i for i in range(6)]
         assert len(q) == 0
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 class Subscriber:

@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.testing.broker import Broker, make_certs
+from agent.testing.wait import wait_until
 from tests.conftest import broker_fixture
 
 WAIT = 5.0  # seconds; every wait is bounded by this
@@ -340,9 +341,9 @@ def test_fleet_serves_block_requests_on_a_shared_subscription(connect: Connect) 
 
 
 def _wait_any(peers: tuple[Peer, ...], topic: str, payload: bytes, wait: float = WAIT) -> None:
-    pause = threading.Event()
-    for _ in range(int(wait / 0.05)):
-        if any((topic, payload) in p.topics() for p in peers):
-            return
-        pause.wait(0.05)
-    raise AssertionError(f"no server got {payload!r}: {[p.topics() for p in peers]}")
+    wait_until(
+        lambda: any((topic, payload) in p.topics() for p in peers),
+        wait,
+        interval=0.05,
+        message=lambda: f"no server got {payload!r}: {[p.topics() for p in peers]}",
+    )

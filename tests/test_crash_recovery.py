@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from agent.testing.fleet import (
     write_agent_toml,
 )
 from agent.testing.models import reference
+from agent.testing.wait import wait_until
 from tests.conftest import Keys
 
 
@@ -126,9 +126,9 @@ def test_killed_in_a_phase_the_restarted_agent_serves_and_finishes(
 
 def _wait_clean(state: Path, keep: set[str]) -> None:
     """No partial download, half-unpacked copy or unwanted bundle once garbage is collected."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        left = sorted(
+
+    def left() -> list[str]:
+        return sorted(
             str(p.relative_to(state))
             for p in [
                 *(state / "downloads").iterdir(),
@@ -137,10 +137,8 @@ def _wait_clean(state: Path, keep: set[str]) -> None:
             ]
             if p.name.split(".")[0] not in keep or p.name.endswith(".unpack")
         )
-        if not left:
-            return
-        assert time.monotonic() < deadline, f"left behind: {left}"
-        time.sleep(0.1)
+
+    wait_until(lambda: not left(), WAIT, interval=0.1, message=lambda: f"left behind: {left()}")
 
 
 def test_an_unknown_failpoint_name_is_said() -> None:

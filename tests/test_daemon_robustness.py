@@ -33,6 +33,7 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from agent.transport.messages import Event, Phase
 from agent.transport.transfer import TransferSettings
 from tests.conftest import Keys
@@ -324,16 +325,20 @@ def test_downloads_and_bundles_nothing_wants_are_collected_at_start(
         (state / "bundles" / f"{stale}.emb").write_bytes(b"old")
         (state / "models" / "tiny" / stale).mkdir()
         with agent(config):
-            deadline = time.monotonic() + WAIT
-            while any(
-                p.exists()
-                for p in (
-                    state / "downloads" / stale,
-                    state / "bundles" / f"{stale}.emb",
-                    state / "models" / "tiny" / stale,
-                )
-            ):
-                assert time.monotonic() < deadline, "stale state not collected"
-                time.sleep(0.05)
+            wait_until(
+                lambda: (
+                    not any(
+                        p.exists()
+                        for p in (
+                            state / "downloads" / stale,
+                            state / "bundles" / f"{stale}.emb",
+                            state / "models" / "tiny" / stale,
+                        )
+                    )
+                ),
+                WAIT,
+                interval=0.05,
+                message="stale state not collected",
+            )
             assert [p.name for p in (state / "bundles").glob("*.emb")] == [kept]
             assert (state / "models" / "tiny" / kept.removesuffix(".emb")).is_dir()

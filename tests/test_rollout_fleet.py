@@ -30,6 +30,7 @@ from agent.testing.fleet import (
     two_versions,
     watcher,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Reported, RolloutState
 from tests.conftest import Keys
 
@@ -181,12 +182,12 @@ def test_an_operator_pauses_a_running_rollout_and_resumes_it(
         with log.open("w") as out:
             controller = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out)
         try:
-            deadline = time.monotonic() + 30
-            while True:  # until the canaries' soak
+
+            def soaking() -> RolloutState | None:  # the canaries' soak has begun
                 st = retained_state(fleet, "ro-p")
-                if st is not None and st.soak_started is not None:
-                    break
-                assert time.monotonic() < deadline, log.read_text()
+                return st if st is not None and st.soak_started is not None else None
+
+            st = wait_until(soaking, 30, interval=0, message=log.read_text)
             paused = run(rollout(broker, keys, "pause", "ro-p"))
             assert paused.returncode == 0, paused.stderr
             assert "pause taken by" in paused.stdout

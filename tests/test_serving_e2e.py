@@ -25,17 +25,19 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import reference
+from agent.testing.wait import wait_until
 from agent.transport.messages import Phase
 from tests.conftest import Keys
 
 
 def _client(device) -> triton.InferenceServerClient:  # type: ignore[no-untyped-def]
     """A client of the agent's API, once its loop has started it."""
-    started = threading.Event()
-    for _ in range(200):
-        if device.api is not None and device.api.tcp_address is not None:
-            break
-        started.wait(0.05)
+    wait_until(
+        lambda: device.api is not None and device.api.tcp_address is not None,
+        10.0,
+        interval=0.05,
+        message="the agent's API did not start",
+    )
     assert device.api is not None
     assert device.api.tcp_address is not None
     host, port = device.api.tcp_address

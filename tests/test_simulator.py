@@ -36,6 +36,7 @@ from agent.testing.fleet import (
     two_versions,
     watcher,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Online, Phase, Reported, Telemetry
 from agent.trust.envelope import parse_envelope
 from agent.verify import load_trust
@@ -110,11 +111,15 @@ def test_a_fleet_in_a_group_converges_on_the_group_deployment(
             assert arches == {"x86_64", "aarch64"}  # both profiles drawn, as reported
             assert sim.stats.transfers == 30
             assert sim.stats.fetched_bytes == 30 * sha.descriptor.bundle_size
+
         # Stopped: each device said offline on its retained online topic.
-        deadline = time.monotonic() + WAIT
-        while any(fleet.view.devices[d.id].online is not False for d in sim.devices):
-            assert time.monotonic() < deadline, "not every device said offline"
-            fleet._drain(0.1)
+        def offline() -> bool:
+            if any(fleet.view.devices[d.id].online is not False for d in sim.devices):
+                fleet._drain(0.1)
+                return False
+            return True
+
+        wait_until(offline, WAIT, interval=0, message="not every device said offline")
 
 
 def test_a_device_document_takes_over_from_the_group_one(
@@ -457,9 +462,12 @@ def test_devices_try_the_next_broker_node_when_the_first_is_down(
     with watcher(broker) as fleet:
         thread.start()
         try:
-            deadline = time.monotonic() + WAIT
-            while not all(fleet.online(d.id) for d in sim.devices):
-                assert time.monotonic() < deadline, "the devices did not reach the second node"
+            wait_until(
+                lambda: all(fleet.online(d.id) for d in sim.devices),
+                WAIT,
+                interval=0,
+                message="the devices did not reach the second node",
+            )
         finally:
             stop.set()
             thread.join(15)

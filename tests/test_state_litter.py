@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 from agent._failpoints import ENV
@@ -33,6 +32,7 @@ from agent.testing.fleet import (
     write_agent_toml,
 )
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from tests.conftest import Keys
 
 DEVICE = "cam-01"
@@ -77,10 +77,12 @@ def unnamed(state: Path) -> list[str]:
 
 
 def wait_clean(state: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while left := unnamed(state):
-        assert time.monotonic() < deadline, f"left behind: {left}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: not unnamed(state),
+        WAIT,
+        interval=0.1,
+        message=lambda: f"left behind: {unnamed(state)}",
+    )
 
 
 def test_start_up_removes_what_no_record_names(

@@ -141,7 +141,7 @@ cert_file = \"$PWD/$OUT/certs/cam-01.crt\"
 key_file = \"$PWD/$OUT/certs/cam-01.key\""
 else
   step "Over MQTT: no mosquitto here, so an embedded Python broker (MQTT 3.1.1, plain TCP, loopback)"
-  $PY -m tests.embedded_broker --port "$PORT" >"$OUT/broker.log" 2>&1 & PIDS+=($!)
+  $PY -m agent.testing.embedded_broker --port "$PORT" >"$OUT/broker.log" 2>&1 & PIDS+=($!)
   export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_TLS=false EDGE_FLEET_MQTT=3.1.1
   BROKER_TOML="port = $PORT
 protocol = \"3.1.1\"

@@ -1,17 +1,21 @@
-"""Shared fixtures: a key directory, tiny models, built and signed bundles, a fixed clock."""
+"""Shared fixtures: a key directory, tiny models, built and signed bundles, a fixed clock, a
+real mosquitto (``broker``; :func:`broker_fixture` for a module that needs another one) and the
+test CA with its client certificates (``certs``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from agent.fleet.build import BuildOptions, BuildResult, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import sign_bundle
+from agent.testing.broker import Broker, make_certs, mosquitto_binary, plain_broker, tls_broker
 from agent.testing.models import make_onnx
 from agent.trust.keys import Signer
 from agent.trust.verifier import TrustedState
@@ -77,3 +81,47 @@ def signed(build: BuildFn, keys: Keys) -> Callable[..., tuple[Path, bytes]]:
         return result.path, out.read_bytes()
 
     return _signed
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``make-certs.sh`` output: the test CA, the broker, devices cam-01 and cam-02, the fleet."""
+    mosquitto_binary()  # fail early if there is no mosquitto
+    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
+
+
+def broker_fixture(
+    *,
+    extra: Sequence[str] = (),
+    tls: bool = False,
+    persistent: bool = False,
+    scope: Literal["function", "module"] = "function",
+) -> Callable[..., Iterator[Broker]]:
+    """A ``broker`` fixture: ``broker = broker_fixture(...)`` in a module replaces the plain one.
+
+    ``extra``: config lines appended; ``tls``: the TLS listener with client certificates from
+    ``certs`` and the shipped ACL; ``persistent``: mosquitto keeps sessions and subscriptions
+    across a restart (``Broker.stop``/``start``); ``scope="module"``: one broker for the module.
+    """
+
+    def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+        if scope == "function":
+            tmp: Path = request.getfixturevalue("tmp_path")
+        else:
+            tmp = request.getfixturevalue("tmp_path_factory").mktemp("broker")
+        lines = list(extra)
+        if persistent:
+            store = tmp / "mosquitto-store"
+            store.mkdir()
+            lines = ["persistence true", f"persistence_location {store}/", *lines]
+        if tls:
+            with tls_broker(tmp, request.getfixturevalue("certs"), extra=lines) as b:
+                yield b
+        else:
+            with plain_broker(tmp, lines) as b:
+                yield b
+
+    return pytest.fixture(scope=scope, name="broker")(broker)
+
+
+broker = broker_fixture()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from agent.serving.api import ApiSettings, InferenceApi
 from agent.serving.server import ApiServer
 from agent.serving.source import StaticSource
 from agent.testing.models import make_onnx, reference
+from agent.testing.wait import wait_until
 from tests.test_api import (
     WAIT,
     Api,
@@ -38,13 +37,6 @@ from tests.test_api import (
 )
 
 TOKEN = "s3cret-token-for-tests-0123"
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def infer_in_thread(api: Api, results: list[Reply]) -> threading.Thread:
@@ -107,7 +99,12 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, tiny: Path) -> 
         first = infer_in_thread(api, results)
         assert gated.entered.acquire(timeout=WAIT)  # running on the one worker
         second = infer_in_thread(api, results)
-        wait_for(lambda: api.app.admission.depth == 2, "the second request to be queued")
+        wait_until(
+            lambda: api.app.admission.depth == 2,
+            WAIT,
+            interval=0.005,
+            message="the second request to be queued",
+        )
         try:
             reply = api.infer_json("gated", json_request(good_x(1)))
             assert reply.status == 503
@@ -273,7 +270,7 @@ def test_stop_lets_in_flight_requests_finish(tmp_path: Path, tiny: Path) -> None
                 return True
             return False
 
-        wait_for(refused, "the listener to close")
+        wait_until(refused, WAIT, interval=0.005, message="the listener to close")
         gated.gate.set()
         request.join(WAIT)
         stopper.join(WAIT)

@@ -9,7 +9,6 @@ server is told with ``max_packet_bytes``), real bundle servers and real device a
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from agent.bundle.blocks import digest_file
 from agent.device.transfer import Transfer
 from agent.errors import BlockTooLargeError, TransferError
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     active,
@@ -33,7 +32,7 @@ from agent.transport.fetch import TransferSettings
 from agent.transport.messages import BlockReplyHeader, BlockRequest, ErrorInfo
 from agent.trust.envelope import parse_envelope
 from agent.trust.metadata import BundleDescriptor
-from tests.conftest import Keys
+from tests.conftest import Keys, broker_fixture
 
 LIMIT = 131_072
 BLOCK = 4096
@@ -146,11 +145,9 @@ def test_a_refusal_of_what_already_came_through_is_one_servers_fault(device: Dev
 
 
 # -- end to end ------------------------------------------------------------------------------------
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    limits = [f"max_packet_size {LIMIT}", "max_queued_messages 1000", "max_inflight_messages 20"]
-    with plain_broker(tmp_path, limits) as b:
-        yield b
+broker = broker_fixture(
+    extra=[f"max_packet_size {LIMIT}", "max_queued_messages 1000", "max_inflight_messages 20"]
+)
 
 
 def _bundles(tmp_path: Path, signed) -> tuple[Path, bytes, bytes]:  # type: ignore[no-untyped-def]

@@ -21,7 +21,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.testing.broker import Broker, make_certs, mosquitto_binary, tls_broker
+from agent.testing.broker import Broker, make_certs
+from agent.testing.wait import wait_until
+from tests.conftest import broker_fixture
 
 WAIT = 5.0  # seconds; every wait is bounded by this
 P = "ema/v1"
@@ -32,21 +34,12 @@ V311 = mqtt.MQTTv311
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    mosquitto_binary()  # fail early if there is no mosquitto
-    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
-
-
-@pytest.fixture(scope="module")
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, unrelated CA issuing a certificate with the very same name cam-01."""
     return make_certs(tmp_path_factory.mktemp("other-ca"), "cam-01")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Broker]:
-    with tls_broker(tmp_path_factory.mktemp("broker"), certs) as b:
-        yield b
+broker = broker_fixture(tls=True, scope="module")
 
 
 @dataclass
@@ -348,9 +341,9 @@ def test_fleet_serves_block_requests_on_a_shared_subscription(connect: Connect) 
 
 
 def _wait_any(peers: tuple[Peer, ...], topic: str, payload: bytes, wait: float = WAIT) -> None:
-    pause = threading.Event()
-    for _ in range(int(wait / 0.05)):
-        if any((topic, payload) in p.topics() for p in peers):
-            return
-        pause.wait(0.05)
-    raise AssertionError(f"no server got {payload!r}: {[p.topics() for p in peers]}")
+    wait_until(
+        lambda: any((topic, payload) in p.topics() for p in peers),
+        wait,
+        interval=0.05,
+        message=lambda: f"no server got {payload!r}: {[p.topics() for p in peers]}",
+    )

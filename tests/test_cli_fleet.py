@@ -22,24 +22,16 @@ import pytest
 from agent import __version__
 from agent.cli import fleet_parser
 from agent.cli._common import mqtt_settings
-from agent.testing.broker import Broker, make_certs, tls_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import agent, agent_config, watcher
 from agent.testing.models import make_onnx
 from agent.transport.messages import Phase
-from tests.conftest import Keys
+from tests.conftest import Keys, broker_fixture
 
 FLEET = str(Path(sys.executable).parent / "edge-fleet")
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
-
-
-@pytest.fixture
-def broker(tmp_path: Path, certs: Path) -> Iterator[Broker]:
-    with tls_broker(tmp_path, certs) as b:
-        yield b
+broker = broker_fixture(tls=True)
 
 
 def _env(broker: Broker, identity: str = "fleet") -> dict[str, str]:

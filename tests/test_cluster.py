@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from agent.transport.fetch import TransferSettings
 from agent.transport.session import InboxItem, Incoming, Session
 from tests.cluster import Cluster, nats_binary, nats_cluster, nats_version
@@ -53,13 +54,6 @@ OUTAGE = 60.0
 # Lost requests are asked again soon; a transfer stalls only when nothing serves it for long.
 TRANSFER = TransferSettings(window=8, request_timeout_s=1.0, stall_timeout_s=OUTAGE)
 SLOW = 512 << 10  # bytes/s per server: a 1 MiB bundle takes about two seconds
-
-
-def _until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +133,11 @@ def test_deploy_and_swap_through_the_cluster_and_survive_a_bundle_servers_node(
         two.start()
         cluster.wait_ready()
         publisher.wait(device, active("tiny", "2.0.0"), OUTAGE, "2.0.0 seen on node 2 again")
-        _until(
+        wait_until(
             lambda: any(c.startswith("server-2-") for c in two.mqtt_clients()),
-            "the bundle server is back on node 2",
+            WAIT,
+            interval=0.05,
+            message="the bundle server is back on node 2",
         )
     assert on_three[0].stats.blocks > 0
     assert on_two[0].stats.connects >= 2
@@ -223,9 +219,11 @@ def test_a_device_id_with_a_dot(
                 fleet.wait(device, active("tiny", "1.0.0"), what="cam.03 active")
         else:
             with agent(config) as dev:
-                _until(
+                wait_until(
                     lambda: "without answering the CONNECT" in caplog.text,
-                    "the agent says the broker closed the connection",
+                    WAIT,
+                    interval=0.05,
+                    message="the agent says the broker closed the connection",
                 )
                 assert dev.session.connects == 0
             assert "characters ' ' and '.' not supported" in one.log()
@@ -249,7 +247,12 @@ def test_a_refused_subscription_is_named_and_asked_for_again(
     with caplog.at_level(logging.INFO, logger="agent.transport"):
         session.start()
         try:
-            _until(lambda: caplog.text.count(refused) >= 2, "refused, asked again, refused")
+            wait_until(
+                lambda: caplog.text.count(refused) >= 2,
+                WAIT,
+                interval=0.05,
+                message="refused, asked again, refused",
+            )
             session.publish("ema-test/ok", b"fine", retain=True).wait_for_publish(5)
             deadline = time.monotonic() + WAIT
             while True:

@@ -7,14 +7,13 @@ otherwise; devices cam-01 and cam-02 in group "lobby", the fleet identity "fleet
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from agent.fleet.control import FleetView, age, render_table
-from agent.testing.broker import Broker, make_certs, tls_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     active,
@@ -27,20 +26,12 @@ from agent.testing.fleet import (
 )
 from agent.transport.messages import ErrorInfo, Event, ModelStatus, Online, Phase, Reported
 from agent.transport.session import Incoming
-from tests.conftest import Keys
+from tests.conftest import Keys, broker_fixture
 
 SECOND, MINUTE, HOUR, DAY = (timedelta(seconds=n) for n in (1, 60, 3600, 86400))
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_certs(tmp_path_factory.mktemp("certs"), "cam-01", "cam-02")
-
-
-@pytest.fixture
-def broker(tmp_path: Path, certs: Path) -> Iterator[Broker]:
-    with tls_broker(tmp_path, certs) as b:
-        yield b
+broker = broker_fixture(tls=True)
 
 
 @pytest.fixture

@@ -16,8 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import pytest
 from agent._failpoints import ENV, NAMES
 from agent.serving.api import ApiSettings
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -41,13 +39,8 @@ from agent.testing.fleet import (
     write_agent_toml,
 )
 from agent.testing.models import reference
+from agent.testing.wait import wait_until
 from tests.conftest import Keys
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _infer(sock: Path, x: np.ndarray) -> tuple[str, np.ndarray]:
@@ -133,9 +126,9 @@ def test_killed_in_a_phase_the_restarted_agent_serves_and_finishes(
 
 def _wait_clean(state: Path, keep: set[str]) -> None:
     """No partial download, half-unpacked copy or unwanted bundle once garbage is collected."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        left = sorted(
+
+    def left() -> list[str]:
+        return sorted(
             str(p.relative_to(state))
             for p in [
                 *(state / "downloads").iterdir(),
@@ -144,10 +137,8 @@ def _wait_clean(state: Path, keep: set[str]) -> None:
             ]
             if p.name.split(".")[0] not in keep or p.name.endswith(".unpack")
         )
-        if not left:
-            return
-        assert time.monotonic() < deadline, f"left behind: {left}"
-        time.sleep(0.1)
+
+    wait_until(lambda: not left(), WAIT, interval=0.1, message=lambda: f"left behind: {left()}")
 
 
 def test_an_unknown_failpoint_name_is_said() -> None:

@@ -24,6 +24,7 @@ import pytest
 from agent.daemon import DeviceAgent
 from agent.testing.fleet import TOPICS, WAIT, agent_config, deployment
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from agent.transport.messages import Phase
 from agent.transport.session import Incoming
 from tests.conftest import Keys
@@ -152,12 +153,15 @@ def test_garbage_collection_leaves_a_bundle_the_worker_still_has(
     run_until(device, runs(device, "2.0.0"), "2.0.0 active")
     # Once the worker is done with it, the next collection (B's commit) takes it.
     # (The worker removes it: wait for the bundle and its unpacked copy to be gone.)
-    deadline = time.monotonic() + WAIT
     unpacked = device.store.root / "models" / "tiny"
-    while device.store.bundle_path(sha_a).exists() or list(unpacked.glob(f"*{sha_a}*")):
-        assert time.monotonic() < deadline
-        device._collect_garbage()
-        time.sleep(0.05)
+
+    def collected() -> bool:
+        if device.store.bundle_path(sha_a).exists() or list(unpacked.glob(f"*{sha_a}*")):
+            device._collect_garbage()
+            return False
+        return True
+
+    wait_until(collected, WAIT, interval=0.05, message="A's bundle not collected")
     assert device.store.bundle_path(sha_b).exists()
 
 

@@ -11,7 +11,6 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from agent.bundle.limits import BundleLimits
 from agent.daemon import DeviceAgent
 from agent.device.reporting import MAX_REPORTED_MODELS
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -35,6 +34,7 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from agent.transport.fetch import TransferSettings
 from agent.transport.messages import Event, Phase
 from tests.conftest import Keys
@@ -44,12 +44,6 @@ DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired
 # Short timeouts: a stalled transfer fails within a second or two.
 QUICK = TransferSettings(window=8, request_timeout_s=0.3, stall_timeout_s=1.0)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 @pytest.fixture
@@ -332,16 +326,20 @@ def test_downloads_and_bundles_nothing_wants_are_collected_at_start(
         (state / "bundles" / f"{stale}.emb").write_bytes(b"old")
         (state / "models" / "tiny" / stale).mkdir()
         with agent(config):
-            deadline = time.monotonic() + WAIT
-            while any(
-                p.exists()
-                for p in (
-                    state / "downloads" / stale,
-                    state / "bundles" / f"{stale}.emb",
-                    state / "models" / "tiny" / stale,
-                )
-            ):
-                assert time.monotonic() < deadline, "stale state not collected"
-                time.sleep(0.05)
+            wait_until(
+                lambda: (
+                    not any(
+                        p.exists()
+                        for p in (
+                            state / "downloads" / stale,
+                            state / "bundles" / f"{stale}.emb",
+                            state / "models" / "tiny" / stale,
+                        )
+                    )
+                ),
+                WAIT,
+                interval=0.05,
+                message="stale state not collected",
+            )
             assert [p.name for p in (state / "bundles").glob("*.emb")] == [kept]
             assert (state / "models" / "tiny" / kept.removesuffix(".emb")).is_dir()

@@ -240,6 +240,8 @@ def test_install_makes_the_commands_the_user_and_the_state_directory(installed: 
     assert Path("/etc/systemd/system/multi-user.target.wants/edge-agent.service").is_symlink()
     # postinst compiled the environment's bytecode.
     assert list((PREFIX / "lib").glob("python3*/site-packages/agent/__pycache__/*.pyc"))
+    # The harness of tests and benchmarks is not installed.
+    assert not list((PREFIX / "lib").glob("python3*/site-packages/agent/testing"))
 
 
 def test_hardware_lists_the_flavours_runtimes(installed: Deb) -> None:

@@ -28,7 +28,7 @@ from tests.conftest import Keys
 def embedded_broker(tmp_path: Path) -> Iterator[Broker]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.embedded_broker", "--port", str(port)],
+        [sys.executable, "-m", "agent.testing.embedded_broker", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=REPO,

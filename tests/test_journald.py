@@ -17,12 +17,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -44,12 +43,6 @@ pytestmark = pytest.mark.skipif(
     or os.geteuid() != 0,
     reason="needs systemd-journald, unshare and journalctl, as root (a mount namespace)",
 )
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _under_journald(journal: Path, command: list[str], log: Path) -> subprocess.Popen[bytes]:

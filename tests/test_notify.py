@@ -22,7 +22,7 @@ from agent.cli import STOP_LIMIT_S
 from agent.daemon import DeviceAgent
 from agent.device.machine import SlotEvent
 from agent.notify import Notifier, StopDeadline, watchdog_interval
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -132,12 +132,6 @@ def test_watchdog_due_follows_the_clock(listener: Listener) -> None:
 
 
 # -- the daemon ---------------------------------------------------------------------------------
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
-
-
 def test_daemon_process_ready_after_restore_watchdog_and_stopping(
     tmp_path: Path,
     broker: Broker,

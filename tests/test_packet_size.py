@@ -20,6 +20,7 @@ import pytest
 
 from agent.testing.broker import HOST, plain_broker
 from agent.testing.fleet import WAIT, mqtt_settings
+from agent.testing.wait import wait_until
 from agent.transport.session import (
     InboxItem,
     Incoming,
@@ -187,17 +188,18 @@ def _payloads(inbox: queue.SimpleQueue[InboxItem], wait: float) -> list[int]:
 
 def _subscribed(session: Session, inbox: queue.SimpleQueue[InboxItem], topic: str) -> None:
     """Publish probes until one comes back: then the subscription is in place."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
+
+    def probe_back() -> bool:
         session.publish(topic, b"probe")
         try:
             while True:
                 item = inbox.get(timeout=0.2)
                 if isinstance(item, Incoming) and item.payload == b"probe":
-                    return
+                    return True
         except queue.Empty:
-            continue
-    raise AssertionError("the subscription did not take")
+            return False
+
+    wait_until(probe_back, WAIT, interval=0, message="the subscription did not take")
 
 
 def test_a_packet_of_the_computed_limit_passes_mosquitto_and_a_larger_one_does_not(
@@ -226,10 +228,12 @@ def test_a_packet_of_the_computed_limit_passes_mosquitto_and_a_larger_one_does_n
             assert _payloads(inbox, WAIT) == [fits]
             assert sender.connects == 1
             sender.publish(topic, b"x" * (fits + 4))
-            deadline = time.monotonic() + WAIT
-            while sender.connects == 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert sender.connects > 1, "mosquitto kept a client that sent too large a packet"
+            wait_until(
+                lambda: sender.connects > 1,
+                WAIT,
+                interval=0.05,
+                message="mosquitto kept a client that sent too large a packet",
+            )
             assert "sender disconnected due to oversize packet" in broker.log()
             assert _payloads(inbox, 0.5) == [], "and it passed nothing of it on"
         finally:

@@ -24,7 +24,7 @@ from agent.daemon import DeviceAgent
 from agent.errors import BadSignatureError, ConfigError, ExpiredError, UntrustedKeyError
 from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor, sign_bundle
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     Watcher,
@@ -45,12 +45,6 @@ from tests.conftest import NOW, Keys
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired
 REQUESTS = TOPICS.bundle_requests_filter(shared=False)  # what devices ask bundle servers for
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 @dataclass(frozen=True)

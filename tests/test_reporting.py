@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.fleet.deploy import make_deployment
 from agent.serving.api import ApiSettings
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -30,6 +28,7 @@ from agent.testing.fleet import (
     serve_copy,
     watcher,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Event, Telemetry
 from agent.transport.session import InboxItem, Incoming, Session
 from agent.trust.metadata import DeploymentTarget
@@ -38,12 +37,6 @@ from tests.conftest import Keys
 
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _rejected(events: list[Event], code: str) -> list[Event]:
@@ -73,10 +66,18 @@ def test_refusals_in_a_burst_are_counted_into_events_never_dropped(
         def counted(code: str) -> int:
             return sum(e.count for e in _rejected(fleet.events, code))
 
-        deadline = time.monotonic() + WAIT
-        while counted("format") < garbage or counted("wrong-target") < stranger:
-            assert time.monotonic() < deadline, [e.model_dump(mode="json") for e in fleet.events]
-            fleet._drain(0.1)
+        def all_counted() -> bool:
+            if counted("format") < garbage or counted("wrong-target") < stranger:
+                fleet._drain(0.1)
+                return False
+            return True
+
+        wait_until(
+            all_counted,
+            WAIT,
+            interval=0,
+            message=lambda: str([e.model_dump(mode="json") for e in fleet.events]),
+        )
         time.sleep(1.5)  # nothing more arrives: each refusal was counted once
         fleet._drain(0.2)
         assert counted("format") == garbage
@@ -135,15 +136,18 @@ def test_telemetry_stops_naming_a_removed_model(
     got: list[Telemetry] = []
 
     def until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + WAIT
-        while not any(predicate(t) for t in got):
-            assert time.monotonic() < deadline, f"no telemetry {what}"
+        def seen() -> bool:
+            if any(predicate(t) for t in got):
+                return True
             try:
                 item = inbox.get(timeout=0.1)
             except queue.Empty:
-                continue
+                return False
             if isinstance(item, Incoming):
                 got.append(Telemetry.from_bytes(item.payload))
+            return False
+
+        wait_until(seen, WAIT, interval=0, message=f"no telemetry {what}")
 
     try:
         assert listener.connected.wait(WAIT)

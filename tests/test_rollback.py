@@ -15,7 +15,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from agent._failpoints import ENV
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -48,12 +48,6 @@ from tests.conftest import Keys
 DEVICE = "cam-01"
 DESIRED = TOPICS.device(DEVICE).desired
 Check = Callable[[Reported], bool]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 @dataclass

@@ -26,7 +26,7 @@ import pytest
 
 from agent.fleet.keys import KeyStore
 from agent.fleet.plan import parse_waves
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -46,12 +46,6 @@ from tests.conftest import Keys
 
 DEVICES = ("cam-a", "cam-b", "cam-c")
 GROUP = "lobby"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 @dataclass

@@ -15,11 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from agent.fleet.plan import _order
 from agent.fleet.simulator_settings import LoadFailure
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -32,18 +30,13 @@ from agent.testing.fleet import (
     two_versions,
     watcher,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Reported, RolloutState
 from tests.conftest import Keys
 
 GROUP = "hall"
 DEVICES = 40
 CANARY = 10  # --waves 25%,100%
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def canaries(rollout: str, ids: list[str]) -> list[str]:
@@ -189,12 +182,12 @@ def test_an_operator_pauses_a_running_rollout_and_resumes_it(
         with log.open("w") as out:
             controller = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out)
         try:
-            deadline = time.monotonic() + 30
-            while True:  # until the canaries' soak
+
+            def soaking() -> RolloutState | None:  # the canaries' soak has begun
                 st = retained_state(fleet, "ro-p")
-                if st is not None and st.soak_started is not None:
-                    break
-                assert time.monotonic() < deadline, log.read_text()
+                return st if st is not None and st.soak_started is not None else None
+
+            st = wait_until(soaking, 30, interval=0, message=log.read_text)
             paused = run(rollout(broker, keys, "pause", "ro-p"))
             assert paused.returncode == 0, paused.stderr
             assert "pause taken by" in paused.stdout

@@ -7,15 +7,13 @@ tritonclient is the application.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tritonclient.http as triton
 
 from agent.serving.api import ApiSettings
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     active,
@@ -27,23 +25,19 @@ from agent.testing.fleet import (
     watcher,
 )
 from agent.testing.models import reference
+from agent.testing.wait import wait_until
 from agent.transport.messages import Phase
 from tests.conftest import Keys
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
-
-
 def _client(device) -> triton.InferenceServerClient:  # type: ignore[no-untyped-def]
     """A client of the agent's API, once its loop has started it."""
-    started = threading.Event()
-    for _ in range(200):
-        if device.api is not None and device.api.tcp_address is not None:
-            break
-        started.wait(0.05)
+    wait_until(
+        lambda: device.api is not None and device.api.tcp_address is not None,
+        10.0,
+        interval=0.05,
+        message="the agent's API did not start",
+    )
     assert device.api is not None
     assert device.api.tcp_address is not None
     host, port = device.api.tcp_address

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from pydantic import ValidationError
 
 from agent.testing.broker import plain_broker
 from agent.testing.fleet import WAIT, mqtt_settings
+from agent.testing.wait import wait_until
 from agent.transport.session import MqttSettings, Session
 
 
@@ -33,13 +32,6 @@ def test_a_stopped_session_leaves_no_socket_open(tmp_path: Path) -> None:
         assert _open_fds() - before == set()
 
 
-def _until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def test_a_session_moves_on_to_the_next_node_when_its_own_is_gone(tmp_path: Path) -> None:
     with plain_broker(tmp_path / "a") as a, plain_broker(tmp_path / "b") as b:
         session = Session(mqtt_settings(a, failover=[b]), "failover", queue.SimpleQueue())
@@ -48,11 +40,13 @@ def test_a_session_moves_on_to_the_next_node_when_its_own_is_gone(tmp_path: Path
             assert session.connected.wait(WAIT)
             assert session.endpoint == (a.host, a.port)
             a.stop()
-            _until(lambda: session.connects == 2, f"not connected to b\n{b.log()}")
+            wait_until(
+                lambda: session.connects == 2, WAIT, message=f"not connected to b\n{b.log()}"
+            )
             assert session.endpoint == (b.host, b.port)
             a.start()
             b.stop()
-            _until(lambda: session.connects == 3, f"not back on a\n{a.log()}")
+            wait_until(lambda: session.connects == 3, WAIT, message=f"not back on a\n{a.log()}")
             assert session.endpoint == (a.host, a.port)
         finally:
             session.stop()

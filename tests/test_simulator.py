@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import descriptor_to_reissue, reissue_descriptor
 from agent.fleet.simulator import Simulator
 from agent.fleet.simulator_settings import LoadFailure, make_settings
-from agent.testing.broker import Broker, free_port, make_certs, plain_broker, tls_broker
+from agent.testing.broker import Broker, free_port, make_certs, tls_broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -37,18 +37,13 @@ from agent.testing.fleet import (
     two_versions,
     watcher,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Online, Phase, Reported, Telemetry
 from agent.trust.envelope import parse_envelope
 from agent.verify import load_trust
 from tests.conftest import Keys
 
 GROUP = "site-a"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def wait_all(fleet: Watcher, sim: Simulator, check: Callable[[Reported], bool], what: str) -> None:
@@ -117,11 +112,15 @@ def test_a_fleet_in_a_group_converges_on_the_group_deployment(
             assert arches == {"x86_64", "aarch64"}  # both profiles drawn, as reported
             assert sim.stats.transfers == 30
             assert sim.stats.fetched_bytes == 30 * sha.descriptor.bundle_size
+
         # Stopped: each device said offline on its retained online topic.
-        deadline = time.monotonic() + WAIT
-        while any(fleet.view.devices[d.id].online is not False for d in sim.devices):
-            assert time.monotonic() < deadline, "not every device said offline"
-            fleet._drain(0.1)
+        def offline() -> bool:
+            if any(fleet.view.devices[d.id].online is not False for d in sim.devices):
+                fleet._drain(0.1)
+                return False
+            return True
+
+        wait_until(offline, WAIT, interval=0, message="not every device said offline")
 
 
 def test_a_device_document_takes_over_from_the_group_one(
@@ -464,9 +463,12 @@ def test_devices_try_the_next_broker_node_when_the_first_is_down(
     with watcher(broker) as fleet:
         thread.start()
         try:
-            deadline = time.monotonic() + WAIT
-            while not all(fleet.online(d.id) for d in sim.devices):
-                assert time.monotonic() < deadline, "the devices did not reach the second node"
+            wait_until(
+                lambda: all(fleet.online(d.id) for d in sim.devices),
+                WAIT,
+                interval=0,
+                message="the devices did not reach the second node",
+            )
         finally:
             stop.set()
             thread.join(15)

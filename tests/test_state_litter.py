@@ -13,15 +13,11 @@ import hashlib
 import os
 import shutil
 import signal
-import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent._failpoints import ENV
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -36,15 +32,10 @@ from agent.testing.fleet import (
     write_agent_toml,
 )
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from tests.conftest import Keys
 
 DEVICE = "cam-01"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def named(state: Path) -> set[str]:
@@ -86,10 +77,12 @@ def unnamed(state: Path) -> list[str]:
 
 
 def wait_clean(state: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while left := unnamed(state):
-        assert time.monotonic() < deadline, f"left behind: {left}"
-        time.sleep(0.1)
+    wait_until(
+        lambda: not unnamed(state),
+        WAIT,
+        interval=0.1,
+        message=lambda: f"left behind: {unnamed(state)}",
+    )
 
 
 def test_start_up_removes_what_no_record_names(

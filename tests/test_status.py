@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, NotRunningError, StorageError
 from agent.serving.api import ApiSettings
 from agent.statusd import StatusServer, query, render
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -36,16 +36,11 @@ from agent.testing.fleet import (
     watcher,
     write_agent_toml,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Phase, Reported
 from tests.conftest import Keys
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _status(*args: str) -> subprocess.CompletedProcess[str]:
@@ -67,17 +62,19 @@ def _config(tmp_path: Path, keys: Keys, broker: Broker) -> AgentConfig:
 
 def _until(path: Path, check: Any, what: str) -> dict[str, Any]:
     """Ask the socket until ``check(doc)`` holds (the loop publishes a snapshot every tick)."""
-    deadline = time.monotonic() + WAIT
-    doc: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
+    last: dict[str, Any] | None = None
+
+    def reached() -> dict[str, Any] | None:
+        nonlocal last
         try:
-            doc = query(path, timeout=2.0)
+            last = query(path, timeout=2.0)
         except NotRunningError:
-            doc = None
-        if doc is not None and check(doc):
-            return doc
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached; last status {doc}")
+            last = None
+        return last if last is not None and check(last) else None
+
+    return wait_until(
+        reached, WAIT, interval=0.05, message=lambda: f"{what} not reached; last status {last}"
+    )
 
 
 def _active(r: Reported) -> bool:
@@ -258,15 +255,16 @@ def test_update_and_bounded_connections(tmp_path: Path) -> None:
             slow.close()
         server.update({"n": 2})  # the slow client is dropped after its send timeout
         got: dict[str, Any] | None = None
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
+
+        def updated() -> bool:
+            nonlocal got
             try:
                 got = query(path, timeout=2.0)
             except StorageError:
                 got = None
-            if got == {"n": 2}:
-                break
-            time.sleep(0.05)
+            return got == {"n": 2}
+
+        wait_until(updated, WAIT, interval=0.05, message=lambda: f"last status {got}")
         assert got == {"n": 2}
 
 

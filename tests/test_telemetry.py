@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +37,12 @@ from agent.telemetry import (
     snapshot_from_metrics,
 )
 from agent.telemetry.collect import MAX_METRICS, histogram_quantile
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
+from agent.testing.wait import wait_until
 from agent.transport.session import InboxItem, MqttSettings, Session
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 20.0  # seconds; the bound of every wait in these tests
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Clock:
@@ -437,12 +429,6 @@ def test_forwarder_sends_in_order_and_stops_at_a_failure(tmp_path: Path) -> None
         assert len(q) == 0
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
-
-
 class Subscriber:
     """A plain paho client that subscribes again on every connect; ``ready`` once it holds."""
 
@@ -497,14 +483,20 @@ def test_forwarder_holds_telemetry_through_a_broker_outage(broker: Broker, tmp_p
     )
     session.start()
     try:
-        wait_for(lambda: session.connected.is_set() and subscriber.ready.is_set(), "connect")
+        wait_until(
+            lambda: session.connected.is_set() and subscriber.ready.is_set(),
+            WAIT,
+            message="connect",
+        )
         for i in range(5):
             q.put(topic, b"before-%d" % i)
             forwarder.drain()
-        wait_for(lambda: len(subscriber.received()) == 5, "the first five")
+        wait_until(lambda: len(subscriber.received()) == 5, WAIT, message="the first five")
 
         broker.stop()
-        wait_for(lambda: not session.connected.is_set(), "the session to see the outage")
+        wait_until(
+            lambda: not session.connected.is_set(), WAIT, message="the session to see the outage"
+        )
         for i in range(50):  # 10 over the bound of 40: the oldest 10 go
             q.put(topic, b"during-%d" % i)
             assert forwarder.drain() == 0
@@ -512,13 +504,17 @@ def test_forwarder_holds_telemetry_through_a_broker_outage(broker: Broker, tmp_p
         assert q.dropped == 10
 
         broker.start()
-        wait_for(lambda: session.connected.is_set() and subscriber.ready.is_set(), "reconnect")
+        wait_until(
+            lambda: session.connected.is_set() and subscriber.ready.is_set(),
+            WAIT,
+            message="reconnect",
+        )
         deadline = time.monotonic() + WAIT
         while len(q) and time.monotonic() < deadline:
             forwarder.drain()
         assert len(q) == 0
         expected = [b"before-%d" % i for i in range(5)] + [b"during-%d" % i for i in range(10, 50)]
-        wait_for(lambda: len(subscriber.received()) >= len(expected), "the backlog")
+        wait_until(lambda: len(subscriber.received()) >= len(expected), WAIT, message="the backlog")
         assert [p for _, p in subscriber.received()] == expected
         assert {t for t, _ in subscriber.received()} == {topic}
     finally:

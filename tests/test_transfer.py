@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.fleet.server import BlockServer, BundleCatalog
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -43,16 +43,13 @@ from agent.testing.models import make_onnx
 from agent.transport.fetch import TransferSettings
 from agent.transport.messages import BlockRequest, decode_block_reply
 from agent.transport.session import InboxItem, Incoming, Session
-from tests.conftest import Keys
+from tests.conftest import Keys, broker_fixture
 
 STOCK_LIMITS = ["max_queued_messages 1000", "max_inflight_messages 20"]
 BLOCK = 4096
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path, STOCK_LIMITS) as b:
-        yield b
+broker = broker_fixture(extra=STOCK_LIMITS)
 
 
 @pytest.fixture

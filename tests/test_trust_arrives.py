@@ -12,13 +12,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from agent.config import TrustSettings
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     REPO,
     TOPICS,
@@ -33,12 +30,6 @@ from agent.testing.fleet import (
 from tests.conftest import Keys
 
 DEVICE = "cam-01"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def test_a_document_refused_for_want_of_a_keyring_is_deployed_once_trust_arrives(

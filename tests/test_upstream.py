@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
-
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import TOPICS, WAIT, agent, agent_config, mqtt_settings
 from agent.transport.messages import Telemetry
 from agent.transport.session import InboxItem, Incoming, Session
 from agent.upstream import TelemetrySettings
-from tests.conftest import Keys
+from tests.conftest import Keys, broker_fixture
 
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    # Persistence on: the listener's session (and subscription) outlives the broker's restart,
-    # so what the agent sends before the listener is back still reaches it.
-    store = tmp_path / "mosquitto-store"
-    store.mkdir()
-    with plain_broker(tmp_path, ["persistence true", f"persistence_location {store}/"]) as b:
-        yield b
+# Persistence on: the listener's session (and subscription) outlives the broker's restart,
+# so what the agent sends before the listener is back still reaches it.
+broker = broker_fixture(persistent=True)
 
 
 def _telemetry(inbox: queue.SimpleQueue[InboxItem], got: list[Telemetry], until: float) -> None:

@@ -9,7 +9,6 @@ with the same code, before anything is stored or unpacked.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from agent._strictjson import dump_model
 from agent.bundle.blocks import digest_file
 from agent.cli import agent_main, fleet_main
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     agent,
@@ -33,12 +32,6 @@ from agent.trust.metadata import DESCRIPTOR_TYPE, BundleDescriptor
 from agent.verify import envelope_path
 from tests.conftest import Keys
 from tests.test_bundle_verify import index_of, rebuild
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 def _member_differs(tmp_path: Path, signed, keys: Keys) -> tuple[Path, bytes, str]:  # type: ignore[no-untyped-def]

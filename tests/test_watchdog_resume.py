@@ -21,15 +21,12 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
-
 from agent._strictjson import dump_model
 from agent.state.store import StateStore
-from agent.testing.broker import Broker, plain_broker
+from agent.testing.broker import Broker
 from agent.testing.fleet import (
     TOPICS,
     WAIT,
@@ -48,12 +45,6 @@ DEVICE = "cam-01"
 BLOCK = 1 << 20
 SIZE = 2 << 30
 WATCHDOG_S = 2.0  # WATCHDOG_USEC: the agent pings every second
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with plain_broker(tmp_path) as b:
-        yield b
 
 
 class Manager:

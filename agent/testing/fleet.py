@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.testing.broker import Endpoint
 from agent.testing.models import make_onnx
+from agent.testing.wait import wait_until
 from agent.transport.fetch import TransferSettings
 from agent.transport.messages import Event, Phase, Reported
 from agent.transport.session import InboxItem, Incoming, MqttSettings, Session
@@ -176,27 +176,38 @@ class Watcher:
         timeout: float = WAIT,
         what: str = "",
     ) -> Reported:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def reached() -> Reported | None:
             self._drain(0.05)
             view = self.view.devices.get(device)
             if view is not None and view.reported is not None and predicate(view.reported):
                 return view.reported
-        view = self.view.devices.get(device)
-        last = view.reported.model_dump(mode="json") if view and view.reported else None
-        raise AssertionError(f"{device}: {what or 'condition'} not reached; last reported {last}")
+            return None
+
+        def last() -> str:
+            view = self.view.devices.get(device)
+            last = view.reported.model_dump(mode="json") if view and view.reported else None
+            return f"{device}: {what or 'condition'} not reached; last reported {last}"
+
+        return wait_until(reached, timeout, interval=0, message=last)
 
     def wait_event(
         self, predicate: Callable[[Event], bool], timeout: float = WAIT, what: str = ""
     ) -> Event:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = next((e for e in self.events if predicate(e)), None)
-            if found is not None:
-                return found
-            self._drain(0.05)
-        raise AssertionError(
-            f"no event {what}; got {[e.model_dump(mode='json') for e in self.events]}"
+
+        def found() -> Event | None:
+            event = next((e for e in self.events if predicate(e)), None)
+            if event is None:
+                self._drain(0.05)
+            return event
+
+        return wait_until(
+            found,
+            timeout,
+            interval=0,
+            message=lambda: (
+                f"no event {what}; got {[e.model_dump(mode='json') for e in self.events]}"
+            ),
         )
 
     def online(self, device: str, timeout: float = WAIT) -> bool | None:

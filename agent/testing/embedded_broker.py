@@ -1,6 +1,6 @@
 """An MQTT 3.1.1 broker in Python (amqtt), for `make demo` on a machine without mosquitto.
 
-    python -m tests.embedded_broker --port 18830
+    python -m agent.testing.embedded_broker --port 18830
 
 Plain TCP on loopback, anonymous, no ACL: a stand-in for trying the agent out, not a broker to
 run a fleet on (that is mosquitto with config/broker/). Stops on SIGTERM or SIGINT.
@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 
-from amqtt.broker import Broker
+from amqtt.broker import Broker  # type: ignore[import-untyped]
 
 
 async def run(host: str, port: int) -> None:

@@ -10,8 +10,11 @@ needs a lock. The agent is wired from parts that each do one job:
   transfer's files, check and store the download, unpack it), the choice of what the slot layer
   loads, and the removal of garbage.
 * agent.device.reporting: the reported state, the events, ``edge-agent status`` and STATUS=.
-* this module: the loop, what each topic means, the trust and deployment documents, the trials
-  of versions handed to the slot layer, reload, the watchdog and systemd notifications.
+* agent.device.trials: each version handed to the slot layer until it commits, on disk, and the
+  rules that stop a version that keeps taking the agent down with it.
+* agent.device.documents: the deployment documents followed and the trust that verifies them:
+  verified, kept on disk, the effective one chosen, refusals for want of trust tried again.
+* this module: the loop, what each topic means, reload, the watchdog and systemd notifications.
 
 What the loop does with each topic:
 
@@ -81,7 +84,6 @@ Threads: who owns what, and what each may touch
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -90,12 +92,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from agent import __version__
 from agent._failpoints import failpoint
 from agent._lazy import release_free_memory
 from agent.config import AgentConfig
+from agent.device.documents import Documents, Received
 from agent.device.machine import (
     FINAL,
     Heard,
@@ -112,10 +114,10 @@ from agent.device.machine import (
 from agent.device.pipeline import Job, Pipeline, Prepared, Removed
 from agent.device.reporting import Reporter, reported_hardware
 from agent.device.transfer import Transfer
+from agent.device.trials import Trials
 from agent.errors import (
     BadContentError,
     ConfigError,
-    DeploymentInterruptedError,
     EdgeAgentError,
     FormatError,
     RollbackError,
@@ -133,43 +135,25 @@ from agent.serving.slots import SlotManager
 from agent.state.store import (
     InstalledModel,
     StateStore,
-    Trial,
-    Verdict,
 )
 from agent.statusd import StatusServer
 from agent.transport.messages import (
     ErrorInfo,
     Online,
     Phase,
-    TrustUpdate,
     decode_block_reply,
 )
 from agent.transport.session import Connection, InboxItem, Incoming, Session, Will
-from agent.trust.metadata import MAX_METADATA_BYTES, DeploymentTarget
-from agent.trust.verifier import SequencePoint, TrustedState, VerifiedDeployment
+from agent.trust.verifier import TrustedState, VerifiedDeployment
 from agent.upstream import Upstream
 
 log = logging.getLogger("agent")
 
-# A version is handed to the slot layer at most this often for one deployment: a trial still on
-# disk at start-up was cut short by the agent's death (a crash, a kill, a power cut), and a
-# version that keeps taking the agent down with it is not started again.
-MAX_TRIAL_STARTS = 3
 VERDICT_WAIT_S = 10.0  # a slot worker waits this long for the loop to record a verdict
-# Refusals that new trust material (a keyring, a root) may turn around: such a document is kept
-# and verified again when trust changes.
-TRUST_CODES = frozenset(
-    {"verification", "untrusted-key", "expired", "key-not-allowed", "threshold"}
-)
 
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _verdict(exc: EdgeAgentError) -> Verdict:
-    """What a trial records of the error that ended it (the reported ErrorInfo's fields)."""
-    return Verdict(code=exc.code, message=str(exc)[:1024])
 
 
 @dataclass(frozen=True)
@@ -206,14 +190,10 @@ class DeviceAgent:
         self._now = clock
         self._mono = monotonic
         self.store = StateStore(config.state_dir)
-        self.trials: dict[str, Trial] = self.store.load_trials()
-        self.trusted = self._load_trust()
-        self.points: dict[str, SequencePoint] = self.store.sequence_points()
-        self.documents: dict[str, VerifiedDeployment] = {}
-        self._payloads: dict[str, bytes] = {}  # the envelopes behind ``documents``
-        # The last document refused on each desired topic for want of trust material (no
-        # keyring yet, a key it does not list): verified again when trust changes.
-        self._untrusted: dict[str, Incoming] = {}
+        self.trials = Trials(self.store)
+        self.docs = Documents(
+            self.store, self._load_trust(), device_id=config.device_id, groups=config.groups
+        )
         self.rollouts: dict[str, ModelRollout] = {}
         self.deployment: VerifiedDeployment | None = None
         self.profile = hardware.probe_isolated()
@@ -277,6 +257,14 @@ class DeviceAgent:
         )
         self._restore()
 
+    @property
+    def trusted(self) -> TrustedState:
+        return self.docs.trusted
+
+    @property
+    def documents(self) -> dict[str, VerifiedDeployment]:
+        return self.docs.by_source
+
     # -- start-up -----------------------------------------------------------------------------
     def _load_trust(self) -> TrustedState:
         cfg = self.config.trust
@@ -298,7 +286,7 @@ class DeviceAgent:
                 name, installed=installed, phase=Phase.LOADING
             )
             # What runs is never above the floor (a crash between the two writes).
-            self.trusted = self.trusted.with_release(name, installed.release)
+            self.docs.assume_floor(name, installed.release)
             try:
                 candidate = self.pipeline.candidate(name, installed)
                 self.models.restore(candidate)
@@ -308,17 +296,7 @@ class DeviceAgent:
                 log.error("cannot serve %s %s: %s", name, installed.version, err)
                 rollout.error = error_info(err)
                 rollout.step(Trigger.RESTORE_FAILED)
-        now = self._now()
-        for source, data in self.store.load_desired().items():
-            try:
-                verified = self.trusted.verify_deployment(
-                    data, now, targets=[self._target(source)], last=self.points.get(source)
-                )
-            except BadContentError as exc:
-                log.warning("not resuming the stored %s deployment: %s", source, exc)
-                continue
-            self.documents[source] = verified
-            self._payloads[source] = data
+        self.docs.restore(self._now())
         self._reconcile()
         # Downloads and bundles of deployments replaced while the agent was down.
         self._collect_garbage()
@@ -434,14 +412,7 @@ class DeviceAgent:
     def _release_trials(self) -> None:
         """A clean stop does not count against the versions the slot layer is still trying."""
         for rollout in self.rollouts.values():
-            trial = self.trials.get(rollout.name)
-            if rollout.loading is None or trial is None or trial.verdict is not None:
-                continue
-            if trial.bundle_sha256 == rollout.loading.bundle_sha256 and trial.starts > 0:
-                try:
-                    self._save_trial(trial.model_copy(update={"starts": trial.starts - 1}))
-                except EdgeAgentError as exc:
-                    log.warning("%s", exc)
+            self.trials.release(rollout.name, rollout.loading)
 
     # -- service manager hooks ----------------------------------------------------------------
     def request_reload(self) -> None:
@@ -517,15 +488,8 @@ class DeviceAgent:
             self._commit(rollout, draft)
         elif event.phase in (Phase.FAILED, Phase.ROLLED_BACK):
             rollout.loading = None
-            trial = self.trials.get(rollout.name)
-            if (
-                draft is not None
-                and trial is not None
-                and trial.verdict is None
-                and trial.bundle_sha256 == draft.bundle_sha256
-            ):
-                # Failed on its own (a load, warm-up or self-test): tried again after a restart.
-                self._end_trial(rollout.name)
+            # Failed on its own (a load, warm-up or self-test): tried again after a restart.
+            self.trials.failed_alone(rollout.name, draft)
         served = self.models.describe(rollout.name) if event.phase in FINAL else None
         heard = rollout.hear(event, draft, restoring=restoring, serves=served is not None)
         if heard == Heard.STALE:
@@ -543,12 +507,10 @@ class DeviceAgent:
 
     def _commit(self, rollout: ModelRollout, installed: InstalledModel) -> None:
         """The slot layer committed a new version: the floor first, then the record."""
-        trusted = self.trusted.with_release(rollout.name, installed.release)
-        self.store.save_trust(trusted, self.points)
-        self.trusted = trusted
+        self.docs.raise_floor(rollout.name, installed.release)
         failpoint("committing")
         self.store.save_installed(installed)
-        self._end_trial(rollout.name)
+        self.trials.end(rollout.name)
         rollout.installed, rollout.loading = installed, None
         if rollout.target is not None and rollout.target.descriptor.bundle_sha256 == (
             installed.bundle_sha256
@@ -574,9 +536,7 @@ class DeviceAgent:
         re-issued descriptor): nothing is fetched or loaded, and the release moves as a commit
         moves it, the floor first, then the record."""
         assert rollout.installed is not None
-        trusted = self.trusted.with_release(rollout.name, release)
-        self.store.save_trust(trusted, self.points)
-        self.trusted = trusted
+        self.docs.raise_floor(rollout.name, release)
         installed = rollout.installed.model_copy(
             update={"release": release, "deployment_id": rollout.deployment_id}
         )
@@ -683,114 +643,36 @@ class DeviceAgent:
 
     # -- desired ------------------------------------------------------------------------------
     def _on_desired(self, source: str, item: Incoming) -> None:
-        if not item.payload:
+        receipt = self.docs.receive(source, item, self._now())
+        if receipt.kind is Received.WITHDRAWN:
             log.info("the %s deployment was removed from the broker; keeping what runs", source)
-            self._untrusted.pop(source, None)  # a document refused earlier is withdrawn
             return
-        try:
-            if len(item.payload) > MAX_METADATA_BYTES:
-                raise SizeLimitError(
-                    f"deployment of {len(item.payload)} bytes; the limit is {MAX_METADATA_BYTES}"
-                )
-            verified = self.trusted.verify_deployment(
-                item.payload,
-                self._now(),
-                targets=[self._target(source)],
-                last=self.points.get(source),
-            )
-        except BadContentError as exc:
-            if exc.code in TRUST_CODES:  # new trust material may change the verdict
-                self._untrusted[source] = item
-            else:  # what the topic holds now is refused for good
-                self._untrusted.pop(source, None)
-            self.report.reject(item.topic, exc)
+        if receipt.error is not None:
+            self.report.reject(item.topic, receipt.error)
             return
-        self._untrusted.pop(source, None)
-        if self.points.get(source) == verified.point:
-            # The same document again (a retained message on reconnect): the topic holds a
-            # valid document, so an error about an earlier refused message is over.
+        if receipt.kind is not Received.ACCEPTED:
+            # The same document again: the topic holds a valid document, so an error about an
+            # earlier refused message is over.
             if self.report.error is not None:
                 self.report.clear_error()
-            if source not in self.documents:
-                # Accepted before, refused at start-up (its keyring had expired, say), and good
-                # again with the trust there is now: resume it.
-                self.documents[source] = verified
-                self._payloads[source] = item.payload
+            if receipt.kind is Received.RESUMED:
                 self._reconcile()
             return
-        log.info(
-            "accepted deployment %s (sequence %d) from %s",
-            verified.document.deployment_id,
-            verified.document.sequence,
-            item.topic,
-            extra=log_fields(deployment_id=verified.document.deployment_id),
-        )
-        self.store.save_desired(source, item.payload)
-        self.points[source] = verified.point
-        self.store.save_trust(self.trusted, self.points)
-        self.documents[source] = verified
-        self._payloads[source] = item.payload
         self.report.clear_error()
         for rollout in self.rollouts.values():  # a new document is a new attempt
             if rollout.phase in (Phase.FAILED, Phase.ROLLED_BACK):
                 rollout.target = None
         self._reconcile()
 
-    def _target(self, source: str) -> DeploymentTarget:
-        """The one address a document on ``source``'s topic must be for.
-
-        A group's document replayed on the device's topic (or another group's) is refused:
-        sequence floors are kept per topic, so accepting it there would reopen rollback.
-        """
-        if source == "device":
-            return DeploymentTarget(kind="device", id=self.config.device_id)
-        return DeploymentTarget(kind="group", id=source.removeprefix("group-"))
-
-    def _sources(self) -> list[str]:
-        """The desired topics followed, by the names documents are kept under, in precedence."""
-        return ["device", *(f"group-{g}" for g in self.config.groups)]
-
     def _desired_topic(self, source: str) -> str:
         if source == "device":
             return self.me.desired
         return self.topics.group_desired(source.removeprefix("group-"))
 
-    def _effective(self) -> VerifiedDeployment | None:
-        """The device's own document, unless it hands the device back; else its first group's.
-
-        A document that takes over from another (a group's, once the device is handed back)
-        may have been accepted long ago: it is verified again first, against the floors and
-        the clock of now, and passed over if it no longer holds.
-        """
-        for source in self._sources():
-            doc = self.documents.get(source)
-            if doc is None or (source == "device" and doc.document.follow_groups):
-                continue
-            if doc is not self.deployment:
-                doc = self._still_valid(source, doc)
-                if doc is None:
-                    continue
-            return doc
-        return None
-
-    def _still_valid(self, source: str, doc: VerifiedDeployment) -> VerifiedDeployment | None:
-        payload = self._payloads.get(source)
-        if payload is None:
-            return doc
-        try:
-            again = self.trusted.verify_deployment(
-                payload, self._now(), targets=[self._target(source)], last=self.points.get(source)
-            )
-        except BadContentError as exc:
-            log.warning("the %s deployment no longer holds: %s", source, exc)
-            del self.documents[source]
-            self.report.reject(self._desired_topic(source), exc)
-            return None
-        self.documents[source] = again
-        return again
-
     def _reconcile(self) -> None:
-        doc = self._effective()
+        doc, lapsed = self.docs.effective(self.deployment, self._now())
+        for source, exc in lapsed:
+            self.report.reject(self._desired_topic(source), exc)
         if doc is None:
             return
         self.deployment = doc
@@ -1010,62 +892,20 @@ class DeviceAgent:
             err = exc if isinstance(exc, EdgeAgentError) else StorageError(str(exc))
             self._fail(rollout, err)
             return
-        if not self._begin_trial(rollout, draft):
+        interrupted = self.trials.begin(
+            draft,
+            deployment_sha256=rollout.deployment_sha256 or "",
+            deployment_id=rollout.deployment_id,
+        )
+        if interrupted is not None:
+            self._fail(rollout, interrupted)
             return
         rollout.loading = draft.model_copy(
             update={"variant": candidate.variant.id, "backend": candidate.backend}
         )
         self.models.deploy(candidate)
 
-    # -- trials: a version handed to the slot layer, until it commits ----------------------------
-    def _begin_trial(self, rollout: ModelRollout, draft: InstalledModel) -> bool:
-        """Record the trial before the slot layer gets the version; False (and the rollout failed)
-        when this version took the agent down with it too often for this deployment."""
-        deployment = rollout.deployment_sha256 or ""
-        prev = self.trials.get(rollout.name)
-        # The same bundle again, even for a newer document (the fleet publishes documents for
-        # other models too): interrupted starts add up. A refused one starts afresh.
-        again = (
-            prev is not None and prev.verdict is None and prev.bundle_sha256 == draft.bundle_sha256
-        )
-        starts = prev.starts + 1 if again and prev is not None else 1
-        trial = Trial(
-            model=rollout.name,
-            bundle_sha256=draft.bundle_sha256,
-            version=draft.version,
-            release=draft.release,
-            deployment_sha256=deployment,
-            deployment_id=rollout.deployment_id,
-            starts=starts,
-        )
-        if starts > MAX_TRIAL_STARTS:
-            exc = DeploymentInterruptedError(
-                f"the agent stopped {starts - 1} times while deploying {rollout.name} "
-                f"{draft.version} (a crash, a kill or a power cut each time); not trying it "
-                "again for this deployment"
-            )
-            trial = trial.model_copy(update={"starts": starts - 1, "verdict": _verdict(exc)})
-            self._save_trial(trial)
-            self._fail(rollout, exc)
-            return False
-        if starts > 1:
-            log.warning(
-                "%s %s: deploying again after %d interrupted attempt(s)",
-                rollout.name,
-                draft.version,
-                starts - 1,
-            )
-        self._save_trial(trial)
-        return True
-
-    def _save_trial(self, trial: Trial) -> None:
-        self.store.save_trial(trial)
-        self.trials[trial.model] = trial
-
-    def _end_trial(self, name: str) -> None:
-        if self.trials.pop(name, None) is not None:
-            self.store.remove_trial(name)
-
+    # -- trials: a version handed to the slot layer, until it commits (agent.device.trials) -----
     def _slot_verdict(self, name: str, bundle_sha256: str, error: EdgeAgentError) -> None:
         """Called on a slot worker: have the loop record the verdict, and wait until it has."""
         item = VerdictItem(name, bundle_sha256, error, threading.Event())
@@ -1075,23 +915,14 @@ class DeviceAgent:
 
     def _on_verdict(self, item: VerdictItem) -> None:
         try:
-            trial = self.trials.get(item.name)
             rollout = self.rollouts.get(item.name)
-            if trial is None or trial.bundle_sha256 != item.bundle_sha256:
-                return  # not a version this agent handed over (cannot happen)
-            verdict = _verdict(item.error)
-            update: dict[str, Any] = {"verdict": verdict}
-            if rollout is not None and rollout.deployment_sha256 is not None:
-                # The document the rollout heads for now (one naming the same bundle may have
-                # replaced the one the trial began with).
-                update |= {
-                    "deployment_sha256": rollout.deployment_sha256,
-                    "deployment_id": rollout.deployment_id,
-                }
-            refused = trial.model_copy(update=update)
-            self.trials[item.name] = refused  # even if the disk refuses: not ended on rollback
-            log.info("%s %s refused: %s", item.name, trial.version, verdict.message)
-            self.store.save_trial(refused)
+            self.trials.refuse(
+                item.name,
+                item.bundle_sha256,
+                item.error,
+                deployment_sha256=None if rollout is None else rollout.deployment_sha256,
+                deployment_id=None if rollout is None else rollout.deployment_id,
+            )
         finally:
             item.done.set()
 
@@ -1124,7 +955,7 @@ class DeviceAgent:
             self._restoring.discard(name)  # (READY waits for no model that is gone)
             self.models.remove(name)
             self.store.remove_installed(name)
-            self._end_trial(name)
+            self.trials.end(name)
             del self.rollouts[name]
             self.report.event("info", model=name, phase=None)
             self.report.changed()
@@ -1133,9 +964,9 @@ class DeviceAgent:
     def _collect_garbage(self) -> None:
         self.pipeline.collect_garbage(
             self.rollouts,
-            self.trials.values(),
+            list(self.trials),
             served=self.models.describe,
-            sources=self._sources(),
+            sources=self.docs.sources(),
         )
 
     def _on_removed(self, item: Removed) -> None:
@@ -1147,35 +978,15 @@ class DeviceAgent:
         if not item.payload:
             return
         try:
-            update = TrustUpdate.from_bytes(item.payload, max_bytes=MAX_METADATA_BYTES)
-            state = self.trusted
-            for root in update.roots:
-                data = json.dumps(root).encode()
-                if data == state.root_bytes:
-                    continue
-                try:
-                    state = state.update_root(data)
-                except BadContentError as exc:
-                    if exc.code == "rollback":
-                        continue  # a version the device already has
-                    raise
-            state = state.update_keyring(json.dumps(update.keyring).encode(), self._now())
+            waiting = self.docs.update_trust(item.payload, self._now())
         except BadContentError as exc:
             self.report.reject(item.topic, exc)
             return
-        if state.root == self.trusted.root and state.keyring == self.trusted.keyring:
-            return  # what the device trusts already (the retained message, again)
-        log.info(
-            "trust updated: root v%d, keyring v%d",
-            state.root.version,
-            state.keyring.version if state.keyring else 0,
-        )
-        self.trusted = state
-        self.store.save_trust(state, self.points)
+        if waiting is None:
+            return
         self.report.clear_error()
         # Documents refused for want of this trust (no keyring yet, a key it did not list):
         # what the topics hold is verified again, with no restart and no new message.
-        waiting, self._untrusted = self._untrusted, {}
         for source, refused in waiting.items():
             log.info("verifying the %s deployment again with the new trust", source)
             self._on_desired(source, refused)

@@ -78,7 +78,7 @@ from agent.bundle.manifest import DEFAULT_BLOCK_SIZE
 from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.keys import KeyStore, load_signer
 from agent.fleet.sign import sign_bundle
-from agent.testing.broker import HOST, Broker, _common_config, _run, mosquitto_binary
+from agent.testing.broker import HOST, Broker, common_config, mosquitto_binary, run_broker
 from agent.testing.fleet import deployment
 from agent.testing.models import make_onnx
 from agent.transport.messages import Event, Online, Phase, Reported
@@ -322,7 +322,7 @@ def broker_config(workdir: Path, lines: Sequence[str]) -> Callable[[int], list[s
     line per PUBLISH), with subscriptions logged (to see the servers subscribe)."""
 
     def build(port: int) -> list[str]:
-        common = [line for line in _common_config(workdir, port) if line != "log_type all"]
+        common = [line for line in common_config(workdir, port) if line != "log_type all"]
         levels = ("error", "warning", "notice", "information", "subscribe")
         return [*common, *(f"log_type {t}" for t in levels), "allow_anonymous true", *lines]
 
@@ -351,7 +351,7 @@ def running_stack(
     workdir = directory / "mosquitto"
     workdir.mkdir(exist_ok=True)
     procs: list[subprocess.Popen[str]] = []
-    with _run(workdir, broker_config(workdir, lines)) as broker:
+    with run_broker(workdir, broker_config(workdir, lines)) as broker:
         CHILDREN.append(broker.process)
         try:
             for i in range(servers):

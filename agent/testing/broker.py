@@ -111,7 +111,7 @@ def make_certs(out: Path, *device_ids: str, fleet: str = "fleet") -> Path:
     return out
 
 
-def _common_config(workdir: Path, port: int) -> list[str]:
+def common_config(workdir: Path, port: int) -> list[str]:
     lines = [
         "per_listener_settings false",
         "persistence false",
@@ -215,7 +215,7 @@ def _launch(
 
 
 @contextmanager
-def _run(
+def run_broker(
     workdir: Path, build: Callable[[int], list[str]], certs: Path | None = None
 ) -> Iterator[Broker]:
     proc, port = _launch(workdir, build)
@@ -236,9 +236,9 @@ def plain_broker(tmp_dir: Path, extra: Sequence[str] = ()) -> Iterator[Broker]:
     workdir.mkdir(parents=True, exist_ok=True)
 
     def build(port: int) -> list[str]:
-        return [*_common_config(workdir, port), "allow_anonymous true", *extra]
+        return [*common_config(workdir, port), "allow_anonymous true", *extra]
 
-    with _run(workdir, build) as broker:
+    with run_broker(workdir, build) as broker:
         yield broker
 
 
@@ -272,7 +272,7 @@ def tls_broker(
         security.append(f"acl_file {acl_copy}")
 
     def build(port: int) -> list[str]:
-        return [*_common_config(workdir, port), *security, *extra]
+        return [*common_config(workdir, port), *security, *extra]
 
-    with _run(workdir, build, certs) as broker:
+    with run_broker(workdir, build, certs) as broker:
         yield broker

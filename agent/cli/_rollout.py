@@ -127,7 +127,7 @@ def _rollout_start(args: argparse.Namespace) -> int:
 def _rollout_resume(args: argparse.Namespace) -> int:
     from agent.fleet.keys import fleet_trust, load_signer
     from agent.fleet.plan import collect
-    from agent.fleet.rollout import Controller, lease_free, load, request, take_over, wait_applied
+    from agent.fleet.rollout import resume
 
     now = now_at()
     signers = [load_signer(k) for k in args.key]
@@ -135,32 +135,28 @@ def _rollout_resume(args: argparse.Namespace) -> int:
     cm, knowledge = _rollout_session(args, "resume", trust)
     with cm as (session, inbox):
         collect(inbox, knowledge)
-        _, state = load(knowledge, args.rollout)
-        if not lease_free(state, now) and state.status in ("paused", "halted"):
-            # A live controller holds it (paused, it waits): ask it, and see it taken.
-            control = request(
-                session, knowledge.topics, args.rollout, "resume", client_id(args, "rollout")
-            )
-            if wait_applied(knowledge, inbox, args.rollout, control):
-                print(f"rollout {args.rollout}: resumed by {state.owner}")
-                return 0
-        plan, state = take_over(knowledge, inbox, args.rollout, progress=_progress)
-        if state.status in ("done", "aborted", "rolled-back"):
-            print(f"rollout {args.rollout} is {state.status}: nothing to resume", file=sys.stderr)
-            return 0 if state.status != "aborted" else 5
-        controller = Controller(session, inbox, knowledge, plan, state, signers, progress=_progress)
-        if state.status in ("paused", "halted"):
-            control = request(
-                session, knowledge.topics, args.rollout, "resume", client_id(args, "rollout")
-            )
-            controller.advance_if_halted(control.at)
-        return _drive(controller, args)
+        done = resume(
+            session,
+            inbox,
+            knowledge,
+            args.rollout,
+            signers,
+            by=client_id(args, "rollout"),
+            progress=_progress,
+        )
+        if done.how == "taken":
+            print(f"rollout {args.rollout}: resumed by {done.owner}")
+            return 0
+        if done.controller is None:
+            print(f"rollout {args.rollout} is {done.status}: nothing to resume", file=sys.stderr)
+            return 0 if done.status != "aborted" else 5
+        return _drive(done.controller, args)
 
 
 def _rollout_rollback(args: argparse.Namespace) -> int:
     from agent.fleet.keys import fleet_trust, load_signer
     from agent.fleet.plan import collect
-    from agent.fleet.rollout import Controller, lease_free, load, request, take_over
+    from agent.fleet.rollout import rollback
 
     now = now_at()
     signers = [load_signer(k) for k in args.key]
@@ -168,12 +164,17 @@ def _rollout_rollback(args: argparse.Namespace) -> int:
     cm, knowledge = _rollout_session(args, "rollback", trust)
     with cm as (session, inbox):
         collect(inbox, knowledge)
-        _, state = load(knowledge, args.rollout)
-        if not lease_free(state, now):  # its controller stops at the next tick, then hands over
-            request(session, knowledge.topics, args.rollout, "abort", client_id(args, "rollout"))
-        plan, state = take_over(knowledge, inbox, args.rollout, progress=_progress)
-        controller = Controller(session, inbox, knowledge, plan, state, signers, progress=_progress)
-        controller.start_rollback(trust, days=args.days)
+        controller = rollback(
+            session,
+            inbox,
+            knowledge,
+            args.rollout,
+            signers,
+            trust,
+            days=args.days,
+            by=client_id(args, "rollout"),
+            progress=_progress,
+        )
         return _drive(controller, args)
 
 

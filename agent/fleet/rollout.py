@@ -575,6 +575,69 @@ def pause_or_abort(
     return Controlled("asked", state.status, state.owner)
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What came of a resume: ``taken`` by the live controller that held the rollout paused or
+    halted (``owner``), ``finished`` with nothing to resume (``status``), or a ``controller``
+    here, taken over, to drive it on."""
+
+    how: Literal["taken", "finished", "driven"]
+    status: str
+    owner: str | None = None
+    controller: Controller | None = None
+
+
+def resume(
+    session: Session,
+    inbox: queue.SimpleQueue[InboxItem],
+    knowledge: Knowledge,
+    rollout_id: str,
+    signers: Sequence[Signer],
+    *,
+    by: str = "",
+    progress: Progress | None = None,
+) -> Resumed:
+    """Resume a rollout: a live controller that holds it (paused, it waits) is asked first;
+    else it is taken over (once a dead controller's lease runs out) and driven from here, past
+    the halt or the pause it stopped at."""
+    _, state = load(knowledge, rollout_id)
+    if not lease_free(state, _now()) and state.status in ("paused", "halted"):
+        control = request(session, knowledge.topics, rollout_id, "resume", by)
+        if wait_applied(knowledge, inbox, rollout_id, control):
+            return Resumed("taken", state.status, owner=state.owner)
+    plan, state = take_over(knowledge, inbox, rollout_id, progress=progress)
+    if state.status in ("done", "aborted", "rolled-back"):
+        return Resumed("finished", state.status)
+    controller = Controller(session, inbox, knowledge, plan, state, signers, progress=progress)
+    if state.status in ("paused", "halted"):
+        control = request(session, knowledge.topics, rollout_id, "resume", by)
+        controller.advance_if_halted(control.at)
+    return Resumed("driven", state.status, controller=controller)
+
+
+def rollback(
+    session: Session,
+    inbox: queue.SimpleQueue[InboxItem],
+    knowledge: Knowledge,
+    rollout_id: str,
+    signers: Sequence[Signer],
+    trust: TrustedState,
+    *,
+    days: int = 30,
+    by: str = "",
+    progress: Progress | None = None,
+) -> Controller:
+    """Roll a rollout back: a controller still driving it is told to stop (it aborts at its next
+    tick and hands over); the returned controller, which owns it now, drives the rollback."""
+    _, state = load(knowledge, rollout_id)
+    if not lease_free(state, _now()):
+        request(session, knowledge.topics, rollout_id, "abort", by)
+    plan, state = take_over(knowledge, inbox, rollout_id, progress=progress)
+    controller = Controller(session, inbox, knowledge, plan, state, signers, progress=progress)
+    controller.start_rollback(trust, days=days)
+    return controller
+
+
 # -- status ------------------------------------------------------------------------------------
 def summary(plan: RolloutPlan, state: RolloutState, knowledge: Knowledge) -> dict[str, Any]:
     """The rollout as JSON: waves with counts per phase, failures with their codes. Once a

@@ -314,13 +314,14 @@ class BlockFetch:
                 self._on_too_large(header.index, header.error.message)
             return None
         self.largest_reply = max(self.largest_reply, len(data))
-        accepted = None
         if header.kind == "block-list":
             self._on_page(header, data, now)
         else:
             accepted = self._on_block(header, data)
+            if accepted is not None:
+                return accepted  # the window is topped up once it is stored
         self._pump(now)
-        return accepted
+        return None
 
     def _on_too_large(self, index: int, message: str) -> None:
         """A bundle server cannot send block (or page) ``index``: its packet exceeds the limit.
@@ -386,7 +387,7 @@ class BlockFetch:
 
     def stored(self, i: int, now: float) -> None:
         """Block ``i``, accepted by :meth:`on_reply`, is written: it counts (``done`` with the
-        last one; save the bitmap when :attr:`bitmap_due`)."""
+        last one; save the bitmap when :attr:`bitmap_due`), and the window is topped up."""
         self._set(i)
         self.fetched_bytes += self.length(i)
         self._last_progress = now
@@ -394,6 +395,7 @@ class BlockFetch:
         self.unsaved += 1
         if self.have_count == self.count:
             self.state = "done"
+        self._pump(now)  # written and marked: then ask for more, as the part file has it
 
     def _bad(self, what: str) -> None:
         self.bad_blocks += 1

@@ -8,9 +8,7 @@ sent the retained messages; ``watch`` then follows live updates.
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import queue
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import BadContentError, BrokerError, ConfigError, StorageError
+from agent.errors import BadContentError, BrokerError, ConfigError
 from agent.transport.messages import Event, Online, Phase, Reported
 from agent.transport.session import Connection, InboxItem, Incoming, MqttSettings, Session
 from agent.transport.topics import Topics
@@ -63,26 +61,6 @@ def publish_retained(session: Session, topic: str, payload: bytes, timeout: floa
     refused = session.refused.get(info.mid)
     if refused is not None:
         raise BrokerError(f"the broker refused {topic}: {refused} (does the ACL allow it?)")
-
-
-def stage_bundle(bundle: Path, bundles_dir: Path) -> Path:
-    """Copy ``bundle`` (and its ``.dsse``) into the server's directory unless it is there."""
-    bundles_dir.mkdir(parents=True, exist_ok=True)
-    target = bundles_dir / bundle.name
-    try:
-        if target.resolve() == bundle.resolve():
-            return target
-        if target.exists() and filecmp.cmp(target, bundle, shallow=False):
-            return target
-        tmp = bundles_dir / f".{bundle.name}.tmp"
-        shutil.copyfile(bundle, tmp)
-        tmp.replace(target)
-        dsse = bundle.with_name(bundle.name + ".dsse")
-        if dsse.exists():
-            shutil.copyfile(dsse, target.with_name(target.name + ".dsse"))
-    except OSError as exc:
-        raise StorageError(f"cannot copy {bundle} into {bundles_dir}: {exc.strerror}") from None
-    return target
 
 
 @dataclass

@@ -5,14 +5,15 @@ own, signed again where the fleet's keys rotated away from it), staged for the b
 
 from __future__ import annotations
 
+import filecmp
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from agent._strictjson import loads, parse_model
 from agent.bundle.reader import read_index
-from agent.errors import ConfigError
-from agent.fleet.control import stage_bundle
+from agent.errors import ConfigError, StorageError
 from agent.fleet.sign import signed_for
 from agent.trust.envelope import parse_envelope, sign_envelope
 from agent.trust.keys import Signer
@@ -178,3 +179,23 @@ def stage_descriptors(
         if on_staged is not None:
             on_staged(descriptor, staged)
     return descriptors
+
+
+def stage_bundle(bundle: Path, bundles_dir: Path) -> Path:
+    """Copy ``bundle`` (and its ``.dsse``) into the server's directory unless it is there."""
+    bundles_dir.mkdir(parents=True, exist_ok=True)
+    target = bundles_dir / bundle.name
+    try:
+        if target.resolve() == bundle.resolve():
+            return target
+        if target.exists() and filecmp.cmp(target, bundle, shallow=False):
+            return target
+        tmp = bundles_dir / f".{bundle.name}.tmp"
+        shutil.copyfile(bundle, tmp)
+        tmp.replace(target)
+        dsse = bundle.with_name(bundle.name + ".dsse")
+        if dsse.exists():
+            shutil.copyfile(dsse, target.with_name(target.name + ".dsse"))
+    except OSError as exc:
+        raise StorageError(f"cannot copy {bundle} into {bundles_dir}: {exc.strerror}") from None
+    return target

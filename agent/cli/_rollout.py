@@ -31,13 +31,13 @@ def _progress(line: str) -> None:
 
 
 def _drive(controller: Any, args: argparse.Namespace) -> int:
-    from agent.fleet.rollout import exit_code, render, summary
+    from agent.fleet.rollout import STOPPED, exit_code, render, summary
 
     stop = stop_on_signals()
     state = controller.run(stop.is_set)
     info = summary(controller.plan, state, controller.k)
     print(json.dumps(info) if args.json else render(info))
-    if stop.is_set() and state.status not in ("done", "halted", "aborted", "rolled-back"):
+    if stop.is_set() and state.status not in STOPPED:
         print(
             f"stopped driving {state.rollout_id}; 'edge-fleet rollout resume "
             f"{state.rollout_id}' carries it on",
@@ -204,7 +204,7 @@ def _rollout_status(args: argparse.Namespace) -> int:
     import queue as _queue
 
     from agent.fleet.plan import collect
-    from agent.fleet.rollout import exit_code, load, render, summary
+    from agent.fleet.rollout import STOPPED, exit_code, load, render, summary
     from agent.transport.session import Incoming
 
     cm, knowledge = _rollout_session(args, "status")
@@ -235,7 +235,7 @@ def _rollout_status(args: argparse.Namespace) -> int:
                 )
                 print(f"{clear}{text}", flush=True)
                 shown = text
-            if not args.watch or state.status in ("done", "halted", "aborted", "rolled-back"):
+            if not args.watch or state.status in STOPPED:
                 return exit_code(state)
             if time.monotonic() >= deadline:
                 return exit_code(state)

@@ -20,7 +20,6 @@ STOP_LIMIT_S = 25.0
 
 def _agent_run(args: argparse.Namespace) -> int:
     import signal
-    import threading
 
     from agent.config import load_config
     from agent.daemon import DeviceAgent
@@ -29,10 +28,8 @@ def _agent_run(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     config = load_config(args.config)
-    stop = threading.Event()
     agent = DeviceAgent(config, reload_config=lambda: load_config(args.config))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
     deadline = StopDeadline(stop, STOP_LIMIT_S)
     try:

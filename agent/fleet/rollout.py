@@ -404,6 +404,8 @@ class Controller:
 EXIT_CODES = {"done": 0, "rolled-back": 0, "halted": 4, "aborted": 5}
 EXIT_UNFINISHED = 6  # running, paused or rolling back
 
+# Where no controller drives a rollout on by itself: finished, or halted by a gate.
+STOPPED: frozenset[str] = ROLLOUT_FINAL | {"halted"}
 
 def exit_code(state: RolloutState) -> int:
     """0 done (or rolled back), 4 halted by a gate, 5 aborted, 6 not finished yet."""
@@ -606,7 +608,7 @@ def resume(
         if wait_applied(knowledge, inbox, rollout_id, control):
             return Resumed("taken", state.status, owner=state.owner)
     plan, state = take_over(knowledge, inbox, rollout_id, progress=progress)
-    if state.status in ("done", "aborted", "rolled-back"):
+    if state.status in ROLLOUT_FINAL:
         return Resumed("finished", state.status)
     controller = Controller(session, inbox, knowledge, plan, state, signers, progress=progress)
     if state.status in ("paused", "halted"):

@@ -1,6 +1,6 @@
 """The device agent's parts, each with one job; agent.daemon wires them into the loop.
 
-* :mod:`.machine`: each model's rollout, its table of phases and the rules for late results (no I/O).
+* :mod:`.machine`: each model's rollout, its table of phases, the rules for late results (no I/O).
 * :mod:`.pipeline`: the ``prepare`` worker and the steps it runs on a bundle.
 * :mod:`.documents`: the deployment documents followed and the trust that verifies them.
 * :mod:`.trials`: the versions handed to the slot layer, until they commit.

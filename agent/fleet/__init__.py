@@ -1,9 +1,9 @@
 """The fleet side as a library: what ``edge-fleet`` does, for programs of a fleet's own.
 
 Keys, build, sign, deploy and wait for the devices, the fleet's view, rollouts and the bundle
-server. Names are imported on
-first use, so ``import agent.fleet`` stays light: building needs numpy and onnx, the view and the
-rollouts need a broker session, and a program that only signs pulls in neither.
+server. Names are imported on first use, so ``import agent.fleet`` stays light: building needs
+numpy and onnx, the view and the rollouts need a broker session, and a program that only signs
+or writes deployment documents pulls in neither.
 """
 
 from __future__ import annotations

@@ -3,28 +3,30 @@
 ``edge-fleet rollout start`` plans and then drives a rollout; ``pause``, ``resume``, ``abort`` and
 ``rollback`` act on one; ``status`` shows it. The parts:
 
-* **Plan** (:func:`agent.fleet.plan.plan_rollout`, in :mod:`agent.fleet.plan`): the target set comes from the devices' retained ``reported``
-  and ``online`` topics (the group a device follows, narrowed by selectors on what it reports),
-  ordered by a hash of the rollout id and the device id (so the canaries are a fair sample and
-  the same on every replanning), cut into waves. For each device the plan keeps what its
-  effective document named (the device's own, else its first group's): its document during the
-  rollout names those models too, with the rolled-out ones replaced, so that no other model is
-  removed; and what each rolled-out model ran before, where a rollback returns it.
+* **Plan** (:func:`agent.fleet.plan.plan_rollout`, in :mod:`agent.fleet.plan`): the target set comes
+  from the devices' retained ``reported`` and ``online`` topics (the group a device follows,
+  narrowed by selectors on what it reports), ordered by a hash of the rollout id and the device id
+  (so the canaries are a fair sample and the same on every replanning), cut into waves. For each
+  device the plan keeps what its effective document named (the device's own, else its first
+  group's): its document during the rollout names those models too, with the rolled-out ones
+  replaced, so that no other model is removed; and what each rolled-out model ran before, where a
+  rollback returns it.
 * **State** (``rollouts/{id}/plan``, ``/state`` and ``/control``, all retained): on the broker
   rather than in a local file, so any controller on any machine can carry a rollout on after a
-  crash, every operator sees it, and two operators' rollouts over the same devices are refused
-  (the broker's order of the two plans decides which one stands). A device document is signed on
-  the plan's terms, so a controller that publishes one again after a restart publishes the same
-  bytes, which devices take as the document they already have.
-* **Gate** (:func:`agent.fleet.gate.evaluate`, in :mod:`agent.fleet.gate`): a wave passes once every device of it is active, or the
-  wave's timeout has passed (devices still on their way count as timed out), with failures --
-  failed, rolled back, refused, timed out, counted over every device published so far -- at most
-  the threshold; then, with a soak time, the new version's error rate and p99 latency from the
-  devices' telemetry against the old version's. A gate that fails halts the rollout at once.
-* **Rollback** (:func:`agent.fleet.plan.rollback_terms`): every device the rollout published to gets a document
-  that names what it ran before, each earlier bundle's descriptor re-issued with a release above
-  every release the rollout reached: devices keep refusing older releases, and the bytes, so
-  the blocks already on the boxes, are the same.
+  crash, every operator sees it, and two operators' rollouts over the same devices are refused (the
+  broker's order of the two plans decides which one stands). A device document is signed on the
+  plan's terms, so a controller that publishes one again after a restart publishes the same bytes,
+  which devices take as the document they already have.
+* **Gate** (:func:`agent.fleet.gate.evaluate`, in :mod:`agent.fleet.gate`): a wave passes once every
+  device of it is active, or the wave's timeout has passed (devices still on their way count as
+  timed out), with failures -- failed, rolled back, refused, timed out, counted over every device
+  published so far -- at most the threshold; then, with a soak time, the new version's error rate
+  and p99 latency from the devices' telemetry against the old version's. A gate that fails halts the
+  rollout at once.
+* **Rollback** (:func:`agent.fleet.plan.rollback_terms`): every device the rollout published to gets
+  a document that names what it ran before, each earlier bundle's descriptor re-issued with a
+  release above every release the rollout reached: devices keep refusing older releases, and the
+  bytes, so the blocks already on the boxes, are the same.
 
 This module is the controller that drives a plan through its gates, and the commands on a
 rollout (:func:`begin`, :func:`take_over`, :func:`pause_or_abort`, :func:`summary`).
@@ -402,10 +404,10 @@ class Controller:
 
 # -- commands ----------------------------------------------------------------------------------
 EXIT_CODES = {"done": 0, "rolled-back": 0, "halted": 4, "aborted": 5}
-EXIT_UNFINISHED = 6  # running, paused or rolling back
-
 # Where no controller drives a rollout on by itself: finished, or halted by a gate.
 STOPPED: frozenset[str] = ROLLOUT_FINAL | {"halted"}
+EXIT_UNFINISHED = 6  # running, paused or rolling back
+
 
 def exit_code(state: RolloutState) -> int:
     """0 done (or rolled back), 4 halted by a gate, 5 aborted, 6 not finished yet."""

@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 EXTRAS := --extra cpu --extra openvino --extra tflite --extra build --extra systemd --extra dev
 # systemd: systemd-journald for the journald test (not run as PID 1 here).
 # nats-server: the broker cluster of tests/test_cluster.py (three nodes the test starts itself).
-DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config curl systemd nats-server
+# chromium: the browser the dashboard's tests drive headless (through Playwright).
+DEB_PACKAGES := mosquitto mosquitto-clients libsystemd-dev pkg-config curl systemd nats-server chromium
 # Debian's packaging tools and the package's build dependencies: for `make deb`, and for the
 # test that builds, lints and installs the package (tests/test_deb.py).
 DEB_BUILD_PACKAGES := build-essential debhelper lintian python3-systemd

@@ -1,5 +1,6 @@
-"""``edge-fleet``: keys, bundles, the bundle server, deployments, the fleet's state, rollouts
-and the device simulator, one module per command group. Exit status as ``agent.cli`` says."""
+"""``edge-fleet``: keys, bundles, the bundle server, deployments, the fleet's state, rollouts,
+the device simulator and the dashboard, one module per command group. Exit status as
+``agent.cli`` says."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import _bundle, _deploy, _keys, _rollout, _serve, _simulate
+from agent.cli import _bundle, _dashboard, _deploy, _keys, _rollout, _serve, _simulate
 from agent.cli._common import run
 
 
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     top = p.add_subparsers(title="commands")
     # In the order `edge-fleet --help` lists them.
-    for group in (_keys, _bundle, _serve, _deploy, _simulate, _rollout):
+    for group in (_keys, _bundle, _serve, _deploy, _simulate, _rollout, _dashboard):
         group.add_parser(top)
     return p
 

@@ -29,7 +29,7 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -60,11 +60,20 @@ class _Server(uvicorn.Server):
 class ApiServer:
     """Runs ``app`` on the listeners ``settings`` names; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, settings: ApiSettings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: ApiSettings,
+        *,
+        name: str = "the inference API",
+        tls: Mapping[str, Any] | None = None,
+    ) -> None:
         if settings.port is None and settings.unix_socket is None:
-            raise ConfigError("the inference API needs a TCP port or a Unix socket (or both)")
+            raise ConfigError(f"{name} needs a TCP port or a Unix socket (or both)")
         self.app = app
         self.settings = settings
+        self.name = name  # for the log and the errors: "the inference API", "the dashboard"
+        self.tls = dict(tls or {})  # uvicorn's ssl_* settings (certificate, key, client CAs)
         self.tcp_address: tuple[str, int] | None = None  # (host, port) once started
         self.unix_socket: Path | None = None
         self._sockets: list[socket.socket] = []
@@ -81,11 +90,11 @@ class ApiServer:
     def start(self, timeout: float = 30.0) -> None:
         """Bind the listeners and start serving; returns once connections are accepted."""
         if self._thread is not None:
-            raise RuntimeError("the inference API server is started already")
+            raise RuntimeError(f"{self.name} is started already")
         s = self.settings
         try:
             if s.port is not None:
-                tcp = _bind_tcp(s.host, s.port)
+                tcp = _bind_tcp(s.host, s.port, self.name)
                 self._sockets.append(tcp)
                 self.tcp_address = (s.host, tcp.getsockname()[1])
             if s.unix_socket is not None:
@@ -109,6 +118,7 @@ class ApiServer:
             ws="none",
             limit_concurrency=s.max_connections,
             timeout_graceful_shutdown=math.ceil(s.drain_timeout_s),
+            **self.tls,
         )
         self._listening.clear()
         self._failure = None
@@ -118,13 +128,21 @@ class ApiServer:
         if not self._listening.wait(timeout) or self._failure is not None:
             failure = self._failure
             self.stop()
-            raise EdgeAgentError(f"the inference API did not start: {failure!r}") from failure
+            raise EdgeAgentError(f"{self.name} did not start: {failure!r}") from failure
         where = []
         if self.tcp_address:
-            where.append(f"http://{_url_host(self.tcp_address[0])}:{self.tcp_address[1]}")
+            where.append(self.url)
         if self.unix_socket:
             where.append(f"unix:{self.unix_socket}")
-        log.info("inference API listening on %s", " and ".join(where))
+        log.info("%s listening on %s", self.name, " and ".join(where))
+
+    @property
+    def url(self) -> str:
+        """``http(s)://host:port/`` of the TCP listener (empty before it listens)."""
+        if self.tcp_address is None:
+            return ""
+        scheme = "https" if self.tls.get("ssl_certfile") else "http"
+        return f"{scheme}://{_url_host(self.tcp_address[0])}:{self.tcp_address[1]}"
 
     def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (``drain_timeout_s``), close the app.
@@ -136,7 +154,7 @@ class ApiServer:
             server.should_exit = True  # polled by uvicorn's main loop every 0.1 s
             thread.join(self.settings.drain_timeout_s + 10)
             if thread.is_alive():
-                log.warning("the inference API did not stop in time; closing its connections")
+                log.warning("%s did not stop in time; closing its connections", self.name)
                 server.force_exit = True
                 thread.join(5)
         self._close_sockets()
@@ -162,7 +180,7 @@ class ApiServer:
             asyncio.run(self._serve())
         except BaseException as exc:  # uvicorn ends a failed startup with SystemExit
             self._failure = exc
-            log.exception("the inference API server stopped on an error")
+            log.exception("%s stopped on an error", self.name)
         finally:
             self._listening.set()  # wakes start() if it still waits
 
@@ -193,9 +211,16 @@ class ApiServer:
                 path.unlink()
 
 
-def serve_api(app: ASGIApp, settings: ApiSettings, timeout: float = 30.0) -> ApiServer:
+def serve_api(
+    app: ASGIApp,
+    settings: ApiSettings,
+    timeout: float = 30.0,
+    *,
+    name: str = "the inference API",
+    tls: Mapping[str, Any] | None = None,
+) -> ApiServer:
     """Start an :class:`ApiServer` for ``app`` and return it once it listens."""
-    server = ApiServer(app, settings)
+    server = ApiServer(app, settings, name=name, tls=tls)
     server.start(timeout)
     return server
 
@@ -204,11 +229,11 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _bind_tcp(host: str, port: int) -> socket.socket:
+def _bind_tcp(host: str, port: int, name: str = "the inference API") -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"api.host {host!r} does not resolve: {exc.strerror}") from None
+        raise ConfigError(f"{name}: host {host!r} does not resolve: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -218,11 +243,7 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ConfigError(
-            f"the inference API cannot listen on {host}:{port}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"{name} cannot listen on {host}:{port}: {exc.strerror}") from None
     if not ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback:
-        log.warning(
-            "the inference API listens on %s: reachable from the network, not only this box", host
-        )
+        log.warning("%s listens on %s: reachable from the network, not only this box", name, host)
     return sock

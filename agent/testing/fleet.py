@@ -364,6 +364,7 @@ def write_agent_toml(config: AgentConfig, path: Path) -> Path:
     api = config.api
     lines.append(f"port = {api.port}" if api.port is not None else "port = false")
     lines.append(f"unix_socket = {q(api.unix_socket)}" if api.unix_socket else 'unix_socket = ""')
+    lines += ["[telemetry]", f"interval_s = {config.telemetry.interval_s}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 

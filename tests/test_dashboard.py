@@ -14,7 +14,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,18 @@ from agent.fleet.dashboard.history import History
 from agent.fleet.dashboard.model import FleetModel, allowed_actions, hardware_class
 from agent.fleet.dashboard.prometheus import SERIES, render
 from agent.testing.broker import Broker
-from agent.testing.fleet import REPO, TOPICS, mqtt_settings, watcher
+from agent.testing.fleet import (
+    REPO,
+    TOPICS,
+    active,
+    bundle_server,
+    deployment,
+    mqtt_settings,
+    simulated,
+    two_versions,
+    watcher,
+)
+from agent.testing.wait import wait_until
 from agent.transport.messages import (
     DocumentTerms,
     ErrorInfo,
@@ -699,3 +711,83 @@ def test_the_command_serves_until_sigterm_and_refuses_an_open_listener(
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+def test_resume_and_rollback_from_the_dashboard_drive_the_rollout_from_it(
+    tmp_path: Path, broker: Broker, keys: Keys, signed: Callable[..., Any]
+) -> None:
+    """The CLI starts a rollout and is stopped while it is paused; the dashboard's Resume takes
+    it over and drives it, its Roll back takes it from that controller and returns the devices
+    to 1.0.0, and stopping the dashboard leaves no controller behind."""
+    v = two_versions(tmp_path, signed)
+    with ExitStack() as stack:
+        stack.enter_context(bundle_server(broker, v.served))
+        w = stack.enter_context(watcher(broker))
+        sims = stack.enter_context(
+            simulated(broker, keys, tmp_path / "sim", group="hall", devices=4)
+        )
+        w.publish(
+            TOPICS.group_desired("hall"),
+            deployment({"tiny": v.envelopes["1.0.0"]}, keys.release, group="hall"),
+        )
+        for dev in sims.devices:
+            w.wait(dev.id, active("tiny", "1.0.0"), what="1.0.0 from the group")
+        d = Dashboard(
+            mqtt_settings(broker), TOPICS, DashboardSettings(port=0),
+            Signing.load(keys.store.release_key_paths()),
+        )  # fmt: skip
+        stack.enter_context(d)
+        c = Client(d.url)
+
+        def act(action: str) -> dict[str, Any]:
+            status, _, text = c.request(
+                "POST", f"/api/rollouts/ro-d/{action}", b'{"confirm": "ro-d"}',
+                x_edge_fleet="dashboard",
+            )  # fmt: skip
+            assert status == 200, text
+            doc: dict[str, Any] = json.loads(text)
+            return doc
+
+        def rollout() -> dict[str, Any]:
+            found = [r for r in d.model.rollouts() if r["rollout"] == "ro-d"]
+            return found[0] if found else {}
+
+        cli = subprocess.Popen(
+            [
+                sys.executable, "-m", "agent.cli", "rollout", "start", str(v.bundles["2.0.0"]),
+                "--group", "hall", "--waves", "1,100%", "--soak", "10m", "--id", "ro-d",
+                "--bundles", str(v.served), "--key", str(keys.store.release_key_paths()[0]),
+                "--broker", f"{broker.host}:{broker.port}", "--no-tls",
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: rollout().get("status") == "running", 60, message="ro-d running")
+            assert "pause taken by" in act("pause")["message"]
+            assert rollout()["status"] == "paused"
+            cli.send_signal(signal.SIGTERM)  # it hands the paused rollout back
+            cli.communicate(timeout=60)
+            wait_until(
+                lambda: not rollout().get("driven"), 30, message="the CLI's lease given back"
+            )
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.communicate(timeout=10)
+
+        done = act("resume")
+        assert done["driving"] is True, done
+        assert done["message"] == "resumed, driven from the dashboard"
+        wait_until(lambda: rollout().get("status") == "running", 30, message="resumed")
+        assert d.actions.driving() == ["ro-d"]
+        assert "resume" not in rollout()["actions"]  # a live controller holds it
+
+        done = act("rollback")
+        assert done["driving"] is True, done
+        wait_until(lambda: rollout().get("status") == "rolled-back", 120, message="rolled back")
+        for dev in sims.devices:
+            w.wait(dev.id, active("tiny", "1.0.0"), what="1.0.0 again")
+        wait_until(lambda: d.actions.driving() == [], 30, message="the controllers finished")
+        d.stop()
+        assert d.actions.driving() == []
+        assert rollout()["owner"] is None

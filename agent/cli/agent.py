@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.cli import _loadtest
 from agent.cli._common import run, stop_on_signals
 from agent.errors import ConfigError, EdgeAgentError
 
@@ -359,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     top = p.add_subparsers(title="commands")
     for add in (_add_run, _add_serve, _add_hardware, _add_check_config, _add_status):
         add(top)
+    _loadtest.add_parser(top)
     return p
 
 

@@ -1,0 +1,146 @@
+"""``edge-agent loadtest`` against a real ``edge-agent serve`` of the tiny model: counts and
+times bounded, binary and JSON inputs, TCP and the Unix socket, 503s with their Retry-After
+when the queue is full (health stays 200), and clear refusals of what cannot be driven."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.serving.loadtest import make_request, percentile, shapes
+from tests.conftest import Keys
+from tests.test_agent_serve import serving
+
+AGENT = str(Path(sys.executable).parent / "edge-agent")
+
+
+def loadtest(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AGENT, "loadtest", "--model", "tiny", "--format", "json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def summary(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.returncode == 0, done.stderr
+    doc: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return doc
+
+
+def test_binary_and_json_over_tcp_and_the_socket(keys: Keys, signed, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bundle, _ = signed("1.0.0")
+    sock = tmp_path / "api.sock"
+    flags = ["--bundle", str(bundle), "--trust", str(keys.dir), "--port", "0"]
+    with serving(*flags, "--socket", str(sock)) as (address, _):
+        url = f"http://{address}"
+        got = summary(loadtest("--url", url, "--requests", "300", "--concurrency", "3"))
+        assert got["requests"] == 300  # bounded by count, well inside the 10 s default
+        assert got["ok"] == 300
+        assert got["errors"] == 0
+        assert got["busy_503"] == 0
+        assert got["encoding"] == "binary"
+        assert got["duration_s"] < 10
+        lat = got["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert got["throughput_rps"] > 0
+
+        got = summary(loadtest("--socket", str(sock), "--json", "--batch", "4", "--requests", "50"))
+        assert got["target"] == f"unix:{sock}"
+        assert got["encoding"] == "json"
+        assert got["ok"] == 50
+        assert got["inferences_per_s"] == pytest.approx(4 * got["throughput_rps"], rel=0.01)
+
+        # Bounded in time: a second and a half, then the threads stop.
+        got = summary(loadtest("--url", url, "--duration", "1.5", "--concurrency", "2"))
+        assert 1.4 <= got["duration_s"] < 5
+        assert got["ok"] > 0
+
+        text = subprocess.run(
+            [AGENT, "loadtest", "--url", url, "--model", "tiny", "--requests", "20", "-q"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert text.returncode == 0, text.stderr
+        assert "requests    20 answered, 20 ok" in text.stdout
+        assert "busy (503)  0" in text.stdout
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_health_stays_200(  # type: ignore[no-untyped-def]
+    keys: Keys, signed
+) -> None:
+    bundle, _ = signed("1.0.0")
+    flags = ["--bundle", str(bundle), "--trust", str(keys.dir), "--port", "0"]
+    with serving(*flags, "--workers", "1", "--max-queue", "0") as (address, _):
+        got = summary(
+            loadtest("--url", f"http://{address}", "--concurrency", "12", "--duration", "3",
+                     "--batch", "256")
+        )  # fmt: skip
+        assert got["busy_503"] > 0, got
+        assert set(got["retry_after"]) == {"1"}
+        assert got["ok"] > 0
+        assert got["errors"] == 0
+        host, port = address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/v2/health/ready")
+        assert conn.getresponse().status == 200
+        conn.close()
+
+
+def test_what_cannot_be_driven_is_refused_clearly(keys: Keys, signed) -> None:  # type: ignore[no-untyped-def]
+    bundle, _ = signed("1.0.0")
+    flags = ["--bundle", str(bundle), "--trust", str(keys.dir), "--port", "0"]
+    with serving(*flags) as (address, _):
+        url = f"http://{address}"
+        done = subprocess.run(
+            [AGENT, "loadtest", "--url", url, "--model", "nope"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert "/v2/models/nope answered 404" in done.stderr
+        for bad, says in (
+            (["--concurrency", "0"], "--concurrency must be 1 to 256"),
+            (["--duration", "0"], "--duration must be above 0"),
+            (["--batch", "0"], "--batch must be 1 or more"),
+        ):
+            done = loadtest("--url", url, *bad)
+            assert done.returncode == 2, bad
+            assert says in done.stderr
+    done = loadtest("--url", "http://127.0.0.1:9", "--requests", "1")
+    assert done.returncode == 3
+    assert "cannot reach the API" in done.stderr
+
+
+def test_inputs_follow_the_metadata() -> None:
+    meta = {
+        "name": "m",
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [-1, 3, -1]},
+            {"name": "ids", "datatype": "INT64", "shape": [-1]},
+            {"name": "text", "datatype": "BYTES", "shape": [-1, 2]},
+        ],
+    }
+    assert shapes(meta, 5) == [("x", "FP32", [5, 3, 1]), ("ids", "INT64", [5]),
+                               ("text", "BYTES", [5, 2])]  # fmt: skip
+    binary = make_request(meta, batch=5)
+    head_len = int(binary.headers["Inference-Header-Content-Length"])
+    head = json.loads(binary.body[:head_len])
+    sizes = [t["parameters"]["binary_data_size"] for t in head["inputs"]]
+    assert sizes[:2] == [5 * 3 * 4, 5 * 8]
+    assert len(binary.body) == head_len + sum(sizes)
+    assert binary.path == "/v2/models/m/infer"
+    js = json.loads(make_request(meta, batch=2, binary=False, version="7").body)
+    assert len(js["inputs"][0]["data"]) == 6
+    assert all(isinstance(s, str) for s in js["inputs"][2]["data"])
+    with pytest.raises(ConfigError, match="fixed leading dimension"):
+        shapes({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3]}]}, 4)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    assert percentile([], 50) is None

@@ -15,6 +15,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.serving.loadtest import make_request, percentile, shapes
+from agent.testing.fleet import REPO
 from tests.conftest import Keys
 from tests.test_agent_serve import serving
 
@@ -144,3 +145,25 @@ def test_inputs_follow_the_metadata() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
     assert percentile([], 50) is None
+
+
+def test_locust_runs_the_shipped_locustfile_headless(keys: Keys, signed) -> None:  # type: ignore[no-untyped-def]
+    bundle, _ = signed("1.0.0")
+    flags = ["--bundle", str(bundle), "--trust", str(keys.dir), "--port", "0"]
+    locust = str(Path(sys.executable).parent / "locust")
+    with serving(*flags) as (address, _):
+        done = subprocess.run(
+            [
+                locust, "-f", str(REPO / "bench" / "locustfile.py"), "--headless",
+                "--host", f"http://{address}", "--model", "tiny", "--batch", "2",
+                "-u", "3", "-r", "3", "-t", "4s", "--json", "--only-summary",
+                "--loglevel", "WARNING",
+            ],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stats = {s["name"]: s for s in json.loads(done.stdout)}
+    assert stats["metadata"]["num_requests"] == 3  # once per user
+    assert stats["infer"]["num_requests"] > 10, stats["infer"]
+    assert stats["infer"]["num_failures"] == 0
+    assert stats["infer"]["method"] == "POST"

@@ -167,3 +167,56 @@ def test_locust_runs_the_shipped_locustfile_headless(keys: Keys, signed) -> None
     assert stats["infer"]["num_requests"] > 10, stats["infer"]
     assert stats["infer"]["num_failures"] == 0
     assert stats["infer"]["method"] == "POST"
+
+
+def _used() -> float:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total = int(info["MemTotal"].split()[0])
+    return 1 - int(info["MemAvailable"].split()[0]) / total
+
+
+def test_the_memory_breaker_sheds_load_while_memory_is_high_and_serves_again_after(  # type: ignore[no-untyped-def]
+    keys: Keys, signed
+) -> None:
+    """The threshold sits 8 points above the memory in use now; a second process then takes
+    16 points more (written, so the pages are real): requests get 503 with Retry-After while it
+    holds them, health stays 200, and once it lets go, the same load is served again."""
+    bundle, _ = signed("1.0.0")
+    total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    threshold = round(_used() + 0.08, 3)
+    assert threshold < 0.8, "the box is too full to take 16% more for this test"
+    flags = ["--bundle", str(bundle), "--trust", str(keys.dir), "--port", "0"]
+    with serving(*flags, "--memory-threshold", str(threshold)) as (address, _):
+        url = f"http://{address}"
+        before = summary(loadtest("--url", url, "--duration", "1.5"))
+        assert before["ok"] > 0
+        assert before["busy_503"] == 0, before
+
+        hog = subprocess.Popen(
+            [sys.executable, "-c",
+             f"import sys, time; b = b'x' * {int(total * 0.16)}; print('held', flush=True); "
+             "sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert hog.stdout is not None
+            assert hog.stdout.readline() == "held\n"
+            assert _used() > threshold
+            shed = loadtest("--url", url, "--duration", "2.5", "--concurrency", "2")
+            host, port = address.rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", "/v2/health/live")
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            hog.communicate("", timeout=30)  # it lets go
+        during = json.loads(shed.stdout.strip().splitlines()[-1])
+        assert shed.returncode == (0 if during["ok"] else 1)  # 1: not one request served
+        assert during["busy_503"] > 0, during
+        assert during["busy_503"] > during["ok"], during
+        assert set(during["retry_after"]) == {"1"}
+        assert during["errors"] == 0
+
+        after = summary(loadtest("--url", url, "--duration", "1.5"))
+        assert after["ok"] > 0, after
+        assert after["errors"] == 0

@@ -504,12 +504,64 @@ def test_a_token_guards_every_page_but_the_login_and_never_reaches_the_page(
 def test_only_loopback_host_names_are_served_on_a_loopback_listener(served: Dashboard) -> None:
     c = Client(served.url)
     auth = f"Bearer {TOKEN}"
-    for host in ("evil.example", "evil.example:8600", "10.0.0.5"):
+    for host in ("evil.example", "evil.example:8600", "10.0.0.5", "a1.localhost:8600", ""):
         status, _, body = c.request("GET", "/api/fleet", host=host, authorization=auth)
         assert status == 421, host
         assert b"loopback host names" in body
     for host in ("localhost:8600", "127.0.0.1", "[::1]:8600", "127.1.2.3"):
         assert c.request("GET", "/api/fleet", host=host, authorization=auth)[0] == 200, host
+
+
+def test_another_site_gets_no_data_and_a_login_runs_out(served: Dashboard) -> None:
+    c = Client(served.url)
+    auth = f"Bearer {TOKEN}"
+    for path in ("/api/fleet", "/api/stream", "/metrics"):
+        status, _, text = c.request("GET", path, authorization=auth, sec_fetch_site="cross-site")
+        assert status == 403, path
+        assert b"other sites" in text
+    assert (
+        c.request("GET", "/api/fleet", authorization=auth, sec_fetch_site="same-origin")[0] == 200
+    )
+    # A link from elsewhere to the page itself still opens it (then the login).
+    assert c.request("GET", "/", sec_fetch_site="cross-site")[0] == 303
+    # The login form has its style before a login.
+    assert c.request("GET", "/static/style.css")[0] == 200
+    assert c.request("GET", "/static/app.js")[0] == 401
+    # A cookie carries its expiry under the MAC: an old one, or one with its time moved, fails.
+    access = served.app.access
+    old = access.session_value(now=time.time() - 13 * 3600)
+    assert c.request("GET", "/api/fleet", cookie=f"edge_fleet_dashboard={old}")[0] == 401
+    expiry, _, mac = old.partition(".")
+    moved = f"{int(expiry) + 86400}.{mac}"
+    assert c.request("GET", "/api/fleet", cookie=f"edge_fleet_dashboard={moved}")[0] == 401
+    fresh = access.session_value()
+    assert c.request("GET", "/api/fleet", cookie=f"edge_fleet_dashboard={fresh}")[0] == 200
+
+
+def test_the_release_key_needs_a_token_even_on_loopback(broker: Broker, keys: Keys) -> None:
+    signing = Signing.load(keys.store.release_key_paths())
+    with pytest.raises(ConfigError, match="needs a token too"):
+        Dashboard(mqtt_settings(broker), TOPICS, DashboardSettings(port=0), signing)
+
+
+def test_a_device_sending_infinity_does_not_break_the_page(broker: Broker) -> None:
+    with (
+        watcher(broker) as w,
+        Dashboard(mqtt_settings(broker), TOPICS, DashboardSettings(port=0)) as d,
+    ):
+        w.publish(TOPICS.device("cam-1").reported, reported("cam-1").payload)
+        raw = b'{"type":"telemetry","device_id":"cam-1","at":"2026-01-01T00:00:00Z",'
+        raw += b'"metrics":{"cpu.percent":1e400,"mem.percent":-1e999,"proc.rss_mb":50.0}}'
+        w.publish(TOPICS.device("cam-1").telemetry, raw, retain=False)
+        wait_until(lambda: d.model.latest("cam-1"), 10, message="the telemetry taken")
+        c = Client(d.url)
+        for path in ("/api/fleet", "/api/devices/cam-1"):
+            status, _, body = c.request("GET", path)
+            assert status == 200
+            assert b"Infinity" not in body
+            json.loads(body, parse_constant=lambda name, p=path: pytest.fail(f"{name} in {p}"))
+        assert d.model.latest("cam-1") == {"proc.rss_mb": 50.0}
+        assert b"edge_fleet_device_cpu_percent{" not in c.request("GET", "/metrics")[2]
 
 
 def test_actions_are_refused_cross_site_unconfirmed_or_without_the_release_key(
@@ -547,12 +599,14 @@ def test_an_action_needs_its_confirmation_and_a_finished_rollout_refuses_it(
     signing = Signing.load(keys.store.release_key_paths())
     with (
         watcher(broker) as w,
-        Dashboard(mqtt_settings(broker), TOPICS, DashboardSettings(port=0), signing) as d,
+        Dashboard(
+            mqtt_settings(broker), TOPICS, DashboardSettings(port=0, token=TOKEN), signing
+        ) as d,
     ):
         for item in a_rollout("ro-9", "done"):
             w.publish(item.topic, item.payload)
         c = Client(d.url)
-        hdr = {"x_edge_fleet": "dashboard"}
+        hdr = {"x_edge_fleet": "dashboard", "authorization": f"Bearer {TOKEN}"}
         path = "/api/rollouts/ro-9/abort"
         status, _, text = c.request("POST", path, b"{}", **hdr)
         assert status == 400
@@ -733,7 +787,7 @@ def test_resume_and_rollback_from_the_dashboard_drive_the_rollout_from_it(
         for dev in sims.devices:
             w.wait(dev.id, active("tiny", "1.0.0"), what="1.0.0 from the group")
         d = Dashboard(
-            mqtt_settings(broker), TOPICS, DashboardSettings(port=0),
+            mqtt_settings(broker), TOPICS, DashboardSettings(port=0, token=TOKEN),
             Signing.load(keys.store.release_key_paths()),
         )  # fmt: skip
         stack.enter_context(d)
@@ -742,7 +796,7 @@ def test_resume_and_rollback_from_the_dashboard_drive_the_rollout_from_it(
         def act(action: str) -> dict[str, Any]:
             status, _, text = c.request(
                 "POST", f"/api/rollouts/ro-d/{action}", b'{"confirm": "ro-d"}',
-                x_edge_fleet="dashboard",
+                x_edge_fleet="dashboard", authorization=f"Bearer {TOKEN}",
             )  # fmt: skip
             assert status == 200, text
             doc: dict[str, Any] = json.loads(text)

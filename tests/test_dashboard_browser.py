@@ -24,10 +24,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from agent.fleet.build import BuildOptions, build_bundle
 from agent.fleet.dashboard import Dashboard, DashboardSettings
@@ -60,6 +60,7 @@ GROUP = "lobby"
 AGENTS = ("cam-a", "cam-b")
 SIMULATED = 200
 WAIT_MS = 60_000
+TOKEN = "a-dashboard-token-of-some-length"
 
 broker = broker_fixture(scope="module")
 expect.set_options(timeout=WAIT_MS)
@@ -75,11 +76,11 @@ class Fleet:
     bundles: dict[str, Path]
     envelopes: dict[str, bytes]
     dashboard: Dashboard
-    browser: Browser
+    browser: BrowserContext
     shots: list[Path]
 
     def page(self) -> Page:
-        page = self.browser.new_page(viewport={"width": 1440, "height": 900})
+        page = self.browser.new_page()
         page.set_default_timeout(WAIT_MS)
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -146,14 +147,35 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[
                 mqtt_settings(broker),
                 TOPICS,
                 # A two-minute window (points half a second apart), so that charts fill fast.
-                DashboardSettings(port=0, history_minutes=2),
+                DashboardSettings(port=0, history_minutes=2, token=TOKEN),
                 Signing.load(store.release_key_paths()),
             )
         )
         pw = stack.enter_context(sync_playwright())
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         stack.callback(browser.close)
-        yield Fleet(tmp, broker, store, signer, watch, bundles, envelopes, dashboard, browser, [])
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        login(context, dashboard.url)
+        yield Fleet(tmp, broker, store, signer, watch, bundles, envelopes, dashboard, context, [])
+
+
+def login(context: BrowserContext, url: str) -> None:
+    """Through the form, as a manager logs in: a wrong token is told so, the right one in."""
+    page = context.new_page()
+    page.goto(url + "/")
+    expect(page).to_have_url(url + "/login")
+    page.fill("#token", "not-the-token-at-all")
+    page.click("button[type=submit]")
+    expect(page.locator(".error")).to_contain_text("not the dashboard's token")
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    expect(page).to_have_url(url + "/")
+    expect(page.locator("#logout")).to_be_visible()
+    cookie = next(c for c in context.cookies() if c["name"] == "edge_fleet_dashboard")
+    assert cookie["httpOnly"]
+    assert TOKEN not in cookie["value"]
+    assert TOKEN not in page.content()
+    page.close()
 
 
 def row(page: Page, device: str) -> str:
@@ -201,6 +223,8 @@ def test_the_fleet_page_follows_a_deployment_to_active(fleet: Fleet) -> None:
     count = page.locator("#devices tbody tr").count()
     assert 0 < count < SIMULATED, count
     page.fill("#filter", "")
+    page.click('#devices th[data-sort="id"]')  # ascending again: the real boxes first
+    expect(page.locator("#devices tbody tr").first).to_have_attribute("data-device", "cam-a")
     page.wait_for_selector('#devices tr[data-device^="sim-"] .model[data-phase="active"]')
     fleet.shot(page, "dashboard")
     assert page.errors == []  # type: ignore[attr-defined]
@@ -220,7 +244,10 @@ def test_a_device_page_shows_its_models_events_and_telemetry(fleet: Fleet) -> No
     chart = page.locator('#device .chart[data-metric="cpu.percent"]')
     expect(chart).to_be_visible()
     expect(page.locator('#device .chart[data-metric="proc.rss_mb"] polyline')).to_have_count(1)
-    detail = json.loads(urlopen(f"{fleet.dashboard.url}/api/devices/cam-a", timeout=10).read())
+    asked = Request(
+        f"{fleet.dashboard.url}/api/devices/cam-a", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    detail = json.loads(urlopen(asked, timeout=10).read())
     assert len(detail["series"]["proc.rss_mb"]) >= 2, detail["series"]
     page.wait_for_function(
         """() => {

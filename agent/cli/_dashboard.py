@@ -48,6 +48,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         client_ca=args.client_ca,
         history_minutes=args.history_minutes,
+        access_log=args.verbose,
     )
     signing = Signing.load(args.key, args.trust, args.days) if args.key else None
     stop = stop_on_signals()
@@ -80,7 +81,7 @@ def add_parser(top: Any) -> None:
         help="the fleet in a browser: devices, rollouts, telemetry; Prometheus /metrics",
         description="Serve a web page of the fleet from the broker alone. Loopback by default; "
         "beyond loopback a token (--token-file or $EDGE_FLEET_DASHBOARD_TOKEN) or TLS client "
-        "certificates are required. Rollout buttons need the release key (--key).",
+        "certificates are required. Rollout buttons need the release key (--key) and a token.",
     )
     p.add_argument(
         "--listen", default="127.0.0.1:8600", metavar="HOST:PORT", help="default 127.0.0.1:8600"

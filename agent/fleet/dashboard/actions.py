@@ -146,10 +146,12 @@ class Actions:
             daemon=True,
         )
         with self._lock:
+            if self._stop.is_set():  # close() took its list already: nothing would join this
+                raise ConfigError("the dashboard is stopping")
             # A controller of ours already driving it is asked to hand over, like any other.
             self._threads = [(r, t) for r, t in self._threads if t.is_alive()]
             self._threads.append((rollout_id, thread))
-        thread.start()
+            thread.start()
         try:
             got = answer.get(timeout=ANSWER_S)
         except queue.Empty:
@@ -221,8 +223,8 @@ class Actions:
 
     def close(self, timeout: float = 15.0) -> None:
         """Stop every controller driving from here (each hands its rollout back)."""
-        self._stop.set()
         with self._lock:
+            self._stop.set()
             threads = list(self._threads)
         for _, t in threads:
             t.join(timeout)

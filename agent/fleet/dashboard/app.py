@@ -54,6 +54,7 @@ STATIC = {
     "style.css": "text/css; charset=utf-8",
 }
 COOKIE = "edge_fleet_dashboard"
+SESSION_S = 12 * 3600  # a login lasts this long
 LOGIN_FAILED = b'<p class="error">That is not the dashboard\'s token.</p>\n    <label'
 MAX_STREAMS = 64  # live pages at once; beyond: 503
 MAX_BODY = 16 * 1024
@@ -75,15 +76,25 @@ SECURITY_HEADERS = [
 @dataclass(frozen=True)
 class Access:
     """Who may use the dashboard: anyone who reaches it (``token`` None), or holders of the
-    token. ``loopback``: the listener is on a loopback address (the Host check applies)."""
+    token. ``loopback``: the listener is on a loopback address (the Host check applies).
+
+    A login cookie is ``EXPIRY.MAC``: the time it runs out and an HMAC of that time keyed with
+    the token, so it is checked without state, dies at its time whatever the browser does, and
+    every cookie dies when the token changes.
+    """
 
     token: str | None = None
     loopback: bool = True
     tls: bool = False
 
-    def session_value(self) -> str:
+    def _mac(self, expiry: int) -> str:
         assert self.token is not None
-        return hmac.new(self.token.encode(), b"edge-fleet dashboard session", "sha256").hexdigest()
+        msg = f"edge-fleet dashboard session {expiry}".encode()
+        return hmac.new(self.token.encode(), msg, "sha256").hexdigest()
+
+    def session_value(self, now: float | None = None) -> str:
+        expiry = int((time.time() if now is None else now) + SESSION_S)
+        return f"{expiry}.{self._mac(expiry)}"
 
     def allowed(self, headers: dict[str, str]) -> bool:
         if self.token is None:
@@ -94,20 +105,30 @@ class Access:
         ):
             return True
         cookie = _cookies(headers.get("cookie", "")).get(COOKIE, "")
-        return bool(cookie) and hmac.compare_digest(cookie.encode(), self.session_value().encode())
+        expiry, _, mac = cookie.partition(".")
+        if not expiry.isdigit() or int(expiry) < time.time():
+            return False
+        return hmac.compare_digest(mac.encode(), self._mac(int(expiry)).encode())
 
     def host_ok(self, headers: dict[str, str]) -> bool:
-        """On a loopback listener: the Host names a loopback address or ``localhost``."""
+        """On a loopback listener: the Host is ``localhost`` or a loopback address."""
         if not self.loopback:
             return True
         host = headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
-        if name == "localhost" or name.endswith(".localhost"):
+        if name == "localhost":
             return True
         try:
             return ipaddress.ip_address(name).is_loopback
         except ValueError:
             return False
+
+
+def _cross_site(path: str, headers: dict[str, str]) -> bool:
+    """A browser says another site asks for data (``Sec-Fetch-Site``); a link to the page
+    itself from elsewhere is fine."""
+    data = path.startswith("/api/") or path == "/metrics"
+    return data and headers.get("sec-fetch-site") == "cross-site"
 
 
 def _cookies(text: str) -> dict[str, str]:
@@ -128,7 +149,13 @@ class _Reply:
 
 
 def _json(status: int, doc: object, *headers: tuple[bytes, bytes]) -> _Reply:
-    return _Reply(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
+    return _Reply(status, _dumps(doc).encode(), headers=headers)
+
+
+def _dumps(doc: object) -> str:
+    """JSON a browser parses: a non-finite number (which JSON cannot hold) is an error here,
+    never ``Infinity`` on the page (the model drops those a device sends)."""
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
 def _problem(status: int, message: str) -> _Reply:
@@ -163,6 +190,8 @@ class DashboardApp:
         try:
             if not self.access.host_ok(headers):
                 reply = _problem(421, "this dashboard answers only to loopback host names")
+            elif _cross_site(path, headers):
+                reply = _problem(403, "the dashboard's data is not served to other sites")
             elif path == "/api/stream" and method == "GET" and self.access.allowed(headers):
                 await self._stream(scope, receive, send, headers)
                 return
@@ -183,6 +212,8 @@ class DashboardApp:
         get = method in ("GET", "HEAD")
         if path == "/favicon.ico" and get:
             return _Reply(204, b"", "image/x-icon")
+        if path == "/static/style.css" and get:
+            return _Reply(200, self._assets["style.css"], STATIC["style.css"])
         if path == "/healthz" and get:
             return _json(200, {"ok": True, "broker": self.model.connected})
         if path == "/login":
@@ -315,7 +346,7 @@ class DashboardApp:
             b"",
             headers=(
                 (b"location", b"/"),
-                (b"set-cookie", self._cookie(self.access.session_value(), 12 * 3600)),
+                (b"set-cookie", self._cookie(self.access.session_value(), SESSION_S)),
             ),
         )
 
@@ -335,6 +366,7 @@ class DashboardApp:
             gone.set()
 
         watcher = asyncio.create_task(watch())
+        started = False
         try:
             await send(
                 {
@@ -347,6 +379,7 @@ class DashboardApp:
                     ],
                 }
             )
+            started = True
             since = self._resume_from(headers, scope)
             beat = time.monotonic()
             while not gone.is_set() and not self.closing:
@@ -359,7 +392,7 @@ class DashboardApp:
                 if doc is not None:
                     doc.update(self._meta())
                     since = doc["version"]
-                    data = json.dumps(doc, separators=(",", ":"))
+                    data = _dumps(doc)
                     chunk = f"id: {self.instance}:{since}\nevent: {kind}\ndata: {data}\n\n"
                     await send(
                         {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
@@ -380,6 +413,10 @@ class DashboardApp:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the page went away mid-write
+        except Exception:  # a bug: this page's stream ends, the page reconnects
+            log.exception("dashboard: a live stream failed")
+            if not started:
+                await _send(send, _problem(500, "internal error (the dashboard's log says why)"))
         finally:
             self.streams -= 1
             watcher.cancel()

@@ -13,6 +13,7 @@ reach this module.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -121,6 +122,7 @@ class FleetModel:
         self._recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self._latest: dict[str, dict[str, float]] = {}  # device -> newest telemetry
         self._telemetry_at: dict[str, datetime] = {}  # device -> when it sent that
+        self._heard: dict[str, datetime] = {}  # device -> when a live message of it came
         self.connected: bool | None = None  # None: not connected yet
         self.connection_note = "connecting to the broker"
         self.messages = 0
@@ -152,6 +154,8 @@ class FleetModel:
             if ref.kind != "device":
                 return
             self._device_version[ref.id] = self.version
+            if not item.retain:  # live: heard now, whatever the device's clock says
+                self._heard[ref.id] = datetime.now(timezone.utc)
             # A device's report moves the rollouts it is in along.
             if ref.channel in ("reported", "events") and self.knowledge.plans:
                 self._rollouts_version = self.version
@@ -164,9 +168,11 @@ class FleetModel:
             try:
                 if ref.channel == "telemetry":
                     t = Telemetry.from_bytes(item.payload)
-                    self._latest[ref.id] = dict(t.metrics)
+                    # JSON has no infinity; a reading of 1e400 is one, and means nothing.
+                    metrics = {k: v for k, v in t.metrics.items() if math.isfinite(v)}
+                    self._latest[ref.id] = metrics
                     self._telemetry_at[ref.id] = t.at
-                    self.history.add(ref.id, t.metrics)
+                    self.history.add(ref.id, metrics)
             except BadContentError as exc:
                 view = self.knowledge.view.devices.setdefault(ref.id, DeviceView(ref.id))
                 view.problems.append(f"{ref.channel}: {exc}")
@@ -220,8 +226,14 @@ class FleetModel:
         }
 
     def _last_seen(self, view: DeviceView) -> datetime | None:
-        """The newest time on anything the device sent, telemetry too (its clock)."""
-        times = [t for t in (view.last_seen, self._telemetry_at.get(view.device_id)) if t]
+        """When the device was last heard of: a live message's arrival (the fleet's clock),
+        else the newest time it put on what it sent (telemetry too), never later than now."""
+        now = datetime.now(timezone.utc)
+        stamped = [t for t in (view.last_seen, self._telemetry_at.get(view.device_id)) if t]
+        times = [min(t, now) for t in stamped]
+        heard = self._heard.get(view.device_id)
+        if heard is not None:
+            times.append(heard)
         return max(times, default=None)
 
     def device_detail(self, device: str) -> dict[str, Any] | None:

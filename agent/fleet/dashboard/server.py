@@ -50,6 +50,7 @@ class DashboardSettings:
     tls_key: Path | None = None
     client_ca: Path | None = None  # TLS client certificates signed by this CA are required
     history_minutes: float = 60.0
+    access_log: bool = False  # every request to the log (edge-fleet dashboard -v)
 
     @classmethod
     def parse_listen(cls, text: str) -> tuple[str, int]:
@@ -110,6 +111,18 @@ class Dashboard:
         client_id: str | None = None,
     ) -> None:
         settings.check()
+        if signing is not None and settings.token is None:
+            raise ConfigError(
+                "with --key the page's buttons sign with the release key, so the dashboard "
+                "needs a token too (--token-file or $EDGE_FLEET_DASHBOARD_TOKEN), even on "
+                "loopback: anyone on this box could use the key through it otherwise"
+            )
+        if settings.token is not None and settings.tls_cert is None and not settings.loopback:
+            log.warning(
+                "the dashboard listens on %s over plain HTTP: its token and login cookie "
+                "travel in clear text (give --tls-cert and --tls-key)",
+                settings.host,
+            )
         self.settings = settings
         self.client_id = client_id or f"edge-fleet-dashboard-{os.getpid()}"
         self.model = FleetModel(topics, history=History(window_s=settings.history_minutes * 60))
@@ -124,7 +137,9 @@ class Dashboard:
             subscriptions=self.model.subscriptions,
             persistent=False,
         )
-        api = ApiSettings(host=settings.host, port=settings.port, unix_socket=None)
+        api = ApiSettings(
+            host=settings.host, port=settings.port, unix_socket=None, access_log=settings.access_log
+        )
         self.server = ApiServer(self.app, api, name="the dashboard", tls=settings.uvicorn_tls())
         self._stop = threading.Event()
         self._collector = threading.Thread(

@@ -69,6 +69,12 @@ function bar(percent, wide) {
   return el("span", { class: wide ? "bar wide" : "bar", title: `${fmt(percent)}%` }, fill);
 }
 
+function problems(row) {
+  // Messages of this device that could not be read (the newest few), as the fleet saw them.
+  if (!row.problems || !row.problems.length) return null;
+  return el("div", { class: "problems", title: row.problems.join("\n") }, `${row.problems.length} unreadable message(s)`);
+}
+
 function errorCode(err) {
   if (!err) return null;
   return el("span", { class: "code", title: err.message, text: err.code });
@@ -124,9 +130,13 @@ function connect() {
   es.addEventListener("snapshot", (e) => take(JSON.parse(e.data), true));
   es.addEventListener("changes", (e) => take(JSON.parse(e.data), false));
   es.onopen = () => { live.textContent = "live"; live.className = "live on"; };
-  es.onerror = () => {
+  es.onerror = async () => {
     live.textContent = "reconnecting…";
     live.className = "live off";
+    try { // a login that ran out: back to the form, not "reconnecting" for ever
+      const r = await fetch("/api/rollouts", { credentials: "same-origin" });
+      if (r.status === 401) { es.close(); location.assign("/login"); return; }
+    } catch (e) { /* the dashboard is down: EventSource tries again */ }
     if (es.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
   };
 }
@@ -234,7 +244,8 @@ function deviceRow(row) {
     el("td", { text: row.hardware }),
     el("td", {}, row.models.length ? row.models.map(modelLine) : el("span", { class: "muted", text: "no model" })),
     el("td", { text: "cpu.percent" in t ? `${fmt(t["cpu.percent"], 0)}% / ${fmt(t["mem.percent"], 0)}%` : "–" }),
-    el("td", { class: "device-error" }, row.error ? [errorCode(row.error), " ", el("span", { class: "muted", text: row.error.message })] : null),
+    el("td", { class: "device-error" }, row.error ? [errorCode(row.error), " ", el("span", { class: "muted", text: row.error.message })] : null,
+      problems(row)),
   );
 }
 
@@ -317,6 +328,9 @@ function renderDevice() {
     el("dt", { text: "trust" }), el("dd", { text: d.trust ? `root v${d.trust.root_version}, keyring v${d.trust.keyring_version ?? "–"}` : "–" }),
   );
   if (row.error) facts.append(el("dt", { text: "refused" }), el("dd", { class: "device-error" }, errorCode(row.error), " ", row.error.message));
+  if (row.problems && row.problems.length) {
+    facts.append(el("dt", { text: "unreadable" }), el("dd", { class: "problems" }, row.problems.map((p) => el("div", { text: p }))));
+  }
   const models = el("table", { class: "grid" },
     el("thead", {}, el("tr", {}, ["Model", "Version", "Variant", "Runtime", "Phase", "Error", "req/s", "p50", "p99", "err/s"].map((h) => el("th", { text: h })))),
     el("tbody", {}, row.models.map((m) => el("tr", { "data-model": m.name },
@@ -412,7 +426,9 @@ function rolloutCard(r) {
 
 function renderRollouts() {
   const box = document.getElementById("rollouts");
-  box.replaceChildren(...state.rollouts.filter((r) => r.waves).map(rolloutCard));
+  box.replaceChildren(...state.rollouts.map((r) => (r.waves ? rolloutCard(r) : el("div", { class: "card", "data-rollout": r.rollout, "data-status": "?" },
+    el("h2", {}, r.rollout, badge("no state yet", "pending")),
+    el("p", { class: "muted", text: "Its plan is on the broker, its state is not (yet): no controller has written it." })))));
   document.getElementById("no-rollouts").hidden = state.rollouts.length > 0;
   const note = document.getElementById("actions-note");
   note.textContent = state.actions.available
@@ -471,7 +487,8 @@ function route() {
     a.classList.toggle("current", a.dataset.view === state.view || (state.view === "device" && a.dataset.view === "devices"));
   }
   if (state.view === "device") {
-    const id = decodeURIComponent(rest.join("/"));
+    let id = rest.join("/");
+    try { id = decodeURIComponent(id); } catch (e) { /* shown as typed */ }
     if (!state.device || state.device.id !== id) state.device = null;
     loadDevice(id);
   }

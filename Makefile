@@ -77,6 +77,7 @@ bench: venv
 	$(PY) bench/serve.py
 	$(PY) bench/swap.py
 	$(PY) bench/footprint.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache .hypothesis dist build demo-out

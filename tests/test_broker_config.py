@@ -8,7 +8,10 @@ and "not disconnected" are shown with a control message behind, as in tests/test
 
 from __future__ import annotations
 
+import grp
+import os
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +310,31 @@ def test_a_revoked_certificate_is_refused(tmp_path: Path) -> None:
             assert not c.peer("alice", operator=True)[1], "the revoked operator got in"
         finally:
             c.close()
+
+
+# -- make-certs.sh output ------------------------------------------------------------------------
+
+
+def test_make_certs_keeps_the_ca_keys_apart_and_the_broker_key_readable_by_mosquitto(
+    pki: Path,
+) -> None:
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    broker_files = ["ca.crt", "ca.crl", "operator-ca.crt", "operator-ca.crl", "broker.crt"]
+    assert all(mode(pki / f) == 0o644 for f in broker_files)
+    assert mode(pki) == 0o755
+    assert not (pki / "ca.key").exists()
+    assert mode(pki / "private") == 0o700
+    assert mode(pki / "private" / "ca.key") == 0o600
+    assert mode(pki / "private" / "operator-ca.key") == 0o600
+    assert all(mode(pki / f"{name}.key") == 0o600 for name in (*DEVICES, *SERVERS, "operator"))
+    try:
+        group = grp.getgrnam("mosquitto").gr_gid
+    except KeyError:
+        group = None
+    key = pki / "broker.key"
+    if os.geteuid() == 0 and group is not None:
+        assert (key.stat().st_gid, mode(key)) == (group, 0o640)
+    else:  # no right to give the file to the mosquitto group: it stays its owner's
+        assert mode(key) == 0o600

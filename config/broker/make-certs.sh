@@ -4,7 +4,7 @@
 #   config/broker/make-certs.sh OUTDIR [DEVICE_ID...] [--server NAME]... [--operator NAME]...
 #                               [--fleet NAME] [--revoke NAME]...
 #
-# Writes into OUTDIR (created if missing):
+# Writes into OUTDIR (created if missing, made 0755: the mosquitto user reads the broker's files):
 #   ca.crt ca.crl             the test CA (ECDSA P-256, self-signed) and its revocation list
 #   operator-ca.crt .crl      a second CA, for operators only (the broker's listener 8884)
 #   broker.crt broker.key     the broker: CN=localhost, subjectAltName DNS:localhost,IP:127.0.0.1
@@ -99,10 +99,8 @@ fi
 
 command -v openssl >/dev/null || { echo "openssl not found" >&2; exit 1; }
 umask 077
-if [ ! -d "$outdir" ]; then
-    mkdir -p "$outdir"
-    chmod 755 "$outdir"  # certificates and CRLs are public; each key file keeps its own mode
-fi
+mkdir -p "$outdir"
+chmod 755 "$outdir"  # certificates and CRLs are public; each key file has its own mode
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 

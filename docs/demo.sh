@@ -113,28 +113,30 @@ PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 MOSQUITTO=$(command -v mosquitto || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; } || true)
 if [ -n "$MOSQUITTO" ] && [ "${DEMO_BROKER:-}" != embedded ]; then
-  step "Over MQTT: mosquitto with TLS client certificates and the shipped ACL, on loopback"
-  show bash config/broker/make-certs.sh "$OUT/certs" cam-01 --fleet fleet >/dev/null
-  mkdir -p "$OUT/broker"
+  step "Over MQTT: mosquitto with the shipped config (TLS client certificates, the ACL), on loopback"
+  show bash config/broker/make-certs.sh "$OUT/certs" cam-01 --server bundle-server-1 --operator operator >/dev/null
+  OP_PORT=$(free_port)
+  mkdir -p "$OUT/broker/conf.d" "$OUT/broker/store"
   cp config/broker/acl "$OUT/broker/acl"
+  # The shipped fragment as it is, its ports and paths moved here; the main file as Debian's.
+  sed -e "s|^listener 8883\$|listener $PORT 127.0.0.1|" -e "s|^listener 8884\$|listener $OP_PORT 127.0.0.1|" \
+    -e "s|/etc/mosquitto/certs/|$PWD/$OUT/certs/|" -e "s|/etc/mosquitto/acl|$PWD/$OUT/broker/acl|" \
+    config/broker/mosquitto.conf >"$OUT/broker/conf.d/ema.conf"
   cat > "$OUT/broker/mosquitto.conf" <<CONF
 $( [ "$(id -u)" = 0 ] && echo "user root" || echo "user $(id -un)" )
-per_listener_settings false
-persistence false
+pid_file $PWD/$OUT/broker/mosquitto.pid
+persistence true
+persistence_location $PWD/$OUT/broker/store/
 log_dest file $PWD/$OUT/broker/mosquitto.log
-listener $PORT 127.0.0.1
-cafile $PWD/$OUT/certs/ca.crt
-certfile $PWD/$OUT/certs/broker.crt
-keyfile $PWD/$OUT/certs/broker.key
-require_certificate true
-use_identity_as_username true
-allow_anonymous false
-acl_file $PWD/$OUT/broker/acl
+include_dir $PWD/$OUT/broker/conf.d
 CONF
   "$MOSQUITTO" -c "$OUT/broker/mosquitto.conf" 2>"$OUT/broker/stderr" & PIDS+=($!)
-  export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_CA=$OUT/certs/ca.crt
-  export EDGE_FLEET_CERT=$OUT/certs/fleet.crt EDGE_FLEET_CERT_KEY=$OUT/certs/fleet.key
-  echo "mosquitto on 127.0.0.1:$PORT; the fleet tools use the 'fleet' certificate (EDGE_FLEET_*)"
+  export EDGE_FLEET_BROKER=127.0.0.1:$OP_PORT EDGE_FLEET_CA=$OUT/certs/ca.crt
+  export EDGE_FLEET_CERT=$OUT/certs/operator.crt EDGE_FLEET_CERT_KEY=$OUT/certs/operator.key
+  SERVE_ENV=(EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_CERT=$OUT/certs/bundle-server-1.crt
+    EDGE_FLEET_CERT_KEY=$OUT/certs/bundle-server-1.key)
+  echo "mosquitto on 127.0.0.1:$PORT (devices, bundle servers) and :$OP_PORT (operators);"
+  echo "the fleet tools use the 'operator' certificate (EDGE_FLEET_*), the bundle server its own"
   BROKER_TOML="port = $PORT
 ca_file = \"$PWD/$OUT/certs/ca.crt\"
 cert_file = \"$PWD/$OUT/certs/cam-01.crt\"
@@ -143,6 +145,7 @@ else
   step "Over MQTT: no mosquitto here, so an embedded Python broker (MQTT 3.1.1, plain TCP, loopback)"
   $PY -m agent.testing.embedded_broker --port "$PORT" >"$OUT/broker.log" 2>&1 & PIDS+=($!)
   export EDGE_FLEET_BROKER=127.0.0.1:$PORT EDGE_FLEET_TLS=false EDGE_FLEET_MQTT=3.1.1
+  SERVE_ENV=()
   BROKER_TOML="port = $PORT
 protocol = \"3.1.1\"
 tls = false"
@@ -154,7 +157,7 @@ show .venv/bin/edge-agent hardware --bundle "$OUT/classifier-1.1.0.emb"
 
 step "A bundle server, and the device cam-01 (edge-agent run, state in $OUT/cam-01)"
 mkdir -p "$OUT/served"
-.venv/bin/edge-fleet serve --bundles "$OUT/served" 2>"$OUT/serve.log" & PIDS+=($!)
+env "${SERVE_ENV[@]}" .venv/bin/edge-fleet serve --bundles "$OUT/served" 2>"$OUT/serve.log" & PIDS+=($!)
 cat > "$OUT/agent.toml" <<TOML
 device_id = "cam-01"
 groups = ["lobby"]

@@ -150,10 +150,11 @@ def _client(
     return peer
 
 
-def _try_connect(peer: Peer, broker: Broker) -> bool:
-    """Connect and wait for the outcome: True once CONNACK says success, False if refused."""
+def _try_connect(peer: Peer, broker: Broker, port: int | None = None) -> bool:
+    """Connect (to ``port``, default the broker's) and wait for the outcome: True once CONNACK
+    says success, False if refused."""
     try:
-        peer.client.connect(broker.host, broker.port, keepalive=10)
+        peer.client.connect(broker.host, port or broker.port, keepalive=10)
     except (ssl.SSLError, OSError):
         return False  # the TLS handshake failed (TLS 1.2, or our side rejected the server)
     peer.client.loop_start()

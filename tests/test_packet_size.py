@@ -21,6 +21,13 @@ import pytest
 from agent.testing.broker import HOST, plain_broker
 from agent.testing.fleet import WAIT, mqtt_settings
 from agent.testing.wait import wait_until
+from agent.transport.messages import (
+    MAX_BLOCK_BYTES,
+    MAX_BLOCK_PACKET_BYTES,
+    MAX_BLOCK_REPLY_BYTES,
+    BlockReplyHeader,
+    block_reply_length,
+)
 from agent.transport.session import (
     InboxItem,
     Incoming,
@@ -239,3 +246,16 @@ def test_a_packet_of_the_computed_limit_passes_mosquitto_and_a_larger_one_does_n
         finally:
             sender.stop()
             receiver.stop()
+
+
+def test_the_largest_block_reply_fits_the_protocols_packet_limit() -> None:
+    """MAX_BLOCK_PACKET_BYTES (and the shipped broker's max_packet_size, which
+    tests/test_broker_config.py checks is the same) holds the largest block the format allows,
+    on the longest blocks topic the topic rules allow, on MQTT 5 and 3.1.1."""
+    header = BlockReplyHeader(bundle_sha256="f" * 64, kind="block", index=2**31, total=2**31 + 1)
+    reply = block_reply_length(header, MAX_BLOCK_BYTES)
+    assert reply <= MAX_BLOCK_REPLY_BYTES
+    prefix = "/".join(["p" * 64] * 8)
+    topic = f"{prefix}/devices/{'d' * 64}/blocks"
+    for v5 in (True, False):
+        assert publish_packet_size(topic, MAX_BLOCK_REPLY_BYTES, v5=v5) <= MAX_BLOCK_PACKET_BYTES

@@ -620,7 +620,13 @@ def serve(
                 item = inbox.get(timeout=min(0.5, wait) if wait is not None else 0.5)
             except queue.Empty:
                 item = None
-            if isinstance(item, Incoming):
+            if isinstance(item, Incoming) and item.retain:
+                # A request the broker kept from before this server subscribed (a device set
+                # the retain flag): whatever it asked for is long answered or given up on. Live
+                # requests never carry the flag (it is cleared for existing subscribers).
+                server.stats.refused += 1
+                log.warning("ignored a retained request on %s", item.topic)
+            elif isinstance(item, Incoming):
                 try:
                     server.handle(item.topic, item.payload)
                 except (EdgeAgentError, OSError) as exc:  # one bad bundle file stops nothing

@@ -1,10 +1,13 @@
 """A real mosquitto for tests: started on a free loopback port, from a config in a tmp dir.
 
-Two variants:
+Three variants:
 
 * :func:`plain_broker` - a plain MQTT listener, anonymous clients allowed;
 * :func:`tls_broker` - a TLS listener requiring client certificates made by
-  ``config/broker/make-certs.sh``, the certificate CN as username, and an ACL file.
+  ``config/broker/make-certs.sh``, the certificate CN as username, and an ACL file;
+* :func:`shipped_broker` - the shipped ``config/broker/mosquitto.conf`` as a conf.d fragment of
+  Debian's default main file, only its paths and ports redirected (both listeners: devices and
+  bundle servers on :attr:`Broker.port`, operators on :attr:`Broker.operator_port`).
 
 Both are context managers that yield a :class:`Broker` and always stop the process on exit. They
 never use port 1883 (the system broker's) and only ever bind or connect to 127.0.0.1. A missing
@@ -31,6 +34,24 @@ from typing import Protocol
 REPO = Path(__file__).resolve().parents[2]
 MAKE_CERTS = REPO / "config" / "broker" / "make-certs.sh"
 SHIPPED_ACL = REPO / "config" / "broker" / "acl"
+SHIPPED_CONF = REPO / "config" / "broker" / "mosquitto.conf"
+
+# Debian 12's /etc/mosquitto/mosquitto.conf as the mosquitto package installs it.
+DEBIAN_MAIN_CONF = """\
+# Place your local configuration in /etc/mosquitto/conf.d/
+#
+# A full description of the configuration file is at
+# /usr/share/doc/mosquitto/examples/mosquitto.conf.example
+
+pid_file /run/mosquitto/mosquitto.pid
+
+persistence true
+persistence_location /var/lib/mosquitto/
+
+log_dest file /var/log/mosquitto/mosquitto.log
+
+include_dir /etc/mosquitto/conf.d
+"""
 
 HOST = "127.0.0.1"
 SYSTEM_PORT = 1883
@@ -55,6 +76,7 @@ class Broker:
     process: subprocess.Popen[bytes]
     certs: Path | None = None  # make-certs.sh output for the TLS variant
     _log: Path = field(repr=False, default=Path())
+    operator_port: int | None = None  # the shipped config's operator listener
 
     def stop(self) -> None:
         """Stop mosquitto (SIGTERM), as an outage would."""
@@ -99,12 +121,24 @@ def free_port() -> int:
             return port
 
 
-def make_certs(out: Path, *device_ids: str, fleet: str = "fleet") -> Path:
+def make_certs(
+    out: Path,
+    *device_ids: str,
+    fleet: str = "fleet",
+    servers: Sequence[str] = (),
+    operators: Sequence[str] = (),
+    revoke: Sequence[str] = (),
+) -> Path:
     """Run the shipped ``make-certs.sh`` into ``out``; return ``out``."""
     if shutil.which("openssl") is None:
         raise RuntimeError("openssl is not installed")
+    options = [
+        *(a for name in servers for a in ("--server", name)),
+        *(a for name in operators for a in ("--operator", name)),
+        *(a for name in revoke for a in ("--revoke", name)),
+    ]
     subprocess.run(
-        ["bash", str(MAKE_CERTS), str(out), *device_ids, "--fleet", fleet],
+        ["bash", str(MAKE_CERTS), str(out), *device_ids, "--fleet", fleet, *options],
         check=True,
         capture_output=True,
     )
@@ -275,4 +309,69 @@ def tls_broker(
         return [*common_config(workdir, port), *security, *extra]
 
     with run_broker(workdir, build, certs) as broker:
+        yield broker
+
+
+def _redirect(text: str, replacements: dict[str, str], what: str) -> str:
+    for old, new in replacements.items():
+        if old not in text:
+            raise RuntimeError(f"{what} has no {old!r} to redirect")
+        text = text.replace(old, new)
+    return text
+
+
+@contextmanager
+def shipped_broker(
+    tmp_dir: Path,
+    certs: Path,
+    acl: Path = SHIPPED_ACL,
+    extra: Sequence[str] = (),
+) -> Iterator[Broker]:
+    """mosquitto as a Debian host runs the shipped config: Debian's main file, the shipped
+    ``mosquitto.conf`` in its conf.d, the shipped ACL and ``certs`` (a make-certs.sh output).
+
+    Only paths (pid file, persistence, log, conf.d, certificates, ACL) and the listeners'
+    ports and address (127.0.0.1) are changed, and the main file gets a ``user`` line: Debian's
+    mosquitto drops root to the ``mosquitto`` user, which cannot read a test's tmp dir.
+    ``extra`` lines are appended to the fragment.
+    """
+    workdir = Path(tmp_dir) / "mosquitto-shipped"
+    confd = workdir / "conf.d"
+    confd.mkdir(parents=True, exist_ok=True)
+    store = workdir / "store"
+    store.mkdir(exist_ok=True)
+    shutil.copyfile(acl, workdir / "acl")
+    operator_port = 0
+
+    def build(port: int) -> list[str]:
+        nonlocal operator_port
+        operator_port = free_port()
+        while operator_port == port:
+            operator_port = free_port()
+        fragment = _redirect(
+            SHIPPED_CONF.read_text(),
+            {
+                "\nlistener 8883\n": f"\nlistener {port} {HOST}\n",
+                "\nlistener 8884\n": f"\nlistener {operator_port} {HOST}\n",
+                "/etc/mosquitto/certs/": f"{certs}/",
+                "/etc/mosquitto/acl": str(workdir / "acl"),
+            },
+            str(SHIPPED_CONF),
+        )
+        (confd / "ema.conf").write_text(fragment + "\n".join(extra) + "\n")
+        main = _redirect(
+            DEBIAN_MAIN_CONF,
+            {
+                "/run/mosquitto/mosquitto.pid": str(workdir / "mosquitto.pid"),
+                "/var/lib/mosquitto/": f"{store}/",
+                "/var/log/mosquitto/mosquitto.log": str(workdir / "mosquitto.log"),
+                "/etc/mosquitto/conf.d": str(confd),
+            },
+            "Debian's main file",
+        )
+        user = "root" if os.geteuid() == 0 else getpass.getuser()
+        return [f"user {user}", *main.splitlines()]
+
+    with run_broker(workdir, build, certs) as broker:
+        broker.operator_port = operator_port
         yield broker

@@ -26,6 +26,10 @@ MAX_MESSAGE_BYTES = 256 * 1024
 MAX_WINDOW = 64  # blocks one request may ask for
 MAX_BLOCK_BYTES = 1 << 20  # the largest block size a descriptor may sign
 MAX_BLOCK_REPLY_BYTES = MAX_BLOCK_BYTES + 8192  # one block, its header and the frame
+# The largest MQTT packet of the protocol: a reply of MAX_BLOCK_REPLY_BYTES on the longest
+# blocks topic (a prefix of 8 levels of 64, a device id of 64: 599 bytes) with the MQTT header
+# and properties. config/broker/mosquitto.conf sets ``max_packet_size`` to exactly this.
+MAX_BLOCK_PACKET_BYTES = MAX_BLOCK_REPLY_BYTES + 1024
 BLOCK_LIST_PAGE = 2048  # digests per block-list page: 64 KiB of SHA-256s
 # The packet limit of many brokers: AWS IoT Core allows 128 KiB per message, and mosquitto is
 # often run with ``max_packet_size 131072``. ``edge-fleet bundle build`` warns of block sizes

@@ -156,7 +156,7 @@ def test_locust_runs_the_shipped_locustfile_headless(keys: Keys, signed) -> None
             [
                 locust, "-f", str(REPO / "bench" / "locustfile.py"), "--headless",
                 "--host", f"http://{address}", "--model", "tiny", "--batch", "2",
-                "-u", "3", "-r", "3", "-t", "4s", "--json", "--only-summary",
+                "-u", "3", "-r", "3", "-t", "10s", "--json", "--only-summary",
                 "--loglevel", "WARNING",
             ],
             capture_output=True, text=True, timeout=120, cwd=REPO,

@@ -70,12 +70,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -88,6 +85,16 @@ from agent.serving import tensors
 from agent.serving.admission import Admission, MemoryReader, SystemMemory
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.serving.metrics import UNKNOWN_MODEL, ApiMetrics, InferenceStatistics
+from agent.serving.replies import (
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    error_reply,
+    json_reply,
+    request_headers,
+    send_reply,
+)
 from agent.serving.source import ModelSource, ServedModel, TensorSpec
 
 log = logging.getLogger("agent.serving.api")
@@ -95,11 +102,6 @@ log = logging.getLogger("agent.serving.api")
 SERVER_NAME = "edge-model-agent"
 EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "inference-header-content-length"
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class ApiSettings(BaseModel):
@@ -145,14 +147,6 @@ class ApiSettings(BaseModel):
         return value
 
 
-@dataclass
-class _Reply:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
 class _HttpError(Exception):
     def __init__(
         self,
@@ -174,11 +168,6 @@ _OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "ba
 _OUTCOMES |= {413: "bad_request", 415: "bad_request", 503: "rejected", 500: "error"}
 
 
-def _json(status: int, doc: object, *headers: tuple[str, str]) -> _Reply:
-    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    return _Reply(status, body, headers=headers)
-
-
 # KServe datatype -> Triton's model configuration DataType.
 _CONFIG_TYPES = {"BYTES": "TYPE_STRING"}
 # platform -> Triton's backend name, where Triton has one.
@@ -197,10 +186,6 @@ def _config_tensor(spec: TensorSpec, batch: bool) -> dict[str, Any]:
         "data_type": _CONFIG_TYPES.get(spec.datatype, f"TYPE_{spec.datatype}"),
         "dims": list(spec.shape[1:] if batch else spec.shape),
     }
-
-
-def _error(status: int, message: str, *headers: tuple[str, str]) -> _Reply:
-    return _json(status, {"error": message}, *headers)
 
 
 class InferenceApi:
@@ -254,26 +239,26 @@ class InferenceApi:
             return
         if scope["type"] != "http":
             return
-        headers = _headers(scope)
+        headers = request_headers(scope)
         try:
             reply = await self._route(scope, receive, headers)
         except _HttpError as exc:
-            reply = _error(exc.status, exc.message, *exc.headers)
+            reply = error_reply(exc.status, exc.message, *exc.headers)
         except Exception:
             log.exception("the inference API failed on %s %s", scope["method"], scope["path"])
-            reply = _error(500, "internal error (see the agent's log)")
-        await _send(send, reply, head=scope["method"] == "HEAD")
+            reply = error_reply(500, "internal error (see the agent's log)")
+        await send_reply(send, reply, head=scope["method"] == "HEAD")
 
-    async def _route(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> _Reply:
+    async def _route(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> Reply:
         method: str = scope["method"]
         parts = [p for p in scope["path"].split("/") if p]
         if parts in (["v2", "health", "live"], ["v2", "health", "ready"]):
             _allow(method, "GET")
             if parts[2] == "live":
-                return _Reply(200, content_type="text/plain")
+                return Reply(200, content_type="text/plain")
             names = self.source.names()
             ready = bool(names) and all(self.source.ready(n) for n in names)
-            return _Reply(200 if ready else 400, content_type="text/plain")
+            return Reply(200 if ready else 400, content_type="text/plain")
 
         if parts in (["v2", "models"], ["v2", "repository", "index"]):
             self._authorize(headers)
@@ -283,11 +268,11 @@ class InferenceApi:
                 ready_only = self._index_request(await self._read_body(receive, headers, 65536))
             else:
                 _allow(method, "GET")
-            return _json(200, self._index(ready_only))
+            return json_reply(200, self._index(ready_only))
         if parts == ["v2", "models", "stats"]:
             self._authorize(headers)
             _allow(method, "GET")
-            return _json(200, {"model_stats": self._all_stats()})
+            return json_reply(200, {"model_stats": self._all_stats()})
 
         if parts[:2] == ["v2", "models"] and len(parts) >= 3 and parts[2]:
             name, rest = parts[2], parts[3:]
@@ -301,29 +286,29 @@ class InferenceApi:
             self._authorize(headers)
             if rest == []:
                 _allow(method, "GET")
-                return _json(200, self._metadata(name, version))
+                return json_reply(200, self._metadata(name, version))
             if rest == ["ready"]:
                 _allow(method, "GET")
                 ready = self._model_ready(name, version)
-                return _Reply(200 if ready else 400, content_type="text/plain")
+                return Reply(200 if ready else 400, content_type="text/plain")
             if rest == ["config"]:
                 _allow(method, "GET")
-                return _json(200, self._config(self._model(name, version)))
+                return json_reply(200, self._config(self._model(name, version)))
             if rest == ["stats"]:
                 _allow(method, "GET")
                 model = self._model(name, version)
                 stats = self.statistics.model_stats(model.name, model.version)
-                return _json(200, {"model_stats": [stats]})
+                return json_reply(200, {"model_stats": [stats]})
             raise _HttpError(404, f"no route {scope['path']}", "not-found")
 
         self._authorize(headers)
         if parts == ["v2"]:
             _allow(method, "GET")
             meta = {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
-            return _json(200, meta)
+            return json_reply(200, meta)
         if parts == ["metrics"]:
             _allow(method, "GET")
-            return _Reply(200, self._render_metrics().encode(), METRICS_CONTENT_TYPE)
+            return Reply(200, self._render_metrics().encode(), METRICS_CONTENT_TYPE)
         raise _HttpError(404, f"no route {scope['path']}", "not-found")
 
     def _authorize(self, headers: dict[str, str]) -> None:
@@ -465,7 +450,7 @@ class InferenceApi:
         receive: Receive,
         headers: dict[str, str],
         method: str,
-    ) -> _Reply:
+    ) -> Reply:
         label = UNKNOWN_MODEL
         started: float | None = None
         try:
@@ -528,7 +513,7 @@ class InferenceApi:
         body: bytearray,
         headers: dict[str, str],
         submitted_ns: int,
-    ) -> _Reply:
+    ) -> Reply:
         """Decode, lease, run and encode one request (on a worker thread)."""
         begun = time.perf_counter_ns()
         served: ServedModel | None = None  # the version that took the request, for statistics
@@ -583,7 +568,7 @@ class InferenceApi:
         if encoded.header_length is not None:
             headers_out = (("Inference-Header-Content-Length", str(encoded.header_length)),)
             content_type = "application/octet-stream"
-        return _Reply(200, encoded.body, content_type, headers_out)
+        return Reply(200, encoded.body, content_type, headers_out)
 
 
 class _ModelFailure(RuntimeError):
@@ -627,20 +612,6 @@ def _allow(method: str, allowed: str) -> None:
     raise _HttpError(
         405, f"method {method} is not allowed here; use {allowed}", "bad-method", ("Allow", allowed)
     )
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-
-
-async def _send(send: Send, reply: _Reply, *, head: bool = False) -> None:
-    headers = [
-        (b"content-type", reply.content_type.encode()),
-        (b"content-length", str(len(reply.body)).encode()),
-    ]
-    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else reply.body})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

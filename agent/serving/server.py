@@ -38,7 +38,8 @@ import uvicorn
 
 from agent._unixsock import bind_unix
 from agent.errors import ConfigError, EdgeAgentError
-from agent.serving.api import ApiSettings, Receive, Scope, Send
+from agent.serving.api import ApiSettings
+from agent.serving.replies import Receive, Scope, Send
 
 log = logging.getLogger("agent.serving.api")
 

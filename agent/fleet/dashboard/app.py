@@ -45,7 +45,18 @@ from agent.errors import BrokerError, ConfigError, EdgeAgentError
 from agent.fleet.dashboard import prometheus
 from agent.fleet.dashboard.actions import ACTIONS, Actions
 from agent.fleet.dashboard.model import FleetModel
-from agent.serving.api import Receive, Scope, Send
+from agent.serving.replies import (
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    dumps,
+    encode_headers,
+    error_reply,
+    json_reply,
+    request_headers,
+    send_reply,
+)
 
 log = logging.getLogger("agent.fleet.dashboard")
 
@@ -60,17 +71,17 @@ MAX_STREAMS = 64  # live pages at once; beyond: 503
 MAX_BODY = 16 * 1024
 STREAM_TICK_S = 0.5  # a live page hears of changes this often at most
 KEEPALIVE_S = 15.0
-SECURITY_HEADERS = [
+SECURITY_HEADERS = (
     (
-        b"content-security-policy",
-        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-]
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cache-control", "no-store"),
+)
 
 
 @dataclass(frozen=True)
@@ -140,28 +151,6 @@ def _cookies(text: str) -> dict[str, str]:
     return out
 
 
-@dataclass
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-def _json(status: int, doc: object, *headers: tuple[bytes, bytes]) -> _Reply:
-    return _Reply(status, _dumps(doc).encode(), headers=headers)
-
-
-def _dumps(doc: object) -> str:
-    """JSON a browser parses: a non-finite number (which JSON cannot hold) is an error here,
-    never ``Infinity`` on the page (the model drops those a device sends)."""
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
-
-
-def _problem(status: int, message: str) -> _Reply:
-    return _json(status, {"error": message})
-
-
 def _asset(name: str) -> bytes:
     return (resources.files("agent.fleet.dashboard") / "static" / name).read_bytes()
 
@@ -185,88 +174,88 @@ class DashboardApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers(scope)
         path, method = scope["path"], scope["method"]
         try:
             if not self.access.host_ok(headers):
-                reply = _problem(421, "this dashboard answers only to loopback host names")
+                reply = error_reply(421, "this dashboard answers only to loopback host names")
             elif _cross_site(path, headers):
-                reply = _problem(403, "the dashboard's data is not served to other sites")
+                reply = error_reply(403, "the dashboard's data is not served to other sites")
             elif path == "/api/stream" and method == "GET" and self.access.allowed(headers):
                 await self._stream(scope, receive, send, headers)
                 return
             else:
                 reply = await self._route(method, path, scope, receive, headers)
         except ConfigError as exc:
-            reply = _problem(400, str(exc))
+            reply = error_reply(400, str(exc))
         except EdgeAgentError as exc:
-            reply = _problem(502 if isinstance(exc, BrokerError) else 500, str(exc))
+            reply = error_reply(502 if isinstance(exc, BrokerError) else 500, str(exc))
         except Exception:
             log.exception("dashboard: %s %s failed", method, path)
-            reply = _problem(500, "internal error (the dashboard's log says why)")
-        await _send(send, reply, head=method == "HEAD")
+            reply = error_reply(500, "internal error (the dashboard's log says why)")
+        await send_reply(send, reply, head=method == "HEAD", extra=SECURITY_HEADERS)
 
     async def _route(
         self, method: str, path: str, scope: Scope, receive: Receive, headers: dict[str, str]
-    ) -> _Reply:
+    ) -> Reply:
         get = method in ("GET", "HEAD")
         if path == "/favicon.ico" and get:
-            return _Reply(204, b"", "image/x-icon")
+            return Reply(204, b"", "image/x-icon")
         if path == "/static/style.css" and get:
-            return _Reply(200, self._assets["style.css"], STATIC["style.css"])
+            return Reply(200, self._assets["style.css"], STATIC["style.css"])
         if path == "/healthz" and get:
-            return _json(200, {"ok": True, "broker": self.model.connected})
+            return json_reply(200, {"ok": True, "broker": self.model.connected})
         if path == "/login":
             if self.access.token is None:
-                return _Reply(303, b"", headers=((b"location", b"/"),))
+                return Reply(303, b"", headers=(("location", "/"),))
             if get:
                 page = self._assets["login.html"]
                 if b"failed" in scope.get("query_string", b""):
                     page = page.replace(b"<label", LOGIN_FAILED, 1)
-                return _Reply(200, page, "text/html; charset=utf-8")
+                return Reply(200, page, "text/html; charset=utf-8")
             if method == "POST":
                 return await self._login(receive, headers)
         if not self.access.allowed(headers):
             if path == "/" and get:
-                return _Reply(303, b"", headers=((b"location", b"/login"),))
-            return _json(
-                401, {"error": "a token is needed"}, (b"www-authenticate", b'Bearer realm="fleet"')
+                return Reply(303, b"", headers=(("location", "/login"),))
+            return json_reply(
+                401, {"error": "a token is needed"}, ("www-authenticate", 'Bearer realm="fleet"')
             )
         if get:
             return await self._get(path, scope)
         if method == "POST":
             if path == "/logout":
-                return _Reply(
+                return Reply(
                     303,
                     b"",
-                    headers=((b"location", b"/login"), (b"set-cookie", self._cookie("", 0))),
+                    headers=(("location", "/login"), ("set-cookie", self._cookie("", 0))),
                 )
             parts = path.strip("/").split("/")
             if len(parts) == 4 and parts[:2] == ["api", "rollouts"]:
                 return await self._action(parts[2], parts[3], receive, headers)
-            return _problem(404, "no such route")
-        return _problem(405, f"{method} is not allowed here")
+            return error_reply(404, "no such route")
+        return error_reply(405, f"{method} is not allowed here")
 
-    async def _get(self, path: str, scope: Scope) -> _Reply:
+    async def _get(self, path: str, scope: Scope) -> Reply:
         if path in ("/", "/index.html"):
-            return _Reply(200, self._assets["index.html"], "text/html; charset=utf-8")
+            return Reply(200, self._assets["index.html"], "text/html; charset=utf-8")
         if path.startswith("/static/") and path[8:] in STATIC:
-            return _Reply(200, self._assets[path[8:]], STATIC[path[8:]])
+            return Reply(200, self._assets[path[8:]], STATIC[path[8:]])
         if path == "/api/fleet":
             snap = await asyncio.to_thread(self.model.snapshot)
-            return _json(200, {**snap, **self._meta()})
+            return json_reply(200, {**snap, **self._meta()})
         if path == "/api/rollouts":
-            return _json(200, {"rollouts": await asyncio.to_thread(self.model.rollouts)})
+            return json_reply(200, {"rollouts": await asyncio.to_thread(self.model.rollouts)})
         if path.startswith("/api/devices/"):
             device = urllib.parse.unquote(path[len("/api/devices/") :])
             detail = await asyncio.to_thread(self.model.device_detail, device)
             if detail is None:
-                return _problem(404, f"no device {device!r} has been heard of")
-            return _json(200, detail)
+                return error_reply(404, f"no device {device!r} has been heard of")
+            return json_reply(200, detail)
         if path == "/metrics":
             text = await asyncio.to_thread(prometheus.render, self.model)
-            return _Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
-        return _problem(404, "no such page")
+            return Reply(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        return error_reply(404, "no such page")
 
     def _meta(self) -> dict[str, Any]:
         a = self.actions
@@ -290,27 +279,27 @@ class DashboardApp:
 
     async def _action(
         self, rollout: str, action: str, receive: Receive, headers: dict[str, str]
-    ) -> _Reply:
+    ) -> Reply:
         why = self._post_ok(headers)
         if why:
-            return _problem(403, why)
+            return error_reply(403, why)
         if action not in ACTIONS:
-            return _problem(404, f"no such action {action!r} (one of {', '.join(ACTIONS)})")
+            return error_reply(404, f"no such action {action!r} (one of {', '.join(ACTIONS)})")
         if not self.actions.available:
-            return _problem(403, self.actions.why_not)
+            return error_reply(403, self.actions.why_not)
         body = await _read(receive)
         try:
             doc = json.loads(body or b"{}")
         except ValueError:
-            return _problem(400, "the body is not JSON")
+            return error_reply(400, "the body is not JSON")
         if not isinstance(doc, dict) or doc.get("confirm") != rollout:
-            return _problem(400, f'confirm the {action}: send {{"confirm": "{rollout}"}}')
+            return error_reply(400, f'confirm the {action}: send {{"confirm": "{rollout}"}}')
         log.info("dashboard: %s of rollout %s asked", action, rollout)
         try:
             done = await asyncio.to_thread(self.actions.run, rollout, action)
         except ConfigError as exc:
-            return _problem(409, str(exc))
-        return _json(
+            return error_reply(409, str(exc))
+        return json_reply(
             200,
             {
                 "action": done.action,
@@ -321,32 +310,30 @@ class DashboardApp:
         )
 
     # -- login ---------------------------------------------------------------------------
-    def _cookie(self, value: str, max_age: int) -> bytes:
+    def _cookie(self, value: str, max_age: int) -> str:
         secure = "; Secure" if self.access.tls else ""
-        return (
-            f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-        ).encode()
+        return f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
 
-    async def _login(self, receive: Receive, headers: dict[str, str]) -> _Reply:
+    async def _login(self, receive: Receive, headers: dict[str, str]) -> Reply:
         origin = headers.get("origin")
         if (
             origin
             and origin != "null"
             and urllib.parse.urlsplit(origin).netloc != headers.get("host")
         ):
-            return _problem(403, f"a login from {origin} is refused")
+            return error_reply(403, f"a login from {origin} is refused")
         form = urllib.parse.parse_qs((await _read(receive)).decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0].strip()
         assert self.access.token is not None
         if not hmac.compare_digest(token.encode(), self.access.token.encode()):
             await asyncio.sleep(0.5)  # a guess costs time
-            return _Reply(303, b"", headers=((b"location", b"/login?failed=1"),))
-        return _Reply(
+            return Reply(303, b"", headers=(("location", "/login?failed=1"),))
+        return Reply(
             303,
             b"",
             headers=(
-                (b"location", b"/"),
-                (b"set-cookie", self._cookie(self.access.session_value(), SESSION_S)),
+                ("location", "/"),
+                ("set-cookie", self._cookie(self.access.session_value(), SESSION_S)),
             ),
         )
 
@@ -355,7 +342,11 @@ class DashboardApp:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
         if self.streams >= MAX_STREAMS:
-            await _send(send, _problem(503, f"{MAX_STREAMS} live pages are open already"))
+            await send_reply(
+                send,
+                error_reply(503, f"{MAX_STREAMS} live pages are open already"),
+                extra=SECURITY_HEADERS,
+            )
             return
         self.streams += 1
         gone = asyncio.Event()
@@ -372,11 +363,13 @@ class DashboardApp:
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream"),
-                        (b"x-accel-buffering", b"no"),
-                        *SECURITY_HEADERS,
-                    ],
+                    "headers": encode_headers(
+                        [
+                            ("content-type", "text/event-stream"),
+                            ("x-accel-buffering", "no"),
+                            *SECURITY_HEADERS,
+                        ]
+                    ),
                 }
             )
             started = True
@@ -392,7 +385,7 @@ class DashboardApp:
                 if doc is not None:
                     doc.update(self._meta())
                     since = doc["version"]
-                    data = _dumps(doc)
+                    data = dumps(doc)
                     chunk = f"id: {self.instance}:{since}\nevent: {kind}\ndata: {data}\n\n"
                     await send(
                         {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
@@ -416,7 +409,11 @@ class DashboardApp:
         except Exception:  # a bug: this page's stream ends, the page reconnects
             log.exception("dashboard: a live stream failed")
             if not started:
-                await _send(send, _problem(500, "internal error (the dashboard's log says why)"))
+                await send_reply(
+                    send,
+                    error_reply(500, "internal error (the dashboard's log says why)"),
+                    extra=SECURITY_HEADERS,
+                )
         finally:
             self.streams -= 1
             watcher.cancel()
@@ -443,17 +440,6 @@ async def _read(receive: Receive) -> bytes:
             raise ConfigError(f"the request body is over {MAX_BODY} bytes")
         if not message.get("more_body"):
             return bytes(body)
-
-
-async def _send(send: Send, reply: _Reply, *, head: bool = False) -> None:
-    headers = [
-        (b"content-type", reply.content_type.encode()),
-        (b"content-length", str(len(reply.body)).encode()),
-        *SECURITY_HEADERS,
-        *reply.headers,
-    ]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else reply.body})
 
 
 def fingerprint(token: str) -> str:

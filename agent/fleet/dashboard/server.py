@@ -11,6 +11,7 @@ and the session keeps trying (with the backoff every session has).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -61,8 +62,9 @@ class DashboardSettings:
             raise ConfigError(f"--listen {text!r}: give HOST:PORT (e.g. {DEFAULT_LISTEN})")
         return host, int(port)
 
-    @property
+    @functools.cached_property
     def loopback(self) -> bool:
+        """Every address the host resolves to is a loopback one (looked up once)."""
         try:
             infos = socket.getaddrinfo(self.host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:

@@ -50,8 +50,10 @@ _NUMPY = {
 }  # fmt: skip
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to the agent's API on its Unix socket."""
+
+    def __init__(self, path: Path, timeout: float = TIMEOUT_S) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
@@ -60,7 +62,7 @@ class _UnixConnection(http.client.HTTPConnection):
         try:
             sock.settimeout(self.timeout)
             sock.connect(str(self.unix_path))
-        except BaseException:
+        except BaseException:  # no agent listening: nothing is left open
             sock.close()
             raise
         self.sock = sock
@@ -84,7 +86,7 @@ class Target:
 
     def connection(self) -> http.client.HTTPConnection:
         if self.socket is not None:
-            return _UnixConnection(self.socket, TIMEOUT_S)
+            return UnixHTTPConnection(self.socket)
         u = urlsplit(self.url or "")
         cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
         return cls(u.hostname or "", u.port, timeout=TIMEOUT_S)

@@ -7,13 +7,11 @@ side watches the retained topics with its own MQTT session (``Watcher``). Every 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +31,7 @@ from agent.fleet.deploy import make_deployment
 from agent.fleet.server import BlockServer, serve
 from agent.fleet.simulator import Simulator
 from agent.fleet.simulator_settings import make_settings
+from agent.serving import loadtest
 from agent.serving.api import ApiSettings
 from agent.serving.slots import SlotSettings
 from agent.testing.broker import Endpoint
@@ -397,22 +396,11 @@ def agent_process(
             proc.wait(10)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP to the agent's API on its Unix socket."""
+class UnixHTTPConnection(loadtest.UnixHTTPConnection):
+    """HTTP to the agent's API on its Unix socket, within the tests' wait."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=WAIT)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(WAIT)
-            sock.connect(str(self.unix_path))
-        except BaseException:  # no agent listening: nothing is left open
-            sock.close()
-            raise
-        self.sock = sock
+        super().__init__(path, WAIT)
 
 
 def infer_unix(sock: Path, x: np.ndarray, model: str = "tiny") -> tuple[int, dict[str, Any]]:

@@ -57,8 +57,12 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), one module to a worker at a time, so
+# a module's fixtures (a broker, a built package) stay in one process; tests/conftest.py puts the
+# slowest modules first. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 3
 unit: venv
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # dist/edge-model-agent_<version>_<arch>.deb (see packaging/README.md)
 deb: deb-sysdeps | $(UV)

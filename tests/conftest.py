@@ -125,3 +125,33 @@ def broker_fixture(
 
 
 broker = broker_fixture()
+
+
+# The modules that take longest (minutes: a package built and installed, agent processes started
+# one after another), in the order they should start. Under `make test`'s parallel workers
+# (pytest-xdist, one module per worker at a time, in collection order) they go first, so the
+# run does not end waiting on one slow module that started last.
+SLOW_FIRST = (
+    "test_deb_suites.py",
+    "test_deb.py",
+    "test_rollback.py",
+    "test_rollout.py",
+    "test_cli_fleet.py",
+    "test_crash_recovery.py",
+    "test_daemon_robustness.py",
+    "test_loadtest.py",
+    "test_enrol.py",
+    "test_transfer.py",
+    "test_state_litter.py",
+    "test_rollout_fleet.py",
+    "test_reporting.py",
+    "test_status.py",
+    "test_cluster.py",
+    "test_simulator.py",
+    "test_dashboard_browser.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))

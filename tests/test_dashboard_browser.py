@@ -188,12 +188,9 @@ def test_the_fleet_page_follows_a_deployment_to_active(fleet: Fleet) -> None:
     expect(page.locator("#devices tbody tr")).to_have_count(SIMULATED + len(AGENTS))
     expect(page.locator("#live")).to_have_text("live")
 
-    fleet.watch.publish(
-        TOPICS.group_desired(GROUP),
-        deployment({"tiny": fleet.envelopes["1.0.0"]}, fleet.signer, group=GROUP),
-    )
     model = f'{row(page, "cam-a")} .model[data-model="tiny"]'
-    # Every state of cam-a's model the page draws, as it draws it (no reload in between).
+    # Every state of cam-a's model the page draws, as it draws it (no reload in between),
+    # watched from before the deployment is published, so no early phase is drawn unseen.
     page.evaluate(
         """(sel) => {
           window.seen = [];
@@ -204,6 +201,10 @@ def test_the_fleet_page_follows_a_deployment_to_active(fleet: Fleet) -> None:
           }).observe(document.querySelector('#devices tbody'), {childList: true});
         }""",
         model,
+    )
+    fleet.watch.publish(
+        TOPICS.group_desired(GROUP),
+        deployment({"tiny": fleet.envelopes["1.0.0"]}, fleet.signer, group=GROUP),
     )
     page.wait_for_selector(f'{model}[data-phase="active"]')
     seen = page.evaluate("window.seen")

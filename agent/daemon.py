@@ -85,7 +85,9 @@ Threads: who owns what, and what each may touch
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -150,6 +152,12 @@ from agent.upstream import Upstream
 log = logging.getLogger("agent")
 
 VERDICT_WAIT_S = 10.0  # a slot worker waits this long for the loop to record a verdict
+# How often the loop looks at its timers while something runs that has no event of its own to
+# wake it (a download's windows and timeouts, an install waiting for its slot, a restore).
+BUSY_WAKE_S = 0.2
+# The longest the loop sleeps when nothing is due: an idle box wakes for messages, slot events,
+# signals and its own timers (report interval, watchdog, retries), not to poll.
+IDLE_WAKE_S = 60.0
 
 
 def _utcnow() -> datetime:
@@ -167,7 +175,14 @@ class VerdictItem:
     done: threading.Event
 
 
-LoopItem = InboxItem | SlotEvent | Prepared | Removed | VerdictItem
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do but look again: stop was asked for, or a reload."""
+
+
+WAKE = Wake()
+
+LoopItem = InboxItem | SlotEvent | Prepared | Removed | VerdictItem | Wake
 
 
 class DeviceAgent:
@@ -327,7 +342,9 @@ class DeviceAgent:
         path = self.config.status_socket
         if path is None:
             return None
-        server = StatusServer(path, self.report.status_snapshot())
+        server = StatusServer(
+            path, self.report.status_snapshot(), refresh=lambda: self.inbox.put(WAKE)
+        )
         try:
             server.start()
         except EdgeAgentError as exc:
@@ -348,11 +365,18 @@ class DeviceAgent:
         status = self._start_status()
         self.session.start()
         self.upstream.start()
+
+        # stop may be set from anywhere (a signal handler, another thread): wake the loop then.
+        def wake_on_stop() -> None:
+            stop.wait()
+            self.inbox.put(WAKE)
+
+        threading.Thread(target=wake_on_stop, name="stop-wake", daemon=True).start()
         ready = False
         try:
             while not stop.is_set():
                 try:
-                    item: LoopItem | None = self.inbox.get(timeout=0.2)
+                    item: LoopItem | None = self.inbox.get(timeout=self._sleep_s(notify))
                 except queue.Empty:
                     item = None
                 while item is not None:
@@ -415,9 +439,50 @@ class DeviceAgent:
             self.trials.release(rollout.name, rollout.loading)
 
     # -- service manager hooks ----------------------------------------------------------------
+    def wake_on_signals(self) -> None:
+        """Have every signal wake the loop; call it on the main thread, before :meth:`run`.
+
+        Python runs signal handlers on the main thread, between two bytecodes, but the kernel
+        may deliver the signal to any thread: the main thread, asleep in the inbox until its
+        next timer, would only see a SIGTERM then. The C handler also writes the signal's
+        number to a wakeup fd (whichever thread took it); a thread reading that fd wakes the
+        loop, which then runs the handlers.
+        """
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(r, True)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+        def relay() -> None:
+            while os.read(r, 64):
+                self.inbox.put(WAKE)
+
+        threading.Thread(target=relay, name="signal-wake", daemon=True).start()
+
     def request_reload(self) -> None:
-        """Ask the loop to re-read the config (safe from a signal handler: sets a flag)."""
+        """Ask the loop to re-read the config (safe from a signal handler: sets a flag, and
+        wakes the loop with SimpleQueue.put, which is reentrant)."""
         self._reload.set()
+        self.inbox.put(WAKE)
+
+    def _sleep_s(self, notify: Notifier) -> float:
+        """How long the loop may wait for its inbox before a timer of its own is due: between
+        BUSY_WAKE_S (never sooner, as before) and IDLE_WAKE_S."""
+        if self._restoring or self._reload.is_set():
+            return BUSY_WAKE_S
+        now = self._mono()
+        due = [IDLE_WAKE_S]
+        for rollout in self.rollouts.values():
+            if rollout.waiting is not None or (
+                rollout.transfer is not None and rollout.phase == Phase.DOWNLOADING
+            ):
+                return BUSY_WAKE_S
+            if rollout.phase == Phase.FAILED and rollout.retry_at is not None:
+                due.append(rollout.retry_at - now)
+        if (report := self.report.due_in()) is not None:
+            due.append(report)
+        if (ping := notify.watchdog_in()) is not None:
+            due.append(ping)
+        return min(IDLE_WAKE_S, max(BUSY_WAKE_S, min(due)))
 
     def _apply_reload(self, notify: Notifier) -> None:
         """Re-read the config; ``report_interval_s`` and ``[transfer]`` apply at once (to the
@@ -570,6 +635,8 @@ class DeviceAgent:
             self.report.fault(error_info(err))
 
     def handle(self, item: LoopItem) -> None:
+        if isinstance(item, Wake):
+            return
         if isinstance(item, SlotEvent):
             self._on_slot_event(item)
             return

@@ -118,6 +118,12 @@ class Notifier:
             return False
         return self._mono() - self._last_watchdog >= self.watchdog_interval
 
+    def watchdog_in(self) -> float | None:
+        """Seconds until the next ping is due (<= 0: now), or None with the watchdog off."""
+        if self.watchdog_interval is None:
+            return None
+        return self._last_watchdog + self.watchdog_interval - self._mono()
+
     def watchdog(self) -> bool:
         self._last_watchdog = self._mono()
         return self.send("WATCHDOG=1")

@@ -3,7 +3,10 @@
 The agent's loop publishes a snapshot (a JSON-able mapping) every tick with
 :meth:`StatusServer.update`; it is serialised there, on the loop's thread, and kept as bytes, so
 the server's thread never touches the agent's state. A client connects, reads one JSON document
-(the latest snapshot) to end of file, and that is all: the server reads nothing from it.
+(the latest snapshot) to end of file, and that is all: the server reads nothing from it. An idle
+loop may sleep for most of a minute, so a client's connection first asks it for a fresh snapshot
+(``refresh``: it wakes the loop) and is answered with that, or with the latest one if none comes
+within ``fresh_wait_s``.
 
 Bounded: at most ``max_clients`` connections are served at a time (one more is closed at once,
 unanswered) and a send that cannot finish within ``send_timeout_s`` is dropped. The socket is
@@ -21,7 +24,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +49,19 @@ class StatusServer:
         mode: int = 0o660,
         max_clients: int = 8,
         send_timeout_s: float = 2.0,
+        refresh: Callable[[], None] | None = None,
+        fresh_wait_s: float = 1.0,
     ) -> None:
         self.path = path
         self.mode = mode
         self.send_timeout_s = send_timeout_s
+        self.fresh_wait_s = fresh_wait_s
         self.served = 0  # connections answered
         self.refused = 0  # connections closed unanswered: max_clients were being served
+        self._refresh = refresh
         self._lock = threading.Lock()
+        self._updated = threading.Condition(self._lock)
+        self._generation = 0  # updates so far
         self._data = _encode(snapshot)
         self._clients = threading.BoundedSemaphore(max_clients)
         self._stop = threading.Event()
@@ -69,6 +78,8 @@ class StatusServer:
         data = _encode(snapshot)
         with self._lock:
             self._data = data
+            self._generation += 1
+            self._updated.notify_all()
 
     def start(self) -> None:
         """Listen on the socket; StorageError or ConfigError if that cannot be done."""
@@ -76,7 +87,6 @@ class StatusServer:
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         self._sock.listen(16)
-        self._sock.settimeout(0.2)  # how soon the accept loop sees stop()
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name="status-socket", daemon=True)
         self._thread.start()
@@ -85,6 +95,10 @@ class StatusServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, wait for the accept loop, remove the socket file (if still ours)."""
         self._stop.set()
+        if self._sock is not None:
+            # Wakes the accept loop's blocking accept() (Linux: EINVAL), which then sees stop.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -111,8 +125,6 @@ class StatusServer:
         while not self._stop.is_set():
             try:
                 conn, _ = sock.accept()
-            except TimeoutError:
-                continue
             except OSError as exc:
                 if not self._stop.is_set():
                     log.error("the status socket stopped accepting: %s", exc)
@@ -122,19 +134,29 @@ class StatusServer:
                     self.refused += 1
                 conn.close()
                 continue
-            with self._lock:
-                data = self._data
             try:
                 threading.Thread(
-                    target=self._answer, args=(conn, data), name="status-client", daemon=True
+                    target=self._answer, args=(conn,), name="status-client", daemon=True
                 ).start()
             except BaseException:
                 conn.close()
                 self._clients.release()
                 raise
 
-    def _answer(self, conn: socket.socket, data: bytes) -> None:
+    def _fresh(self) -> bytes:
+        """The snapshot taken after this call began (or the latest, after ``fresh_wait_s``)."""
+        with self._lock:
+            seen = self._generation
+        if self._refresh is not None:
+            self._refresh()
+            with self._lock:
+                self._updated.wait_for(lambda: self._generation > seen, self.fresh_wait_s)
+        with self._lock:
+            return self._data
+
+    def _answer(self, conn: socket.socket) -> None:
         try:
+            data = self._fresh()
             conn.settimeout(self.send_timeout_s)
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)

@@ -35,6 +35,8 @@ from agent.transport.session import Session
 
 log = logging.getLogger("agent.telemetry")
 
+RETRY_S = 1.0  # how soon the thread looks again at what waits to be written or sent
+
 
 class TelemetrySettings(BaseModel):
     """The ``[telemetry]`` table of agent.toml."""
@@ -123,8 +125,15 @@ class Upstream:
                 self.queue.tick()
             except Exception:
                 log.exception("sending telemetry")
-            self._wake.wait(min(1.0, max(0.0, next_at - time.monotonic())))
+            self._wake.wait(self._sleep_s(next_at))
             self._wake.clear()
+
+    def _sleep_s(self, next_at: float) -> float:
+        """Until the next collection, or a second while something waits to be written or sent
+        (a batch to commit, items the broker did not take); put, connected and stop wake it."""
+        left = max(0.0, next_at - time.monotonic())
+        busy = self.queue.unwritten() or (len(self.queue) > 0 and self.forwarder.connected())
+        return min(RETRY_S, left) if busy else left
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="upstream", daemon=True)

@@ -5,11 +5,13 @@ Every wait is bounded; the socket is a real AF_UNIX datagram socket as systemd w
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -35,9 +37,12 @@ from agent.testing.fleet import (
     watcher,
     write_agent_toml,
 )
+from agent.testing.wait import wait_until
 from agent.transport.messages import Phase
 from tests.conftest import Keys
 from tests.sdnotify import Listener
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
 
 
 @pytest.fixture
@@ -176,6 +181,40 @@ def test_daemon_process_ready_after_restore_watchdog_and_stopping(
             assert proc.wait(10) == 0
             assert time.monotonic() - stopped < 10
         assert listener.messages.count("READY=1") == 1
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of another process (Linux's tgkill; os.kill picks a thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill {pid} {tid}")
+
+
+def test_a_signal_taken_by_any_thread_wakes_the_idle_loop(
+    tmp_path: Path, broker: Broker, keys: Keys
+) -> None:
+    """The idle loop sleeps until its next timer (up to a minute); a SIGHUP or SIGTERM that the
+    kernel hands to another of its threads (paho's, uvicorn's, ...) is acted on at once all the
+    same."""
+    config = agent_config(tmp_path / "cam-03", keys.dir, broker, "cam-03")
+    toml = write_agent_toml(config, tmp_path / "agent.toml")
+    log = tmp_path / "agent.log"
+    with watcher(broker) as fleet, agent_process(toml, log) as proc:
+        wait_until(lambda: "ready:" in log.read_text(), WAIT, message="the agent ready")
+        wait_until(lambda: fleet.online("cam-03") is True, WAIT, message="cam-03 online")
+        threads = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert threads, "the agent runs threads besides its main one"
+        _tgkill(proc.pid, threads[-1], signal.SIGHUP)
+        wait_until(
+            lambda: "reload requested" in log.read_text(), 10, message="the reload, within 10 s"
+        )
+        _tgkill(proc.pid, threads[0], signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM on a thread: still running 10 s later\n{log.read_text()[-3000:]}")
+        assert code == 0
+        assert "stopping" in log.read_text()
 
 
 def test_wedged_loop_sends_no_watchdog(

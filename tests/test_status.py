@@ -152,6 +152,22 @@ def test_status_shows_the_running_agent_and_its_deployed_model(
     assert gone.stderr == f"edge-agent: the agent is not running (no {sock})\n"
 
 
+def test_an_idle_agent_answers_with_a_fresh_status(
+    tmp_path: Path, broker: Broker, keys: Keys
+) -> None:
+    """An idle loop sleeps until its next timer (up to a minute); a client's question wakes it,
+    so the answer is taken then, not at the last tick."""
+    config = _config(tmp_path, keys, broker)
+    sock = config.status_socket
+    assert sock is not None
+    with agent(config):
+        first = _until(sock, lambda d: d["ready"], "ready on the status socket")
+        time.sleep(2.0)
+        second = query(sock, timeout=5.0)
+    assert second["uptime_s"] - first["uptime_s"] >= 1.5, (first, second)
+    assert second["at"] > first["at"]
+
+
 def test_status_names_the_broker_beside_an_api_on_tcp(
     tmp_path: Path, broker: Broker, keys: Keys
 ) -> None:

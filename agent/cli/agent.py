@@ -32,6 +32,7 @@ def _agent_run(args: argparse.Namespace) -> int:
     agent = DeviceAgent(config, reload_config=lambda: load_config(args.config))
     stop = stop_on_signals()
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
+    agent.wake_on_signals()
     deadline = StopDeadline(stop, STOP_LIMIT_S)
     try:
         agent.run(stop)

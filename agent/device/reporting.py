@@ -281,6 +281,18 @@ class Reporter:
         names = sorted(rollouts, key=lambda n: (n not in wanted, n))[:MAX_REPORTED_MODELS]
         return {n: rollouts[n].status(self._models.describe(n)) for n in sorted(names)}
 
+    def due_in(self) -> float | None:
+        """Seconds until something held back falls due (<= 0: now): the reported state that
+        changed within its interval, a refusal counted into the next event, a quiet topic to
+        forget. None: nothing is waiting."""
+        out = self.outbox
+        due: list[float] = []
+        if out.reported_dirty:
+            due.append(out.last_reported + self.report_interval_s)
+        for seen in out.rejects.values():
+            due.append(seen.sent + (REJECT_EVENT_INTERVAL_S if seen.count else 60.0))
+        return min(due) - self._mono() if due else None
+
     def publish(self) -> None:
         """Publish the reported state (retained) if it changed and the interval allows."""
         now = self._mono()

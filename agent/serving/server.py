@@ -29,7 +29,9 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,15 +49,60 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the starting thread once it listens."""
+    """uvicorn's server, telling the starting thread once it listens, and sleeping while idle.
+
+    uvicorn's own main loop wakes every 0.1 s to look at ``should_exit`` and, each second, to
+    renew the Date header. This one sleeps until :meth:`wake` (from :meth:`ApiServer.stop`);
+    it renews the Date header when a connection is made, and each second only while there
+    are connections.
+    """
 
     def __init__(self, config: uvicorn.Config, started: threading.Event) -> None:
         super().__init__(config)
         self._listening = started
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._woken: asyncio.Event | None = None
+        self._date_at = -1
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        protocol = self.config.http_protocol_class
+
+        def connection(*args: Any, **kwargs: Any) -> asyncio.Protocol:
+            self._renew_date()
+            if self._woken is not None:
+                self._woken.set()  # on the loop's thread: a tick each second while connected
+            return protocol(*args, **kwargs)
+
+        self.config.http_protocol_class = connection  # type: ignore[assignment]
         await super().startup(sockets=sockets)
         self._listening.set()
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._woken = woken = asyncio.Event()
+        while not self.should_exit:
+            self._renew_date()
+            timeout = 1.0 if self.server_state.connections else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout)
+            woken.clear()
+
+    def wake(self) -> None:
+        """From any thread: have the main loop look at ``should_exit`` now."""
+        loop, woken = self._loop, self._woken
+        if loop is not None and woken is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed already
+                loop.call_soon_threadsafe(woken.set)
+
+    def _renew_date(self) -> None:
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            date = [(b"date", formatdate(now, usegmt=True).encode())]
+            headers = self.config.encoded_headers
+            self.server_state.default_headers = (
+                date + headers if self.config.date_header else list(headers)
+            )
 
 
 class ApiServer:
@@ -152,7 +199,8 @@ class ApiServer:
         """
         thread, server = self._thread, self._server
         if thread is not None and server is not None:
-            server.should_exit = True  # polled by uvicorn's main loop every 0.1 s
+            server.should_exit = True
+            server.wake()
             thread.join(self.settings.drain_timeout_s + 10)
             if thread.is_alive():
                 log.warning("%s did not stop in time; closing its connections", self.name)

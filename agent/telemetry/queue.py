@@ -137,6 +137,11 @@ class StoreQueue:
         with self._lock:
             self._flush_if_due(self._open())
 
+    def unwritten(self) -> bool:
+        """Items, acknowledgements or drops are waiting for :meth:`tick` to write them."""
+        with self._lock:
+            return bool(self._batch or self._dirty)
+
     def flush(self) -> None:
         """Write the batch and pending acknowledgements now."""
         with self._lock:
@@ -326,21 +331,21 @@ class Forwarder:
     ) -> None:
         self.queue = queue
         self._publish = publish
-        self._connected = connected
+        self.connected = connected
         self._batch = batch
         self.sent = 0
 
     def drain(self, limit: int | None = None) -> int:
         """Send up to ``limit`` items (default: all); the number sent."""
         sent = 0
-        while self._connected() and (limit is None or sent < limit):
+        while self.connected() and (limit is None or sent < limit):
             want = self._batch if limit is None else min(self._batch, limit - sent)
             items: Sequence[Item] = self.queue.peek(want)
             if not items:
                 break
             last: int | None = None
             for item in items:
-                if not self._connected() or not self._publish(item.topic, item.payload):
+                if not self.connected() or not self._publish(item.topic, item.payload):
                     break
                 last = item.id
                 sent += 1

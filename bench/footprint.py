@@ -22,8 +22,8 @@ native extensions the idle daemon has mapped (``idle_native_packages``), the hea
 modules an identical ``edge-agent run`` (a second device, with an exit hook) had imported at
 idle (``idle_heavy_modules``), what each heavy import costs alone above the baseline
 (``import_rss_mib``, each in a fresh python), the idle CPU per thread, and how long the daemon
-took to exit after SIGTERM (``daemon_stop_s``; null: killed after 10 s). Goals: idle RSS <= 60
-MiB, idle CPU <= 0.5 %.
+took to exit after SIGTERM (``daemon_stop_s``; null: killed after 10 s). Goals: idle RSS <= 45
+MiB, idle CPU <= 0.1 %.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ KiB = 1024
 MiB = 1 << 20
 WAIT_S = 30.0  # a process starting, coming online, a model becoming active
 STOP_S = 10.0  # a daemon exiting after SIGTERM
-GOAL_RSS_MIB = 60.0
-GOAL_CPU_PCT = 0.5
+GOAL_RSS_MIB = 45.0
+GOAL_CPU_PCT = 0.1
 DEVICE = "bench-footprint"
 PROBE_DEVICE = "bench-footprint-modules"
 MODEL = "fp-model"

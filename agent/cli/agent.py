@@ -15,6 +15,9 @@ from agent.cli import _loadtest
 from agent.cli._common import run, stop_on_signals
 from agent.errors import ConfigError, EdgeAgentError
 
+# The system config (agent.config.DEFAULT_CONFIG, not imported here: the CLI starts light).
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+
 # Drain and close within this after SIGTERM: under the unit's TimeoutStopSec (30 s).
 STOP_LIMIT_S = 25.0
 
@@ -178,6 +181,7 @@ def _agent_check_config(args: argparse.Namespace) -> int:
     from agent.checks import check_config
 
     check = check_config(args.file)
+    files = check.summary["files"] if check.summary is not None else []
     if args.json:
         doc = {
             "file": str(args.file),
@@ -208,6 +212,9 @@ def _agent_check_config(args: argparse.Namespace) -> int:
         )
         print(f"  state dir  {s['state_dir']}")
         print(f"  api        {', '.join(s['api']) or 'off'}")
+        print(f"  read       {files[0]}")
+        for name in files[1:]:
+            print(f"             {name}")
         if s["overrides"]:
             print(f"  overrides  {', '.join(s['overrides'])}")
     return 0
@@ -251,7 +258,12 @@ def _agent_status(args: argparse.Namespace) -> int:
 
 def _add_run(top: Any) -> None:
     r = top.add_parser("run", help="run the agent in the foreground")
-    r.add_argument("--config", type=Path, default=Path("/etc/edge-agent/agent.toml"))
+    r.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="agent.toml, read with its drop-ins FILE.d/*.toml (default %(default)s)",
+    )
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(handler=_agent_run)
 
@@ -332,9 +344,18 @@ def _add_hardware(top: Any) -> None:
 def _add_check_config(top: Any) -> None:
     c = top.add_parser(
         "check-config",
-        help="check agent.toml and EDGE_AGENT_* overrides, trust root, TLS files, state dir",
+        help="check agent.toml, its drop-ins and EDGE_AGENT_* overrides, trust root, TLS files, "
+        "state dir",
     )
-    c.add_argument("file", type=Path, metavar="FILE", help="agent.toml")
+    c.add_argument(
+        "file",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_CONFIG_PATH,
+        metavar="FILE",
+        help="agent.toml, read with its drop-ins FILE.d/*.toml "
+        "(default /etc/edge-agent/agent.toml)",
+    )
     c.add_argument("--json", action="store_true")
     c.set_defaults(handler=_agent_check_config)
 

@@ -1,5 +1,6 @@
 """``edge-agent``: the agent on the box -- run it, serve one bundle, show the hardware, check
-agent.toml, ask the running agent how it stands. Exit status as ``agent.cli`` says."""
+agent.toml, enrol the box, ask the running agent how it stands. Exit status as ``agent.cli``
+says."""
 
 from __future__ import annotations
 
@@ -220,6 +221,58 @@ def _agent_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_enroll(args: argparse.Namespace) -> int:
+    # Lazily: the daemon never imports the enrolment code.
+    from agent.enrol import Layout, install, make_csr
+
+    layout = Layout(args.config_dir)
+    if args.csr:
+        if args.file is not None:
+            raise ConfigError("--csr makes a CSR; give no FILE with it")
+        if not args.device_id:
+            raise ConfigError("--csr needs --device-id ID: the name the certificate will carry")
+        pem = make_csr(args.device_id, layout, args.group)
+        if args.output is not None:
+            from agent._fsutil import atomic_write_bytes
+
+            atomic_write_bytes(args.output, pem, 0o644)
+            print(f"wrote {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(pem.decode())
+        print(
+            f"kept the new key at {layout.pending_key}; on the fleet side: "
+            f"edge-fleet device add {args.device_id} --csr FILE, then here: edge-agent enroll "
+            f"{args.device_id}.enrol.json",
+            file=sys.stderr,
+        )
+        return 0
+    if args.file is None:
+        raise ConfigError("give the enrolment FILE ('edge-fleet device add' makes it), or --csr")
+    if args.device_id:
+        raise ConfigError("--device-id goes with --csr; the enrolment file names the device")
+    from datetime import datetime, timezone
+
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    done = install(
+        data, layout, now=datetime.now(timezone.utc), group=args.group, what=str(args.file)
+    )
+    print(
+        f"enrolled {done.device_id}"
+        + (f" (groups {', '.join(done.groups)})" if done.groups else "")
+        + f": certificate valid to {done.not_after:%Y-%m-%d}, key from the {done.key_from}"
+    )
+    for path in done.files:
+        print(f"  wrote {path}")
+    print(
+        f"Check with 'edge-agent check-config {layout.root / 'agent.toml'}', then "
+        "'systemctl start edge-agent' (a running agent takes the new certificate by itself)"
+    )
+    return 0
+
+
 def _status_socket(args: argparse.Namespace) -> Path:
     """--socket, else the config's status_socket (--config, else the default file if there is
     one; a default file that cannot be read falls back), else the default socket."""
@@ -360,6 +413,37 @@ def _add_check_config(top: Any) -> None:
     c.set_defaults(handler=_agent_check_config)
 
 
+def _add_enroll(top: Any) -> None:
+    e = top.add_parser(
+        "enroll",
+        help="install an enrolment file from 'edge-fleet device add' (certificates, trust, "
+        "agent.toml.d/50-enrolment.toml), or with --csr make this box's key and a CSR",
+    )
+    e.add_argument("file", type=Path, nargs="?", metavar="FILE", help="the enrolment file")
+    e.add_argument(
+        "--csr",
+        action="store_true",
+        help="make a new key (kept on the box) and print its certificate request",
+    )
+    e.add_argument("--device-id", metavar="ID", help="with --csr: the box's id")
+    e.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="with --csr: write the CSR here"
+    )
+    e.add_argument(
+        "--config-dir",
+        type=Path,
+        default=Path("/etc/edge-agent"),
+        metavar="DIR",
+        help="where agent.toml lies (default %(default)s)",
+    )
+    e.add_argument(
+        "--group",
+        default="edge-agent",
+        help="the group that may read the key: the service's (default %(default)s)",
+    )
+    e.set_defaults(handler=_agent_enroll)
+
+
 def _add_status(top: Any) -> None:
     st = top.add_parser("status", help="ask the running agent how it stands (its status socket)")
     where = st.add_mutually_exclusive_group()
@@ -379,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge Model Agent on the box.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     top = p.add_subparsers(title="commands")
-    for add in (_add_run, _add_serve, _add_hardware, _add_check_config, _add_status):
+    for add in (_add_run, _add_serve, _add_hardware, _add_check_config, _add_enroll, _add_status):
         add(top)
     _loadtest.add_parser(top)
     return p

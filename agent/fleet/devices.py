@@ -167,6 +167,11 @@ class DeviceCA:
             )
             .sign(key, hashes.SHA256())
         )
+        # A renewal records a second valid certificate of one subject, which openssl's CA
+        # (make-certs.sh's -gencrl) refuses to load unless the database allows it.
+        attr = self.db / "index.txt.attr"
+        if not attr.exists():
+            atomic_write_bytes(attr, b"unique_subject = no\n", 0o600)
         entries = self.entries()
         entries.append(
             Entry(

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig, env_overrides, load_config
+from agent.config import AgentConfig, config_files, env_overrides, load_config
 from agent.errors import BadContentError, ConfigError, ConfigProblems
 from agent.transport.session import MqttSettings, tls_context
 from agent.trust.verifier import TrustedState
@@ -43,13 +43,15 @@ class ConfigCheck:
 def check_config(
     file: Path, environ: Mapping[str, str] = os.environ, now: datetime | None = None
 ) -> ConfigCheck:
-    """Load ``file`` with the ``EDGE_AGENT_*`` overrides of ``environ`` and check what it names."""
+    """Load ``file`` and its drop-ins with the ``EDGE_AGENT_*`` overrides of ``environ`` and
+    check what they name."""
     try:
         config = load_config(file, environ)
+        files = config_files(file)
     except ConfigProblems as exc:
         return ConfigCheck(loaded=False, problems=list(exc.problems))
     overrides = [o.variable for o in env_overrides(environ)]
-    check = ConfigCheck(loaded=True, summary=config_summary(config, overrides))
+    check = ConfigCheck(loaded=True, summary=config_summary(config, overrides, files))
     if config.device_id == PLACEHOLDER_DEVICE_ID:
         check.problems.append(
             f"device_id: still {PLACEHOLDER_DEVICE_ID!r}; set this box's id "
@@ -140,7 +142,9 @@ def check_tls(settings: MqttSettings) -> list[str]:
     return []
 
 
-def config_summary(config: AgentConfig, overrides: list[str]) -> dict[str, Any]:
+def config_summary(
+    config: AgentConfig, overrides: list[str], files: list[Path] | None = None
+) -> dict[str, Any]:
     """What ``config`` configures, as ``check-config --json`` shows it."""
     api = config.api
     listeners = []
@@ -157,4 +161,5 @@ def config_summary(config: AgentConfig, overrides: list[str]) -> dict[str, Any]:
         "state_dir": str(config.state_dir),
         "api": listeners,
         "overrides": overrides,
+        "files": [str(f) for f in files or []],
     }

@@ -1,9 +1,13 @@
 """``/etc/edge-agent/agent.toml``: the agent's configuration (pydantic, no extras).
 
 Only the device id is required; everything else has a default (see config/agent.toml, which
-lists them all with comments). ``EDGE_AGENT_<TABLE>__<KEY>=value`` environment variables override
-the file (see :func:`load_config`). Validation never touches the network; ``edge-agent
-check-config FILE`` also checks the files the settings name.
+lists them all with comments). The package ships agent.toml as pure defaults; what a box sets
+(its id, groups, broker and certificates: ``edge-agent enroll`` writes them) goes in drop-ins,
+``agent.toml.d/*.toml`` beside it, read after it in lexical order: a later file wins, table by
+table (a table in a drop-in changes only the keys it names). So an upgrade that changes the
+shipped file never stops at dpkg's conffile prompt. ``EDGE_AGENT_<TABLE>__<KEY>=value``
+environment variables override them all (see :func:`load_config`). Validation never touches the
+network; ``edge-agent check-config [FILE]`` also checks the files the settings name.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+DROPIN_SUFFIX = ".d"  # agent.toml.d beside agent.toml
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
@@ -150,8 +155,65 @@ def _source(loc: tuple[str | int, ...], kind: str, overrides: list[Override]) ->
     return None
 
 
+def dropin_dir(path: Path) -> Path:
+    """The drop-in directory of the config file ``path``: ``agent.toml.d`` beside it."""
+    return path.with_name(path.name + DROPIN_SUFFIX)
+
+
+def config_files(path: Path) -> list[Path]:
+    """``path``, then its drop-ins (``*.toml`` in ``agent.toml.d``, lexical order; names that
+    start with a dot, such as a file being written, are left out): the files
+    :func:`load_config` reads, in order. No drop-in directory is no drop-ins."""
+    directory = dropin_dir(path)
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except FileNotFoundError:
+        return [path]
+    except NotADirectoryError:
+        raise ConfigProblems([f"{directory} is not a directory"]) from None
+    except OSError as exc:
+        raise ConfigProblems([f"cannot read {directory}: {exc.strerror}"]) from None
+    return [
+        path,
+        *(Path(e.path) for e in entries if e.name.endswith(".toml") and not e.name.startswith(".")),
+    ]
+
+
+Sources = dict[tuple[str, ...], Path]
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any], file: Path, sources: Sources) -> None:
+    """Merge ``data`` into ``into`` table-wise (a table merges key by key; any other value
+    replaces); ``sources`` records the file each key was set in."""
+
+    def walk(target: dict[str, Any], new: dict[str, Any], prefix: tuple[str, ...]) -> None:
+        for key, value in new.items():
+            where = (*prefix, key)
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                walk(target[key], value, where)
+            else:
+                target[key] = value
+                for known in [k for k in sources if k[: len(where)] == where]:
+                    del sources[known]
+                sources[where] = file
+
+    walk(into, data, ())
+
+
+def _file_of(loc: tuple[str | int, ...], sources: Sources, default: Path) -> Path:
+    """The file that set the key at ``loc`` (or the table it lies in); else ``default``."""
+    for depth in range(len(loc), 0, -1):
+        found = sources.get(tuple(str(p) for p in loc[:depth]))
+        if found is not None:
+            return found
+    return default
+
+
 def _validate(
-    data: dict[str, Any], path: Path, overrides: list[Override]
+    data: dict[str, Any],
+    path: Path,
+    overrides: list[Override],
+    sources: Sources | None = None,
 ) -> AgentConfig | list[str]:
     try:
         config = AgentConfig.model_validate(data)
@@ -164,7 +226,8 @@ def _validate(
             o = _source(loc, e["type"], overrides)
             if o is not None and len(o.key) > len(loc):  # an unknown table: name the whole key
                 dotted = o.dotted
-            problems.append(f"{o.variable if o else path}: {dotted}: {e['msg']}")
+            where = o.variable if o else _file_of(loc, sources or {}, path)
+            problems.append(f"{where}: {dotted}: {e['msg']}")
         return problems
     return config
 
@@ -186,22 +249,31 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> AgentConfig:
-    """Read and check agent.toml, then the ``EDGE_AGENT_...`` overrides in ``environ``.
+    """Read and check agent.toml and its drop-ins, then the ``EDGE_AGENT_...`` overrides in
+    ``environ``.
+
+    The drop-ins (``agent.toml.d/*.toml`` beside ``path``, see :func:`config_files`) are merged
+    over the file in lexical order, table by table: ``[mqtt] host`` in a drop-in changes the
+    host and keeps the file's other ``[mqtt]`` keys; a later drop-in wins.
 
     ``EDGE_AGENT_<TABLE>__<KEY>=value`` sets ``[table] key`` (``__`` separates each level;
     ``EDGE_AGENT_DEVICE_ID`` a top-level key). The value is read as a TOML value when it is one
     (``16``, ``true``, ``["a", "b"]``, ``"quoted"``), else as a string; a bare number or boolean
     given to a text setting (``EDGE_AGENT_MQTT__PROTOCOL=5``) stays the text it was.
 
-    ConfigProblems (a ConfigError) names, for each problem, the file or the variable, the dotted
-    key and the reason.
+    ConfigProblems (a ConfigError) names, for each problem, the file (the one that set the key)
+    or the variable, the dotted key and the reason.
     """
-    data = read_toml(path)
+    files = config_files(path)
+    data: dict[str, Any] = {}
+    sources: Sources = {}
+    for file in files:
+        _merge(data, read_toml(file), file, sources)
     overrides = env_overrides(environ)
     clashes = _apply(data, overrides)
     if clashes:
         raise ConfigProblems(clashes)
-    result = _validate(data, path, overrides)
+    result = _validate(data, path, overrides, sources)
     if isinstance(result, list):
         # A number or boolean where text is wanted (a protocol "5", a client id 1234): the text.
         failing = [
@@ -213,7 +285,7 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> AgentCon
         if failing:
             for o in failing:
                 _apply(data, [replace(o, value=o.raw)])
-            result = _validate(data, path, overrides)
+            result = _validate(data, path, overrides, sources)
     if isinstance(result, list):
         raise ConfigProblems(result)
     return result

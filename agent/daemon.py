@@ -486,8 +486,11 @@ class DeviceAgent:
 
     def _apply_reload(self, notify: Notifier) -> None:
         """Re-read the config; ``report_interval_s`` and ``[transfer]`` apply at once (to the
-        next download), anything else changed is logged as waiting for a restart."""
+        next download), anything else changed is logged as waiting for a restart. The MQTT
+        session looks at its TLS files again: a renewed certificate is used at once."""
         log.info("reload requested")
+        # Renewed TLS files (edge-agent enroll): taken up with a reconnect, whatever the config.
+        self.session.reload_tls()
         if self._reload_config is None:
             log.info("no config source to re-read: nothing reloaded")
             return

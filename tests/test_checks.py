@@ -46,6 +46,7 @@ def test_a_good_config_has_no_problem_and_a_summary(tmp_path: Path, keys: Keys) 
         "state_dir": str(tmp_path / "state"),
         "api": ["http://127.0.0.1:8000"],
         "overrides": ["EDGE_AGENT_MQTT__PORT"],
+        "files": [str(tmp_path / "agent.toml")],
     }
 
 

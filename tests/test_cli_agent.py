@@ -214,3 +214,41 @@ def test_a_box_with_a_root_and_no_keyring_is_flagged(tmp_path: Path, keys: Keys)
     again = check(config)
     assert again.returncode == 0, again.stderr
     assert again.stderr == ""
+
+
+def test_check_config_lists_the_files_it_read_dropins_after_the_file(
+    tmp_path: Path, keys: Keys
+) -> None:
+    config = write(tmp_path / "agent.toml", keys)
+    dropins = tmp_path / "agent.toml.d"
+    dropins.mkdir()
+    (dropins / "50-enrolment.toml").write_text('device_id = "cam-07"\ngroups = ["lobby"]\n')
+    (dropins / "90-local.toml").write_text('[mqtt]\nhost = "broker.local"\n')
+    result = check(config)
+    assert result.returncode == 0, result.stderr
+    assert "cam-07 (groups lobby)" in result.stdout
+    assert "broker.local:8883" in result.stdout
+    lines = result.stdout.splitlines()
+    read = next(i for i, line in enumerate(lines) if line.startswith("  read "))
+    assert [line.split()[-1] for line in lines[read : read + 3]] == [
+        str(config),
+        str(dropins / "50-enrolment.toml"),
+        str(dropins / "90-local.toml"),
+    ]
+    doc = json.loads(check(config, "--json").stdout)
+    assert doc["config"]["files"] == [
+        str(config),
+        str(dropins / "50-enrolment.toml"),
+        str(dropins / "90-local.toml"),
+    ]
+
+    (dropins / "60-bad.toml").write_text("[mqtt]\nport = 0\n")
+    assert_refused(check(config), f"{dropins / '60-bad.toml'}: mqtt.port")
+
+
+def test_check_config_without_a_file_reads_the_system_config() -> None:
+    result = subprocess.run(
+        [AGENT, "check-config", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "default /etc/edge-agent/agent.toml" in " ".join(result.stdout.split())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, config_files, load_config
 from agent.errors import ConfigError, ConfigProblems
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "agent.toml"
@@ -170,3 +170,91 @@ def test_a_missing_file_is_one_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigProblems) as info:
         load_config(tmp_path / "nope.toml", {})
     assert info.value.problems == [f"{tmp_path / 'nope.toml'} does not exist"]
+
+
+# -- drop-ins: agent.toml.d/*.toml -------------------------------------------------------------
+def _dropins(tmp_path: Path, **files: str) -> Path:
+    """agent.toml (a device id, an [mqtt] table) and drop-ins named ``files`` (``_`` for ``-``)."""
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "CHANGE-ME"\n[mqtt]\nhost = "shipped"\nport = 8883\n')
+    directory = tmp_path / "agent.toml.d"
+    directory.mkdir()
+    for name, text in files.items():
+        (directory / name.replace("_", "-")).write_text(text)
+    return path
+
+
+def test_dropins_are_read_after_the_file_in_lexical_order_table_by_table(tmp_path: Path) -> None:
+    path = _dropins(
+        tmp_path,
+        **{
+            "50_enrolment.toml": 'device_id = "cam-01"\ngroups = ["lobby"]\n[mqtt]\nhost = "b1"\n',
+            "90_local.toml": 'groups = ["site-a"]\n[mqtt]\nkeepalive_s = 15\n',
+            "10_early.toml": '[mqtt]\nhost = "loses"\nport = 1884\n',
+            "README": "not toml, not read\n",
+            ".60-half-written.toml": "device_id = ",
+            "70_notes.toml.dpkg-old": "device_id = ",
+        },
+    )
+    config = load_config(path, {})
+    assert config.device_id == "cam-01"
+    assert config.groups == ["site-a"]  # a list is replaced, not merged
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.keepalive_s) == ("b1", 1884, 15)
+    d = tmp_path / "agent.toml.d"
+    assert config_files(path) == [
+        path,
+        d / "10-early.toml",
+        d / "50-enrolment.toml",
+        d / "90-local.toml",
+    ]
+
+
+def test_an_environment_override_wins_over_the_dropins(tmp_path: Path) -> None:
+    path = _dropins(tmp_path, **{"50_a.toml": 'device_id = "cam-01"\n'})
+    assert load_config(path, {"EDGE_AGENT_DEVICE_ID": "cam-09"}).device_id == "cam-09"
+
+
+def test_a_bad_value_in_a_dropin_names_the_dropin(tmp_path: Path) -> None:
+    path = _dropins(tmp_path, **{"50_a.toml": "[mqtt]\nport = 70000\n", "60_b.toml": "x = 1\n"})
+    d = tmp_path / "agent.toml.d"
+    with pytest.raises(ConfigProblems) as info:
+        load_config(path, {})
+    assert info.value.problems == [
+        f"{d / '50-a.toml'}: mqtt.port: Input should be less than or equal to 65535",
+        f"{d / '60-b.toml'}: x: Extra inputs are not permitted",
+    ]
+
+
+def test_a_dropin_that_is_not_toml_is_one_problem_naming_it(tmp_path: Path) -> None:
+    path = _dropins(tmp_path, **{"50_a.toml": "device_id = \n"})
+    with pytest.raises(ConfigProblems) as info:
+        load_config(path, {})
+    [problem] = info.value.problems
+    assert problem.startswith(f"{tmp_path / 'agent.toml.d' / '50-a.toml'} is not valid TOML")
+
+
+def test_a_dropin_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "cam-01"\n')
+    (tmp_path / "agent.toml.d").write_text("")
+    with pytest.raises(ConfigProblems) as info:
+        load_config(path, {})
+    assert info.value.problems == [f"{tmp_path / 'agent.toml.d'} is not a directory"]
+
+
+def test_the_shipped_file_with_an_enrolment_dropin_sets_only_what_the_dropin_says(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(SHIPPED.read_bytes())
+    (tmp_path / "agent.toml.d").mkdir()
+    (tmp_path / "agent.toml.d" / "50-enrolment.toml").write_text(
+        'device_id = "cam-01"\n[mqtt]\nhost = "broker.example"\n'
+    )
+    config = load_config(path, {})
+    shipped = load_config(SHIPPED, {})
+    assert config.device_id == "cam-01"
+    assert config.mqtt == shipped.mqtt.model_copy(update={"host": "broker.example"})
+    assert config.model_dump(exclude={"device_id", "mqtt"}) == shipped.model_dump(
+        exclude={"device_id", "mqtt"}
+    )

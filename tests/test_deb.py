@@ -1,7 +1,8 @@
 """The Debian package: built by packaging/build-deb.sh, judged by lintian, installed with dpkg.
 
-The package is built twice from the working tree (the changelog's version and a newer one, for
-the upgrade), offline from uv's cache, into a tmp dir. Installing it is real: dpkg -i on this
+The package is built twice (the changelog's version from the working tree, and a newer one from
+a copy whose shipped agent.toml changed a default, for an upgrade with apt-get that must not
+stop at a conffile question), offline from uv's cache, into a tmp dir. Installing it is real: dpkg -i on this
 machine, so these tests need root (CI runs as root) and a machine without the agent installed.
 The module purges it at the end even when a test fails, and deletes the edge-agent user if it
 made it. systemd is not needed: deb-systemd-invoke starts nothing where systemd is not running,
@@ -43,6 +44,7 @@ FLAVOURS = (PACKAGE, f"{PACKAGE}-openvino", f"{PACKAGE}-cuda", f"{PACKAGE}-jetso
 USER = "edge-agent"
 PREFIX = Path("/opt/edge-model-agent")
 CONFFILE = Path("/etc/edge-agent/agent.toml")
+DROPINS = Path("/etc/edge-agent/agent.toml.d")
 STATE = Path("/var/lib/edge-agent")
 UNIT = Path("/lib/systemd/system/edge-agent.service")
 # What the maintainer scripts and deb-systemd-helper create besides the package's files.
@@ -77,13 +79,19 @@ def _run(*args: str, timeout: float = 120, **kw: object) -> subprocess.Completed
     )
 
 
-def _build(out: Path, version: str | None = None) -> Deb:
-    """packaging/build-deb.sh into ``out``, offline: tests do not download."""
-    args = [str(BUILD), "--build-dir", str(out / "build"), "--dist", str(out / "dist")]
+def _build(out: Path, version: str | None = None, source: Path = REPO) -> Deb:
+    """packaging/build-deb.sh of ``source`` (a tree like the repository's) into ``out``,
+    offline: tests do not download."""
+    build = source / BUILD.relative_to(REPO)
+    args = [str(build), "--build-dir", str(out / "build"), "--dist", str(out / "dist")]
     if version is not None:
         args += ["--version", version]
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     env["UV_OFFLINE"] = "1"
+    uv = REPO / ".tools" / "uv" / "bin" / "uv"
+    found = str(uv) if uv.exists() else shutil.which("uv")
+    if found is not None:
+        env.setdefault("UV", found)
     done = _run(*args, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [path] = (out / "dist").glob(f"{PACKAGE}_*.deb")
@@ -118,9 +126,28 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Deb:
     return _build(tmp_path_factory.mktemp("deb"))
 
 
+# The newer package's shipped agent.toml differs from this one's: a changed default.
+NEWER_DEFAULT = ("report_interval_s = 1.0", "report_interval_s = 2.0")
+
+
 @pytest.fixture(scope="module")
 def newer_deb(tmp_path_factory: pytest.TempPathFactory, deb: Deb) -> Deb:
-    newer = _build(tmp_path_factory.mktemp("deb-newer"), f"{deb.version}.1")
+    """A newer version built from a copy of the sources whose shipped agent.toml changed."""
+    work = tmp_path_factory.mktemp("deb-newer")
+    source = work / "src"
+    for name in ("pyproject.toml", "uv.lock", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    for name in ("agent", "config", "systemd", "packaging"):
+        shutil.copytree(
+            REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    shipped = source / "config" / "agent.toml"
+    old, new = NEWER_DEFAULT
+    text = shipped.read_text()
+    assert text.count(old) == 1
+    shipped.write_text(text.replace(old, new))
+    newer = _build(work, f"{deb.version}.1", source)
     assert _run("dpkg", "--compare-versions", newer.version, "gt", deb.version).returncode == 0
     return newer
 
@@ -203,6 +230,10 @@ def test_package_fields_and_contents(deb: Deb, tmp_path: Path) -> None:
     root = tmp_path / "root"
     assert _run("dpkg-deb", "--raw-extract", str(deb.path), str(root)).returncode == 0
     assert (root / "DEBIAN" / "conffiles").read_text().split() == [str(CONFFILE)]
+    # The drop-in directory is the package's, and empty: nothing there is ever a conffile.
+    dropins = root / DROPINS.relative_to("/")
+    assert dropins.is_dir()
+    assert not list(dropins.iterdir())
     # The shipped files, as they are in the repository.
     conf = root / CONFFILE.relative_to("/")
     assert conf.read_bytes() == (REPO / "config" / "agent.toml").read_bytes()
@@ -387,41 +418,107 @@ def test_installed_daemon_reaches_ready_as_its_user(
             sock.close()
 
 
-# -- upgrade, remove, purge ---------------------------------------------------------------------
-def test_upgrade_keeps_config_and_state_remove_keeps_them_purge_leaves_nothing(
-    installed: Deb, newer_deb: Deb
+# -- enrol, upgrade, remove, purge ---------------------------------------------------------------
+def _as_service(*args: str) -> subprocess.CompletedProcess[str]:
+    """A command as the service's user and groups (as systemd runs it)."""
+    return _run(
+        "setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", *args,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
+    )  # fmt: skip
+
+
+def test_enrol_then_upgrade_without_a_question_remove_keeps_purge_leaves_nothing(
+    installed: Deb, newer_deb: Deb, keys: Keys, tmp_path: Path
 ) -> None:
     user = pwd.getpwnam(USER)
-    edited, count = re.subn(r"(?m)^device_id = .*$", 'device_id = "cam-07"', CONFFILE.read_text())
-    assert count == 1
-    CONFFILE.write_text(edited)
+    shipped = CONFFILE.read_bytes()
+
+    # Enrolment: the fleet's file (edge-fleet device add), installed by root on the box.
+    pki = make_certs(tmp_path / "pki", "bundle-server-1")
+    enrolment = tmp_path / "cam-07.enrol.json"
+    done = _run(
+        "/usr/bin/edge-fleet", "device", "add", "cam-07", "--group", "lobby",
+        "--pki", str(pki), "--trust", str(keys.dir), "--broker", "broker.example",
+        "-o", str(enrolment),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = _run("/usr/bin/edge-agent", "enroll", str(enrolment))
+    assert done.returncode == 0, done.stdout + done.stderr
+    tls = CONFFILE.parent / "tls"
+    dropin = DROPINS / "50-enrolment.toml"
+    expected = {
+        tls: (0, user.pw_gid, 0o750),
+        tls / "device.key": (0, user.pw_gid, 0o640),
+        tls / "device.crt": (0, 0, 0o644),
+        tls / "ca.crt": (0, 0, 0o644),
+        CONFFILE.parent / "root.json": (0, 0, 0o644),
+        CONFFILE.parent / "keyring.json": (0, 0, 0o644),
+        dropin: (0, 0, 0o644),
+    }
+    for path, owner in expected.items():
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == owner, path
+    assert CONFFILE.read_bytes() == shipped  # the conffile untouched
+    # check-config of the system config, as root and as the service's user (who reads the key).
+    for check in (
+        _run("/usr/bin/edge-agent", "check-config"),
+        _as_service("/usr/bin/edge-agent", "check-config"),
+    ):
+        assert check.returncode == 0, check.stderr
+        assert check.stdout.startswith(f"{CONFFILE}: ok\n"), check.stdout
+        assert "cam-07 (groups lobby)" in check.stdout
+        assert str(dropin) in check.stdout
+    # A local setting of the box's own, in a later drop-in.
+    local = DROPINS / "90-local.toml"
+    local.write_text("[mqtt]\nkeepalive_s = 45\n")
+    enrolled = dropin.read_bytes()
     marker = STATE / "kept"
     marker.write_text("state\n")
     os.chown(marker, user.pw_uid, user.pw_gid)
 
-    # Upgrade: the edited conffile stays as edited (no prompt: stdin is closed), state stays.
-    _dpkg("--install", str(newer_deb.path))
+    # Upgrade to a package whose shipped agent.toml changed, as unattended upgrades do it: no
+    # terminal, stdin closed. The conffile was never edited, so dpkg replaces it without a
+    # question; the drop-ins are no package's files and stay as they are.
+    done = _run(
+        "apt-get", "install", "-y", str(newer_deb.path),
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "conffile prompt" not in done.stdout + done.stderr
     assert _status() == f"installed {newer_deb.version}"
-    assert CONFFILE.read_text() == edited
+    old, new = NEWER_DEFAULT
+    assert CONFFILE.read_text() == shipped.decode().replace(old, new)
+    assert dropin.read_bytes() == enrolled
+    assert local.read_text() == "[mqtt]\nkeepalive_s = 45\n"
+    config = load_config(CONFFILE, {})
+    assert (config.device_id, config.groups, config.mqtt.host) == (
+        "cam-07",
+        ["lobby"],
+        "broker.example",
+    )
+    assert (config.report_interval_s, config.mqtt.keepalive_s) == (2.0, 45)
     assert marker.read_text() == "state\n"
     assert STATE.stat().st_uid == user.pw_uid
-    done = _run("/usr/bin/edge-agent", "--version")
-    assert done.returncode == 0, done.stderr
+    assert _run("/usr/bin/edge-agent", "check-config").returncode == 0
     files = _run("dpkg", "--listfiles", PACKAGE).stdout.splitlines()
     assert str(CONFFILE) in files
+    assert str(DROPINS) in files
     assert str(UNIT) in files
 
-    # Remove: configuration and state stay, the program goes (bytecode included).
+    # Remove: configuration, enrolment and state stay, the program goes (bytecode included).
     _dpkg("--remove", PACKAGE)
     assert _status() == f"config-files {newer_deb.version}"
-    assert CONFFILE.read_text() == edited
+    assert CONFFILE.exists()
+    assert dropin.read_bytes() == enrolled
     assert marker.read_text() == "state\n"
     assert not PREFIX.exists()
     assert not os.path.lexists("/usr/bin/edge-agent")
     assert not UNIT.exists()
 
-    # Purge: nothing of the package's is left; the system user stays (as Debian's do). What
-    # systemd makes for the running service (RuntimeDirectory=, CacheDirectory=) goes too.
+    # Purge: nothing of the package's is left, nor what enrolment wrote; the system user stays
+    # (as Debian's do). What systemd makes for the running service (RuntimeDirectory=,
+    # CacheDirectory=) goes too. (A drop-in put there by hand would stay, with its directory.)
+    local.unlink()
     made_by_systemd = [Path("/run/edge-agent"), Path("/var/cache/edge-agent")]
     for directory in made_by_systemd:
         directory.mkdir(exist_ok=True)

@@ -55,6 +55,7 @@ MODULES = {
     "upstream": "device",
     "standalone": "device",
     "checks": "device",
+    "enrol": "device",
     "cli": "cli",
     "testing": "testing",
 }

@@ -1,5 +1,6 @@
 """``edge-agent``: the agent on the box -- run it, serve one bundle, show the hardware, check
-agent.toml, ask the running agent how it stands. Exit status as ``agent.cli`` says."""
+agent.toml, enrol the box, ask the running agent how it stands. Exit status as ``agent.cli``
+says."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from agent import __version__
 from agent.cli import _loadtest
 from agent.cli._common import run, stop_on_signals
 from agent.errors import ConfigError, EdgeAgentError
+
+# The system config (agent.config.DEFAULT_CONFIG, not imported here: the CLI starts light).
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 
 # Drain and close within this after SIGTERM: under the unit's TimeoutStopSec (30 s).
 STOP_LIMIT_S = 25.0
@@ -179,6 +183,7 @@ def _agent_check_config(args: argparse.Namespace) -> int:
     from agent.checks import check_config
 
     check = check_config(args.file)
+    files = check.summary["files"] if check.summary is not None else []
     if args.json:
         doc = {
             "file": str(args.file),
@@ -209,8 +214,63 @@ def _agent_check_config(args: argparse.Namespace) -> int:
         )
         print(f"  state dir  {s['state_dir']}")
         print(f"  api        {', '.join(s['api']) or 'off'}")
+        print(f"  read       {files[0]}")
+        for name in files[1:]:
+            print(f"             {name}")
         if s["overrides"]:
             print(f"  overrides  {', '.join(s['overrides'])}")
+    return 0
+
+
+def _agent_enroll(args: argparse.Namespace) -> int:
+    # Lazily: the daemon never imports the enrolment code.
+    from agent.enrol import Layout, install, make_csr
+
+    layout = Layout(args.config_dir)
+    if args.csr:
+        if args.file is not None:
+            raise ConfigError("--csr makes a CSR; give no FILE with it")
+        if not args.device_id:
+            raise ConfigError("--csr needs --device-id ID: the name the certificate will carry")
+        pem = make_csr(args.device_id, layout, args.group)
+        if args.output is not None:
+            from agent._fsutil import atomic_write_bytes
+
+            atomic_write_bytes(args.output, pem, 0o644)
+            print(f"wrote {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(pem.decode())
+        print(
+            f"kept the new key at {layout.pending_key}; on the fleet side: "
+            f"edge-fleet device add {args.device_id} --csr FILE, then here: edge-agent enroll "
+            f"{args.device_id}.enrol.json",
+            file=sys.stderr,
+        )
+        return 0
+    if args.file is None:
+        raise ConfigError("give the enrolment FILE ('edge-fleet device add' makes it), or --csr")
+    if args.device_id:
+        raise ConfigError("--device-id goes with --csr; the enrolment file names the device")
+    from datetime import datetime, timezone
+
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    done = install(
+        data, layout, now=datetime.now(timezone.utc), group=args.group, what=str(args.file)
+    )
+    print(
+        f"enrolled {done.device_id}"
+        + (f" (groups {', '.join(done.groups)})" if done.groups else "")
+        + f": certificate valid to {done.not_after:%Y-%m-%d}, key from the {done.key_from}"
+    )
+    for path in done.files:
+        print(f"  wrote {path}")
+    print(
+        f"Check with 'edge-agent check-config {layout.root / 'agent.toml'}', then "
+        "'systemctl start edge-agent' (a running agent takes the new certificate by itself)"
+    )
     return 0
 
 
@@ -252,7 +312,12 @@ def _agent_status(args: argparse.Namespace) -> int:
 
 def _add_run(top: Any) -> None:
     r = top.add_parser("run", help="run the agent in the foreground")
-    r.add_argument("--config", type=Path, default=Path("/etc/edge-agent/agent.toml"))
+    r.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="agent.toml, read with its drop-ins FILE.d/*.toml (default %(default)s)",
+    )
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(handler=_agent_run)
 
@@ -333,11 +398,51 @@ def _add_hardware(top: Any) -> None:
 def _add_check_config(top: Any) -> None:
     c = top.add_parser(
         "check-config",
-        help="check agent.toml and EDGE_AGENT_* overrides, trust root, TLS files, state dir",
+        help="check agent.toml, its drop-ins and EDGE_AGENT_* overrides, trust root, TLS files, "
+        "state dir",
     )
-    c.add_argument("file", type=Path, metavar="FILE", help="agent.toml")
+    c.add_argument(
+        "file",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_CONFIG_PATH,
+        metavar="FILE",
+        help="agent.toml, read with its drop-ins FILE.d/*.toml "
+        "(default /etc/edge-agent/agent.toml)",
+    )
     c.add_argument("--json", action="store_true")
     c.set_defaults(handler=_agent_check_config)
+
+
+def _add_enroll(top: Any) -> None:
+    e = top.add_parser(
+        "enroll",
+        help="install an enrolment file from 'edge-fleet device add' (certificates, trust, "
+        "agent.toml.d/50-enrolment.toml), or with --csr make this box's key and a CSR",
+    )
+    e.add_argument("file", type=Path, nargs="?", metavar="FILE", help="the enrolment file")
+    e.add_argument(
+        "--csr",
+        action="store_true",
+        help="make a new key (kept on the box) and print its certificate request",
+    )
+    e.add_argument("--device-id", metavar="ID", help="with --csr: the box's id")
+    e.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="with --csr: write the CSR here"
+    )
+    e.add_argument(
+        "--config-dir",
+        type=Path,
+        default=Path("/etc/edge-agent"),
+        metavar="DIR",
+        help="where agent.toml lies (default %(default)s)",
+    )
+    e.add_argument(
+        "--group",
+        default="edge-agent",
+        help="the group that may read the key: the service's (default %(default)s)",
+    )
+    e.set_defaults(handler=_agent_enroll)
 
 
 def _add_status(top: Any) -> None:
@@ -359,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge Model Agent on the box.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     top = p.add_subparsers(title="commands")
-    for add in (_add_run, _add_serve, _add_hardware, _add_check_config, _add_status):
+    for add in (_add_run, _add_serve, _add_hardware, _add_check_config, _add_enroll, _add_status):
         add(top)
     _loadtest.add_parser(top)
     return p

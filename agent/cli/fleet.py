@@ -8,7 +8,16 @@ import argparse
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import _bundle, _dashboard, _deploy, _keys, _rollout, _serve, _simulate
+from agent.cli import (
+    _bundle,
+    _dashboard,
+    _deploy,
+    _device,
+    _keys,
+    _rollout,
+    _serve,
+    _simulate,
+)
 from agent.cli._common import run
 
 
@@ -19,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     top = p.add_subparsers(title="commands")
     # In the order `edge-fleet --help` lists them.
-    for group in (_keys, _bundle, _serve, _deploy, _simulate, _rollout, _dashboard):
+    for group in (_keys, _device, _bundle, _serve, _deploy, _simulate, _rollout, _dashboard):
         group.add_parser(top)
     return p
 

@@ -33,6 +33,15 @@ for it again, with the same jittered backoff, for as long as the connection last
 every connect). A refusal may pass: a clustered broker may refuse while it re-elects the node
 that stores subscriptions, and a server whose request subscription was lost would answer nobody.
 
+Certificate renewal: the TLS files (``ca_file``, ``cert_file``, ``key_file``) are looked at
+every ``tls_check_s`` seconds on the network thread (a ``stat`` of each: inode, size, mtime)
+and at once after :meth:`Session.reload_tls` (the daemon's SIGHUP). When they changed and load
+together, the next connection uses them, and the session reconnects at once (a clean
+DISCONNECT: no will; the broker keeps the session, paho sends again what was in flight) so that
+the broker sees the new certificate. Files that do not load (a key written before its
+certificate) change nothing: the connection stays up on the old ones, and they are tried again
+when they change again.
+
 Packet size: a broker drops a client that sends a packet larger than it accepts (mosquitto's
 ``max_packet_size``; AWS IoT Core's 128 KiB per message), and paho, reconnecting, sends the same
 QoS 1 message again. On MQTT 5 the broker announces its limit in the CONNACK (Maximum Packet
@@ -85,6 +94,8 @@ class MqttSettings(BaseModel):
     backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # How often the TLS files are looked at for a renewed certificate (0: only on reload).
+    tls_check_s: Annotated[float, Field(ge=0)] = 5.0
     # Other nodes of the same broker cluster, tried in turn after host:port: "HOST" (with
     # ``port``), "HOST:PORT" or "[IPv6]:PORT".
     failover: list[str] = Field(default=[], max_length=16)
@@ -194,6 +205,19 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS files: {exc}") from None
     return context
+
+
+def tls_stamp(settings: MqttSettings) -> tuple[tuple[int, int, int, int] | None, ...]:
+    """What says the TLS files of ``settings`` changed: each one's device, inode, size and
+    mtime (None for one that cannot be read)."""
+    stamps = []
+    for path in (settings.ca_file, settings.cert_file, settings.key_file):
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:
+            st = None
+        stamps.append(None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
 
 
 def _network_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -318,6 +342,13 @@ class Session:
         self._retry_at = 0.0
         self._retries = 0
         self._answered = False  # a CONNACK came for the connection attempt (network thread)
+        # TLS files: their stamp when last loaded (or tried), when next looked at, and whether
+        # a reload was asked for (any thread sets it; the network thread acts on it).
+        self._tls_stamp = tls_stamp(settings) if settings.tls else ()
+        self._tls_check_at = time.monotonic() + settings.tls_check_s
+        self._tls_reload = threading.Event()
+        self._reconnect_now = False  # skip the backoff once: a reconnect for new TLS files
+        self.tls_reloads = 0  # TLS files taken up since start (for tests and status)
         self._client = self._make_client()
 
     @property
@@ -459,6 +490,43 @@ class Session:
                 self._subscribing[mid] = topics
 
     # -- the network thread -------------------------------------------------------------------
+    def _check_tls(self) -> None:
+        """Take up renewed TLS files (see the module docstring); network thread only."""
+        if not self.settings.tls:
+            return
+        asked = self._tls_reload.is_set()
+        if not asked and (self.settings.tls_check_s == 0 or time.monotonic() < self._tls_check_at):
+            return
+        self._tls_reload.clear()
+        self._tls_check_at = time.monotonic() + self.settings.tls_check_s
+        stamp = tls_stamp(self.settings)
+        if stamp == self._tls_stamp and not asked:
+            return
+        if stamp == self._tls_stamp:
+            log.info("TLS files unchanged: keeping the connection")
+            return
+        self._tls_stamp = stamp
+        try:
+            context = tls_context(self.settings)
+        except ConfigError as exc:
+            log.error("TLS files changed but do not load, keeping the ones in use: %s", exc)
+            return
+        # paho wraps each new connection's socket with this context (tls_set_context() may
+        # be called once only); the next connect uses the new files.
+        self._client._ssl_context = context
+        self.tls_reloads += 1
+        if self.connected.is_set():
+            log.info("TLS files changed: reconnecting with the new certificate")
+            self._reconnect_now = True
+            self._client.disconnect()
+        else:
+            log.info("TLS files changed: the next connection uses them")
+
+    def reload_tls(self) -> None:
+        """Look at the TLS files now (from any thread; SIGHUP): new ones are taken up, with a
+        reconnect."""
+        self._tls_reload.set()
+
     def _connect_once(self) -> bool:
         s = self.settings
         host, port = self.endpoint
@@ -479,8 +547,12 @@ class Session:
                 while not self._stop.is_set() and rc == mqtt.MQTT_ERR_SUCCESS:
                     rc = self._client.loop(timeout=0.5)
                     self._retry_refused()
+                    self._check_tls()
                 if self._stop.is_set():
                     break
+                if self._reconnect_now:  # new TLS files: connect again at once, same node
+                    self._reconnect_now = False
+                    continue
                 if not self._answered:  # MQTT 3.1.1 brokers close without a CONNACK to refuse
                     log.warning(
                         "%s:%d closed the connection without answering the CONNECT; the "
@@ -492,7 +564,13 @@ class Session:
             delay = backoff_delay(self.attempts, s.backoff_initial_s, s.backoff_max_s, self._rng)
             self.attempts += 1
             log.info("reconnecting in %.1f s", delay)
-            self._stop.wait(delay)
+            # Renewed TLS files are taken up while waiting too (a revoked certificate replaced).
+            deadline = time.monotonic() + delay
+            reloads = self.tls_reloads
+            while not self._stop.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                self._check_tls()
+                if time.monotonic() >= deadline or self.tls_reloads != reloads:
+                    break
 
     def start(self) -> None:
         if self._thread is not None:
